@@ -1,0 +1,23 @@
+# FoloVLLM: `make demo` runs the newest stage on the default model; `make test` runs the suite.
+PYTHON ?= python3
+PIP := $(PYTHON) -m pip
+NEWEST := m1_basic
+
+.PHONY: install demo test docs notebooks bench clean help
+
+help:  ## list the targets
+	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+install:  ## install the package (pins torch==2.13.0 CPU only if no torch is installed)
+	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "torch==2.13.0"
+	$(PIP) install -e ".[dev]"
+
+demo: install  ## install, then chat with the newest stage on the default model
+	$(PYTHON) -m $(NEWEST).run --chat "What is the capital of France?" --stream
+
+test: install  ## install, then run the test suite (CPU; gpu tests skip without a GPU)
+	$(PYTHON) -m pytest -q
+
+clean:  ## remove caches (not the default model under $$FOLOVLLM_HOME)
+	rm -rf .pytest_cache .hypothesis site build *.egg-info
+	find . -name __pycache__ -prune -exec rm -rf {} +

@@ -1,0 +1,79 @@
+"""The model runner: puts the model on the device, owns the KV cache, runs forward passes.
+
+Introduced in M0; M1 adds the KV cache and sampling. Each request gets its own
+contiguous cache, one (K, V) pair per layer of shape [max_len, kv_heads, head_dim],
+allocated once for the longest the sequence can grow (prompt + max_tokens) and freed
+when it finishes. A prefill writes the prompt's keys and values into it; each decode
+step then runs the model on one token only.
+"""
+
+import torch
+
+from ..attention.layer import AttentionMetadata
+from ..config import EngineConfig
+from ..model_executor.layers.sampler import Sampler, SamplingRow
+from ..model_executor.model_loader import load_model, load_model_config
+from ..request import Sequence
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device: 'cuda' was asked for, but torch sees no GPU")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, dtype)
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        self.model_config = load_model_config(config.model)
+        config.resolve(self.model_config)
+        self.model = load_model(config.model, self.model_config, self.dtype, self.device,
+                                seed=config.seed)
+        self.sampler = Sampler(seed=config.seed)
+        self.kv_caches: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+
+    def allocate_kv_cache(self, seq: Sequence, max_len: int) -> None:
+        """One contiguous (K, V) pair per layer, big enough for `max_len` tokens."""
+        mc = self.model_config
+        shape = (max_len, mc.num_key_value_heads, mc.head_dim)
+        self.kv_caches[seq.seq_id] = [
+            (torch.empty(shape, dtype=self.dtype, device=self.device),
+             torch.empty(shape, dtype=self.dtype, device=self.device))
+            for _ in range(mc.num_hidden_layers)
+        ]
+
+    def free_kv_cache(self, seq: Sequence) -> None:
+        self.kv_caches.pop(seq.seq_id, None)
+
+    def kv_cache_bytes_per_token(self) -> int:
+        mc = self.model_config
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        return 2 * mc.num_hidden_layers * mc.num_key_value_heads * mc.head_dim * itemsize
+
+    @torch.inference_mode()
+    def forward(self, seq: Sequence, start_pos: int) -> torch.Tensor:
+        """Run the tokens of `seq` from `start_pos` on; logits [T, vocab] (float32)."""
+        token_ids = seq.token_ids[start_pos:]
+        input_ids = torch.tensor(token_ids, dtype=torch.long, device=self.device)
+        positions = torch.arange(start_pos, start_pos + len(token_ids), device=self.device)
+        hidden = self.model(input_ids, positions, self.kv_caches[seq.seq_id],
+                            AttentionMetadata(start_pos=start_pos))
+        return self.model.compute_logits(hidden)
+
+    @torch.inference_mode()
+    def execute_model(self, seq: Sequence, sampling_row: SamplingRow) -> int:
+        """Prefill (nothing cached yet) or decode one step, then sample the next token."""
+        start_pos = seq.num_cached_tokens
+        logits = self.forward(seq, start_pos)[-1:]
+        seq.num_cached_tokens = len(seq.token_ids)
+        return int(self.sampler(logits, [sampling_row])[0])
