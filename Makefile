@@ -1,7 +1,7 @@
 # FoloVLLM: `make demo` runs the newest stage on the default model; `make test` runs the suite.
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
-NEWEST := m1_basic
+NEWEST := m3_paged_kv
 
 .PHONY: install demo test docs notebooks bench clean help
 
@@ -15,8 +15,15 @@ install:  ## install the package (pins torch==2.13.0 CPU only if no torch is ins
 demo: install  ## install, then chat with the newest stage on the default model
 	$(PYTHON) -m $(NEWEST).run --chat "What is the capital of France?" --stream
 
-test: install  ## install, then run the test suite (CPU; gpu tests skip without a GPU)
+test: install  ## install, then run the tests and the notebooks (CPU; gpu tests skip without a GPU)
 	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest -q --nbmake --nbmake-timeout=600 notebooks/
+
+docs: install  ## install, then build the docs site into site/ (mkdocs build --strict)
+	NO_MKDOCS_2_WARNING=1 $(PYTHON) -m mkdocs build --strict
+
+notebooks: install  ## install, then execute every notebook top to bottom on the CPU (nbmake)
+	$(PYTHON) -m pytest -q --nbmake --nbmake-timeout=600 notebooks/
 
 clean:  ## remove caches (not the default model under $$FOLOVLLM_HOME)
 	rm -rf .pytest_cache .hypothesis site build *.egg-info

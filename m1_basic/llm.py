@@ -59,10 +59,16 @@ class LLM:
             raise ValueError(f"sampling_params: {len(sampling_params)} given for "
                              f"{len(prompts)} prompts")
         ids = []
-        for prompt, params in zip(prompts, sampling_params):
-            ids.append(f"req-{self._request_counter}")
-            self._request_counter += 1
-            self.engine.add_request(ids[-1], prompt, params)
+        try:
+            for prompt, params in zip(prompts, sampling_params):
+                request_id = f"req-{self._request_counter}"
+                self._request_counter += 1
+                self.engine.add_request(request_id, prompt, params)
+                ids.append(request_id)
+        except Exception:
+            for request_id in ids:  # all or nothing: drop what this call already queued
+                self.engine.abort_request(request_id)
+            raise
         return self._run(ids, use_tqdm)
 
     def chat(self, messages: list[dict] | list[list[dict]],

@@ -6,6 +6,8 @@ A test asks for the stages with a feature through `stages_with(feature)`.
 
 import importlib
 import os
+import subprocess
+import sys
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton kernels run on the CPU in tests
 
@@ -16,6 +18,8 @@ import torch
 STAGES: dict[str, set[str]] = {
     "m0_init": {"forward"},
     "m1_basic": {"forward", "generate"},
+    "m2_batching": {"forward", "generate", "batching"},
+    "m3_paged_kv": {"forward", "generate", "batching", "paged"},
 }
 
 
@@ -34,3 +38,108 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+# --- shared helpers (issue 2 suite) ----------------------------------------------------
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CLI_TIMEOUT_S = 120
+
+
+def run_cli(stage: str, *args: str) -> subprocess.CompletedProcess:
+    """`python -m STAGE.run ARGS` from the repo root, with a timeout so nothing hangs."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [REPO_ROOT] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+    return subprocess.run([sys.executable, "-m", f"{stage}.run", *args], cwd=REPO_ROOT,
+                          env=env, capture_output=True, text=True, timeout=CLI_TIMEOUT_S)
+
+
+def default_model_folder():
+    """The default model's HF folder (prepared on first use), found through the first stage."""
+    first = next(iter(STAGES))
+    return importlib.import_module(f"{first}.model_executor.default_model").ensure_default_model()
+
+
+_DEFAULT_LLMS: dict = {}
+
+
+def default_llm(stage: str):
+    """One `LLM("default")` (CPU, fp32) per stage for the whole session (it loads in ~1 s)."""
+    if stage not in _DEFAULT_LLMS:
+        _DEFAULT_LLMS[stage] = load_stage(stage).LLM("default", device="cpu")
+    return _DEFAULT_LLMS[stage]
+
+
+def prefill_logits(llm, token_ids: list[int]) -> torch.Tensor:
+    """Logits [T, vocab] (float32) for every position of a prompt, from any stage's LLM.
+
+    Every stage exposes `LLM.next_token_distribution` (a prefill of the prompt) and a
+    model with `compute_logits`; a hook on the model catches the hidden states of that
+    prefill (however many forward passes it takes) so the logits of all positions come
+    out, not only the last one the engine itself needs.
+    """
+    model = llm.model_runner.model
+    captured = []
+    handle = model.register_forward_hook(
+        lambda module, args, output: captured.append(output.detach().clone()))
+    try:
+        llm.next_token_distribution(list(token_ids), top_k=1)
+    finally:
+        handle.remove()
+    assert captured, "the prefill ran no forward pass through the model"
+    hidden = torch.cat([h.reshape(-1, h.shape[-1]) for h in captured], dim=0)
+    assert hidden.shape[0] == len(token_ids), (hidden.shape, len(token_ids))
+    with torch.inference_mode():
+        return model.compute_logits(hidden).float()
+
+
+# Tiny random Hugging Face models, written with transformers itself (the reference).
+TINY_HF_BASE = dict(vocab_size=512, hidden_size=64, intermediate_size=128,
+                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                    max_position_embeddings=256, rms_norm_eps=1e-6, bos_token_id=1,
+                    eos_token_id=2, pad_token_id=0)
+
+
+def make_tiny_hf_model(model_type: str, seed: int = 0, std: float = 0.5, **overrides):
+    """A transformers model of `model_type` (llama, qwen2, qwen3) with random weights.
+
+    Every parameter is drawn from a seeded generator: weights and biases N(0, std), norm
+    weights 1 + N(0, 0.2), so biases and norms are exercised too (transformers' own
+    init leaves them at 0 and 1). The large std gives varied greedy outputs.
+    """
+    import transformers
+
+    classes = {"llama": ("LlamaConfig", "LlamaForCausalLM"),
+               "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+               "qwen3": ("Qwen3Config", "Qwen3ForCausalLM")}
+    config_cls, model_cls = (getattr(transformers, n) for n in classes[model_type])
+    config = config_cls(**{**TINY_HF_BASE, "initializer_range": std, **overrides})
+    torch.manual_seed(seed)
+    model = model_cls(config).float().eval()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            noise = torch.randn(param.shape, generator=gen)
+            if "norm" in name:
+                param.copy_(1.0 + 0.2 * noise)
+            else:
+                param.copy_(std * noise)
+    return model
+
+
+def hf_greedy(hf_model, token_ids: list[int], num_tokens: int) -> list[int]:
+    """transformers `generate`, greedy, exactly `num_tokens` new tokens (EOS suppressed)."""
+    device = next(hf_model.parameters()).device
+    input_ids = torch.tensor([token_ids], device=device)
+    with torch.no_grad():
+        out = hf_model.generate(input_ids, attention_mask=torch.ones_like(input_ids),
+                                do_sample=False, max_new_tokens=num_tokens,
+                                min_new_tokens=num_tokens, top_p=None, top_k=None,
+                                temperature=None)
+    return out[0, len(token_ids):].tolist()
+
+
+def hf_logits(hf_model, token_ids: list[int]) -> torch.Tensor:
+    device = next(hf_model.parameters()).device
+    with torch.no_grad():
+        return hf_model(torch.tensor([token_ids], device=device)).logits[0].float()

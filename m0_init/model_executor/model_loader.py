@@ -79,7 +79,11 @@ def load_model_config(model: str) -> ModelConfig:
     path = resolve_model_path(model)
     if path is None:
         return ModelConfig.from_hf_config(DUMMY_CONFIGS[model[len(DUMMY_PREFIX):]])
-    return ModelConfig.from_hf_config(json.loads((path / "config.json").read_text()))
+    try:
+        hf_config = json.loads((path / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"model: cannot read {path / 'config.json'}: {exc}") from exc
+    return ModelConfig.from_hf_config(hf_config)
 
 
 def load_model(model: str, model_config: ModelConfig, dtype: torch.dtype,

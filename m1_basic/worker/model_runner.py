@@ -35,6 +35,10 @@ class ModelRunner:
         self.config = config
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
+        if self.device.type == "cuda":
+            # cuDNN's attention builds a plan for every new shape, and decode changes the
+            # key length every step: planning then costs more than the attention itself.
+            torch.backends.cuda.enable_cudnn_sdp(False)
         self.model_config = load_model_config(config.model)
         config.resolve(self.model_config)
         self.model = load_model(config.model, self.model_config, self.dtype, self.device,

@@ -1,0 +1,339 @@
+"""One bench row in its own process: `python -m bench.worker SPEC.json RESULT.json`.
+
+Introduced with the bench (M1). `bench/compare.py` writes a spec (which stage or `hf`,
+the workload, the engine settings), starts this worker with the same Python, and reads
+the result back: per-request samples, total time, peak memory, KV-cache use. A fresh
+process per row keeps one row's memory and warm caches from leaking into the next.
+
+- a stage row builds `LLM(config=stage.EngineConfig(**kwargs))`, keeping only the keys
+  that stage's EngineConfig has, and drives `engine.add_request` / `step` /
+  `has_unfinished_requests` itself, adding each request at its arrival time;
+- the `hf` row runs transformers `generate` on the same weights, in left-padded batches;
+- the `roofline` job measures the GPU's copy bandwidth and matmul rate.
+"""
+
+import dataclasses
+import importlib
+import inspect
+import json
+import resource
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+if __package__ in (None, ""):  # run as a file: make `bench` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.workloads import Workload  # noqa: E402
+
+WARMUP_PROMPT_LEN, WARMUP_OUTPUT_LEN = 8, 4
+
+
+def _tqdm(total: int, desc: str, enabled: bool):
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # the bar is a convenience; the bench runs without it
+        return None
+    return tqdm(total=total, desc=desc, unit="req", file=sys.stderr, disable=not enabled,
+                dynamic_ncols=True)
+
+
+class _Progress:
+    def __init__(self, total: int, desc: str, enabled: bool) -> None:
+        self.bar = _tqdm(total, desc, enabled)
+
+    def update(self, n: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _peak_memory_mib(device: torch.device) -> float:
+    """CUDA: peak allocated by torch in this process. CPU: the process's peak RSS."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return rss / 2 ** 20 if sys.platform == "darwin" else rss / 2 ** 10
+
+
+def _gpu_name(device: torch.device) -> str | None:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else None
+
+
+def _sample(prompt_len: int, output_len: int, ttft, tpot, e2e) -> dict:
+    return {"prompt_len": prompt_len, "output_len": output_len, "ttft_s": ttft,
+            "tpot_s": tpot, "e2e_s": e2e}
+
+
+# -- a stage -------------------------------------------------------------------------
+def run_stage(spec: dict) -> dict:
+    wl = Workload.from_dict(spec["workload"])
+    stage = importlib.import_module(spec["package"])
+    fields = {f.name for f in dataclasses.fields(stage.EngineConfig)}
+    wanted = {k: v for k, v in spec["engine"].items() if v is not None}
+    kwargs = {k: v for k, v in wanted.items() if k in fields}
+    ignored = sorted(k for k in wanted if k not in fields)
+    llm = stage.LLM(config=stage.EngineConfig(**kwargs))
+    engine = llm.engine
+    device = torch.device(spec["device"])
+    takes_arrival = "arrival_time" in inspect.signature(engine.add_request).parameters
+
+    def params(n: int):
+        return stage.SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
+
+    # warm-up: one short request, not timed
+    engine.add_request("warmup", wl.prompts[0][:WARMUP_PROMPT_LEN], params(WARMUP_OUTPUT_LEN))
+    while engine.has_unfinished_requests():
+        engine.step()
+    _sync(device)
+
+    n = wl.num_prompts
+    order = sorted(range(n), key=lambda i: (wl.arrival_times[i], i))
+    seen_first: dict[int, float] = {}  # fallbacks for a stage without metrics
+    finished: dict[int, object] = {}
+    finish_at: dict[int, float] = {}
+    arrival_at: dict[int, float] = {}
+    bar = _Progress(n, spec["milestone"], spec.get("progress", True))
+
+    def add(i: int, arrival: float) -> None:
+        arrival_at[i] = arrival
+        extra = {"arrival_time": arrival} if takes_arrival else {}
+        engine.add_request(f"bench-{i}", wl.prompts[i], params(wl.output_lens[i]), **extra)
+
+    def step() -> None:
+        for out in engine.step():
+            i = int(out.request_id.rsplit("-", 1)[1])
+            now = time.perf_counter()
+            if out.outputs and out.outputs[0].token_ids and i not in seen_first:
+                seen_first[i] = now
+            if out.finished:
+                finished[i] = out
+                finish_at[i] = now
+                bar.update()
+
+    t0 = time.perf_counter()
+    if wl.sequential:  # latency: the next request arrives when the previous one is done
+        for i in order:
+            add(i, time.perf_counter())
+            while engine.has_unfinished_requests():
+                step()
+    else:
+        pending = list(order)
+        while pending or engine.has_unfinished_requests():
+            now = time.perf_counter() - t0
+            while pending and wl.arrival_times[pending[0]] <= now:
+                add(pending[0], t0 + wl.arrival_times[pending[0]])
+                pending.pop(0)
+            if engine.has_unfinished_requests():
+                step()
+            elif pending:
+                time.sleep(max(0.0, wl.arrival_times[pending[0]] - now))
+    _sync(device)
+    total = time.perf_counter() - t0
+    bar.close()
+
+    samples = []
+    for i in range(n):
+        out = finished[i]
+        m = getattr(out, "metrics", None)
+        ttft = getattr(m, "ttft", None) if m is not None else None
+        tpot = getattr(m, "tpot", None) if m is not None else None
+        e2e = getattr(m, "e2e_latency", None) if m is not None else None
+        if e2e is None or e2e < 0 or (ttft is not None and ttft < 0):
+            # no metrics, or a stage whose clock is not time.perf_counter: our own timing
+            e2e, ttft, tpot = finish_at[i] - arrival_at[i], None, None
+        if ttft is None and i in seen_first:
+            ttft = seen_first[i] - arrival_at[i]
+        num_out = len(out.outputs[0].token_ids)
+        if tpot is None and ttft is not None:
+            tpot = (e2e - ttft) / (num_out - 1) if num_out > 1 else 0.0
+        samples.append(_sample(len(wl.prompts[i]), num_out, ttft, tpot, e2e))
+
+    kv = engine.kv_cache_stats() if hasattr(engine, "kv_cache_stats") else None
+    notes = []
+    name = spec["milestone"]
+    if "max_batch_size" not in fields and not wl.sequential:
+        notes.append(f"one request at a time ({name} has no batching)")
+    if wl.name == "prefix" and "enable_prefix_caching" not in fields:
+        notes.append(f"no prefix cache in {name}: the shared prefix is computed for every "
+                     "request")
+    if wl.name == "online" and not takes_arrival:
+        notes.append("arrival times not passed to add_request (TTFT counts from add)")
+    if ignored:
+        notes.append(f"{name}'s EngineConfig has no {', '.join(ignored)} (ignored)")
+    return {"samples": samples, "total_time_s": total,
+            "peak_memory_mib": _peak_memory_mib(device), "kv_cache": kv,
+            "note": "; ".join(notes), "gpu": _gpu_name(device)}
+
+
+# -- transformers --------------------------------------------------------------------
+def run_hf(spec: dict) -> dict:
+    import transformers
+    from transformers import (AutoModelForCausalLM, GenerationConfig, StoppingCriteria,
+                              StoppingCriteriaList)
+
+    wl = Workload.from_dict(spec["workload"])
+    device = torch.device(spec["device"])
+    dtype = getattr(torch, spec["dtype"])
+    dtype_kw = ("dtype" if int(transformers.__version__.split(".")[0]) >= 5
+                else "torch_dtype")
+    model, info = AutoModelForCausalLM.from_pretrained(
+        spec["hf_path"], output_loading_info=True, attn_implementation="sdpa",
+        **{dtype_kw: dtype})
+    missing = [k for k in info.get("missing_keys", []) if "rotary" not in k]
+    if missing:
+        raise RuntimeError(f"transformers model lacks weights for {sorted(missing)[:3]}")
+    model = model.to(device).eval()
+    cfg = model.config
+    gen_cfg = model.generation_config
+    eos = gen_cfg.eos_token_id if gen_cfg.eos_token_id is not None else cfg.eos_token_id
+    eos_list = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+    pad = next((p for p in (gen_cfg.pad_token_id, getattr(cfg, "pad_token_id", None))
+                if p is not None), eos_list[0] if eos_list else 0)
+
+    class Clock(StoppingCriteria):
+        """Timestamps every generation step (called once per new token); never stops."""
+
+        def __init__(self) -> None:
+            self.times: list[float] = []
+
+        def __call__(self, input_ids, scores, **kwargs):
+            _sync(device)
+            self.times.append(time.perf_counter())
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+    @torch.inference_mode()
+    def generate(prompts: list[list[int]], out_lens: list[int],
+                 arrivals: list[float]) -> list[dict]:
+        """One left-padded batch; per-request samples timed from the step timestamps."""
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for row, p in enumerate(prompts):  # left padding
+            ids[row, width - len(p):] = torch.tensor(p)
+            mask[row, width - len(p):] = 1
+        new = max(out_lens)
+        config = GenerationConfig(max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                                  pad_token_id=pad, eos_token_id=eos_list or None,
+                                  bos_token_id=cfg.bos_token_id)
+        clock = Clock()
+        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                             generation_config=config,
+                             stopping_criteria=StoppingCriteriaList([clock]))
+        _sync(device)
+        end = time.perf_counter()
+        produced = out.shape[1] - width
+        samples = []
+        for p, want, arrival in zip(prompts, out_lens, arrivals):
+            n = min(want, produced)
+            first = clock.times[0] if clock.times else end
+            last = clock.times[n - 1] if len(clock.times) >= n else end
+            samples.append(_sample(len(p), n, first - arrival,
+                                   (last - first) / (n - 1) if n > 1 else 0.0,
+                                   last - arrival))
+        return samples
+
+    def run_batch(idx: list[int], arrivals: list[float]) -> list[dict]:
+        return generate([wl.prompts[i] for i in idx], [wl.output_lens[i] for i in idx],
+                        arrivals)
+
+    # warm-up: one short request, not timed
+    generate([wl.prompts[0][:WARMUP_PROMPT_LEN]], [WARMUP_OUTPUT_LEN], [time.perf_counter()])
+    _sync(device)
+
+    n = wl.num_prompts
+    batch = spec.get("hf_batch_size") or n
+    order = sorted(range(n), key=lambda i: (wl.arrival_times[i], i))
+    samples: dict[int, dict] = {}
+    bar = _Progress(n, spec["milestone"], spec.get("progress", True))
+    t0 = time.perf_counter()
+    if wl.sequential:
+        for i in order:
+            samples.update(zip([i], run_batch([i], [time.perf_counter()])))
+            bar.update()
+        note = ("transformers generate, one request at a time; TTFT and TPOT timed at each "
+                "generation step inside generate")
+    else:
+        pending = list(order)
+        while pending:
+            now = time.perf_counter() - t0
+            ready = [i for i in pending if wl.arrival_times[i] <= now][:batch]
+            if not ready:
+                time.sleep(max(0.0, wl.arrival_times[pending[0]] - now))
+                continue
+            taken = set(ready)
+            pending = [i for i in pending if i not in taken]
+            arrivals = [t0 + wl.arrival_times[i] for i in ready]
+            samples.update(zip(ready, run_batch(ready, arrivals)))
+            bar.update(len(ready))
+        how = (f"static batches of up to {batch} prompts" if wl.name != "online" else
+               f"static batches (up to {batch}) of the requests waiting when the previous "
+               "batch ends")
+        note = (f"transformers generate, {how}, left-padded; each batch generates its "
+                "longest output_len (min_new_tokens = max_new_tokens) and each request "
+                "counts only its own output_len tokens; TTFT and TPOT timed at each "
+                "generation step inside generate")
+        if wl.name == "prefix":
+            note += "; no prefix cache: the shared prefix is computed for every request"
+    _sync(device)
+    total = time.perf_counter() - t0
+    bar.close()
+    return {"samples": [samples[i] for i in range(n)], "total_time_s": total,
+            "peak_memory_mib": _peak_memory_mib(device), "kv_cache": None, "note": note,
+            "gpu": _gpu_name(device)}
+
+
+# -- the machine ---------------------------------------------------------------------
+def run_roofline(spec: dict) -> dict:
+    from bench.roofline import measure
+
+    if not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was asked for, but torch sees no GPU")
+    device = torch.device(spec["device"])
+    result = measure(spec["device"])
+    result["gpu"] = _gpu_name(device)
+    return result
+
+
+def _jsonable(value):
+    """kv_cache_stats() may hold tensors or numpy numbers: write them as plain values."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if hasattr(value, "item"):
+        return value.item()
+    return str(value)
+
+
+JOBS = {"stage": run_stage, "hf": run_hf, "roofline": run_roofline}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 2:
+        print("usage: python -m bench.worker SPEC.json RESULT.json", file=sys.stderr)
+        return 2
+    spec = json.loads(Path(argv[0]).read_text())
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    try:
+        result = JOBS[spec["kind"]](spec)
+    except Exception as exc:  # reported to compare.py, which marks the row as failed
+        traceback.print_exc()
+        result = {"error": f"{type(exc).__name__}: {exc}"}
+    Path(argv[1]).write_text(json.dumps(result, default=_jsonable))
+    return 1 if "error" in result else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

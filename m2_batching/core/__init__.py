@@ -1,0 +1,1 @@
+"""The core: deciding which requests run in each step. Introduced in M2."""

@@ -1,0 +1,132 @@
+"""The engine: takes requests, and on each `step` advances many of them by one token.
+
+Introduced in M1; M2 adds continuous batching. Requests go to the scheduler's waiting
+queue; each `step` asks the scheduler what runs (a prefill of newly admitted requests,
+or one decode token for every running one), runs it in one forward pass, samples one
+token per sequence, applies the stop rules, and returns one output per sequence that
+ran. A finished request leaves at once and frees its KV slot for a waiting one; new
+requests may be added between any two steps.
+"""
+
+import itertools
+import time
+
+import torch
+
+from ..config import EngineConfig
+from ..core.sched.scheduler import Scheduler
+from ..model_executor.layers.sampler import SamplingRow
+from ..model_executor.model_loader import resolve_model_path
+from ..outputs import RequestMetrics, RequestOutput
+from ..request import Request, Sequence, SequenceStatus
+from ..sampling_params import SamplingParams
+from ..tokenizer import get_tokenizer
+from ..worker.model_runner import ModelRunner
+from .output_processor import make_output, process_token
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.model_runner = ModelRunner(config)
+        mc = self.model_runner.model_config
+        self.tokenizer = get_tokenizer(resolve_model_path(config.model), mc.vocab_size,
+                                       mc.eos_token_ids[0] if mc.eos_token_ids else None)
+        tokenizer_eos = getattr(self.tokenizer, "eos_token_id", None)
+        self.eos_token_ids = sorted(set(mc.eos_token_ids) | (
+            {tokenizer_eos} if tokenizer_eos is not None else set()))
+        self.scheduler = Scheduler(config.scheduler_config, self.model_runner.num_kv_slots)
+        self.requests: dict[str, Request] = {}
+        self.sequences: dict[str, Sequence] = {}
+        self._seq_ids = itertools.count()
+
+    # -- requests in ------------------------------------------------------------------
+    def encode(self, prompt: str | list[int]) -> list[int]:
+        """Token ids for a prompt, checked: not empty, in the vocabulary, short enough."""
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt: is empty")
+            token_ids = self.tokenizer.encode(prompt)
+        else:
+            token_ids = list(prompt)
+            vocab = self.model_runner.model_config.vocab_size
+            if not all(isinstance(t, int) and 0 <= t < vocab for t in token_ids):
+                raise ValueError(f"prompt: token ids must be integers in [0, {vocab})")
+        if not token_ids:
+            raise ValueError("prompt: has no tokens")
+        if len(token_ids) >= self.config.max_model_len:
+            raise ValueError(f"prompt: {len(token_ids)} tokens leave no room to generate "
+                             f"within max_model_len={self.config.max_model_len}")
+        return token_ids
+
+    def add_request(self, request_id: str, prompt: str | list[int],
+                    sampling_params: SamplingParams | None = None,
+                    arrival_time: float | None = None) -> None:
+        if request_id in self.requests:
+            raise ValueError(f"request_id: {request_id!r} is already in use")
+        params = sampling_params or SamplingParams()
+        token_ids = self.encode(prompt)
+        request = Request(request_id, prompt if isinstance(prompt, str) else None, params,
+                          arrival_time if arrival_time is not None else time.perf_counter(),
+                          prompt_token_ids=list(token_ids))
+        seq = Sequence(next(self._seq_ids), request_id, list(token_ids))
+        seq.max_len = min(len(token_ids) + params.max_tokens, self.config.max_model_len)
+        seq.metrics = RequestMetrics(arrival_time=request.arrival_time)
+        if params.seed is not None:  # a private random stream makes sampling reproducible
+            seq.generator = torch.Generator(self.model_runner.device).manual_seed(params.seed)
+        self.requests[request_id] = request
+        self.sequences[request_id] = seq
+        self.scheduler.add_sequence(seq)
+
+    def abort_request(self, request_id: str) -> None:
+        """Drop a waiting or running request; its KV slot is freed and no output follows."""
+        seq = self.sequences.get(request_id)
+        if seq is None or seq.status.is_finished:
+            return
+        seq.status = SequenceStatus.FINISHED_ABORTED
+        seq.metrics.finish_time = time.perf_counter()
+        self._finish(seq)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def kv_cache_stats(self) -> dict:
+        """How much of the KV cache is reserved, and how much of it holds tokens."""
+        s, max_len = self.scheduler, self.config.max_model_len
+        capacity = s.num_kv_slots * max_len  # all of it is reserved, from the start
+        return {"kind": "contiguous", "num_slots": s.num_kv_slots, "max_model_len": max_len,
+                "kv_cache_bytes": capacity * self.model_runner.kv_cache_bytes_per_token(),
+                "capacity_token_slots": capacity,
+                "reserved_token_slots": capacity,
+                "reserved_token_slots_peak": capacity,
+                "used_token_slots": s.used_token_slots,
+                "used_token_slots_peak": s.used_token_slots_peak,
+                "max_concurrent_seqs": s.max_concurrent_seqs}
+
+    # -- one step ---------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduled batch; return an output for each sequence that advanced."""
+        scheduled = self.scheduler.schedule()
+        if not scheduled.seqs:
+            return []
+        rows = [self._sampling_row(seq, self.requests[seq.request_id]) for seq in scheduled.seqs]
+        tokens = self.model_runner.execute_model(scheduled.seqs, scheduled.is_prefill, rows)
+        outputs = []
+        for seq, token in zip(scheduled.seqs, tokens):
+            request = self.requests[seq.request_id]
+            process_token(seq, request, token, self.tokenizer, self.eos_token_ids,
+                          self.config.max_model_len)
+            outputs.append(make_output(seq, request))
+            if seq.status.is_finished:
+                self._finish(seq)
+        return outputs
+
+    def _sampling_row(self, seq: Sequence, request: Request) -> SamplingRow:
+        params = request.sampling_params
+        blocked = [] if params.min_tokens == 0 else self.eos_token_ids + params.stop_token_ids
+        return SamplingRow(params, seq.token_ids[:seq.num_prompt_tokens], seq.output_token_ids,
+                           seq.generator, blocked)
+
+    def _finish(self, seq: Sequence) -> None:
+        self.scheduler.finish(seq)
+        del self.requests[seq.request_id], self.sequences[seq.request_id]

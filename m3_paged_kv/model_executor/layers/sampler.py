@@ -1,0 +1,107 @@
+"""The sampler: turns each row of logits into one next token.
+
+Introduced in M1. Per row, in this order: penalties (repetition over prompt and output,
+presence and frequency over the output), min_tokens (EOS and stop tokens masked), then
+greedy argmax for temperature 0, or temperature -> top-k -> top-p -> min-p -> a random
+draw. The draw uses the exponential race (argmax of p / E, E ~ Exp(1)), which picks
+token i with probability p_i and lets seeded and unseeded rows share one batched argmax.
+"""
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ...sampling_params import SamplingParams
+
+
+@dataclass
+class SamplingRow:
+    """One sequence's sampling inputs."""
+
+    params: SamplingParams
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    generator: torch.Generator | None  # a per-request generator when params.seed is set
+    blocked_token_ids: list[int]  # masked while fewer than min_tokens are out
+
+
+def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    for i, row in enumerate(rows):
+        p = row.params
+        if p.repetition_penalty != 1.0:
+            seen = torch.tensor(sorted(set(row.prompt_token_ids + row.output_token_ids)),
+                                device=logits.device, dtype=torch.long)
+            values = logits[i, seen]
+            logits[i, seen] = torch.where(values > 0, values / p.repetition_penalty,
+                                          values * p.repetition_penalty)
+        if (p.presence_penalty or p.frequency_penalty) and row.output_token_ids:
+            out = torch.tensor(row.output_token_ids, device=logits.device, dtype=torch.long)
+            counts = torch.zeros_like(logits[i]).scatter_add_(0, out, torch.ones_like(out, dtype=logits.dtype))
+            logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0)
+    return logits
+
+
+def apply_min_tokens(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    for i, row in enumerate(rows):
+        if len(row.output_token_ids) < row.params.min_tokens and row.blocked_token_ids:
+            logits[i, row.blocked_token_ids] = float("-inf")
+    return logits
+
+
+def top_k_mask(logits: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
+    """Keep each row's top_k largest logits (top_k[i] <= 0 keeps all)."""
+    vocab = logits.shape[-1]
+    k = torch.where(top_k > 0, top_k, vocab).clamp(max=vocab)
+    kth = logits.sort(dim=-1, descending=True).values.gather(-1, (k - 1).unsqueeze(-1))
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def top_p_mask(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Keep the smallest set of most likely tokens whose probability reaches top_p."""
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    probs = sorted_logits.softmax(dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs  # probability of the tokens ranked above
+    drop_sorted = mass_before >= top_p.unsqueeze(-1)
+    drop_sorted[:, 0] = False  # the most likely token always stays
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def min_p_mask(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Drop tokens whose probability is below min_p times the most likely one's."""
+    probs = logits.softmax(dim=-1)
+    threshold = min_p.unsqueeze(-1) * probs.max(dim=-1, keepdim=True).values
+    return logits.masked_fill(probs < threshold, float("-inf"))
+
+
+class Sampler(nn.Module):
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        self.seed = seed
+        self.generator: torch.Generator | None = None  # for rows without their own seed
+
+    def forward(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+        """logits: [B, vocab] float32 -> next token ids [B]."""
+        logits = apply_min_tokens(apply_penalties(logits, rows), rows)
+        greedy = logits.argmax(dim=-1)
+        if all(row.params.greedy for row in rows):
+            return greedy
+        device = logits.device
+        temperature = torch.tensor([row.params.temperature or 1.0 for row in rows], device=device)
+        logits = logits / temperature.unsqueeze(-1)
+        logits = top_k_mask(logits, torch.tensor([r.params.top_k for r in rows], device=device))
+        logits = top_p_mask(logits, torch.tensor([r.params.top_p for r in rows], device=device))
+        logits = min_p_mask(logits, torch.tensor([r.params.min_p for r in rows], device=device))
+        sampled = (logits.softmax(dim=-1) / self._exponential_noise(logits, rows)).argmax(dim=-1)
+        is_greedy = torch.tensor([row.params.greedy for row in rows], device=device)
+        return torch.where(is_greedy, greedy, sampled)
+
+    def _exponential_noise(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+        if self.generator is None or self.generator.device != logits.device:
+            self.generator = torch.Generator(logits.device).manual_seed(self.seed)
+        noise = torch.empty_like(logits).exponential_(generator=self.generator)
+        for i, row in enumerate(rows):
+            if row.generator is not None:
+                noise[i].exponential_(generator=row.generator)
+        return noise

@@ -1,0 +1,178 @@
+"""Bad input: each mistake is a ValueError (or a CLI `error:` line, exit 2) naming it.
+
+Introduced in M1 (issue 2). Covers prompts, sampling parameters, engine settings and
+model names, through the public API of every stage and through each stage's `run` CLI.
+Nothing may hang: every subprocess has a timeout.
+"""
+
+import pytest
+
+from conftest import STAGES, load_stage, run_cli, stages_with
+
+ALL_STAGES = list(STAGES)
+FORWARD_STAGES = stages_with("forward")
+GENERATE_STAGES = stages_with("generate")
+
+
+@pytest.fixture(scope="module")
+def tiny_llms():
+    return {stage: load_stage(stage).LLM("dummy:tiny-llama", max_model_len=32, device="cpu")
+            for stage in FORWARD_STAGES}
+
+
+# --- prompts ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("stage", FORWARD_STAGES)
+def test_empty_prompt_forward(stage, tiny_llms):
+    with pytest.raises(ValueError, match="prompt.*empty"):
+        tiny_llms[stage].next_token_distribution("")
+    with pytest.raises(ValueError, match="prompt"):
+        tiny_llms[stage].next_token_distribution([])
+
+
+@pytest.mark.parametrize("stage", GENERATE_STAGES)
+def test_empty_prompt_generate(stage, tiny_llms):
+    SamplingParams = load_stage(stage).SamplingParams
+    with pytest.raises(ValueError, match="prompt.*empty"):
+        tiny_llms[stage].generate("", SamplingParams(max_tokens=2), use_tqdm=False)
+    with pytest.raises(ValueError, match="prompt"):
+        tiny_llms[stage].generate([[]], SamplingParams(max_tokens=2), use_tqdm=False)
+
+
+@pytest.mark.parametrize("stage", FORWARD_STAGES)
+def test_prompt_longer_than_max_model_len_forward(stage, tiny_llms):
+    with pytest.raises(ValueError, match="max_model_len=32"):
+        tiny_llms[stage].next_token_distribution("x" * 40)
+
+
+@pytest.mark.parametrize("stage", GENERATE_STAGES)
+def test_prompt_longer_than_max_model_len_generate(stage, tiny_llms):
+    llm = tiny_llms[stage]
+    SamplingParams = load_stage(stage).SamplingParams
+    with pytest.raises(ValueError, match="max_model_len=32"):
+        llm.generate("x" * 40, SamplingParams(max_tokens=2), use_tqdm=False)
+    with pytest.raises(ValueError, match="max_model_len=32"):
+        llm.generate([list(range(3, 43))], SamplingParams(max_tokens=2), use_tqdm=False)
+    # A rejected request leaves the engine usable.
+    out = llm.generate("ok", SamplingParams(max_tokens=2, ignore_eos=True), use_tqdm=False)[0]
+    assert len(out.token_ids) == 2
+
+
+@pytest.mark.parametrize("stage", GENERATE_STAGES)
+def test_token_ids_outside_the_vocabulary(stage, tiny_llms):
+    SamplingParams = load_stage(stage).SamplingParams
+    with pytest.raises(ValueError, match="token ids"):
+        tiny_llms[stage].generate([[5, 512]], SamplingParams(max_tokens=2), use_tqdm=False)
+
+
+# --- sampling parameters ---------------------------------------------------------------
+
+@pytest.mark.parametrize("stage", ALL_STAGES)
+@pytest.mark.parametrize("kwargs, field", [
+    (dict(max_tokens=0), "max_tokens"),
+    (dict(max_tokens=-3), "max_tokens"),
+    (dict(temperature=-0.1), "temperature"),
+    (dict(top_p=0.0), "top_p"),
+    (dict(top_p=1.5), "top_p"),
+    (dict(top_p=-0.2), "top_p"),
+    (dict(top_k=-2), "top_k"),
+    (dict(min_p=1.5), "min_p"),
+    (dict(repetition_penalty=0.0), "repetition_penalty"),
+    (dict(presence_penalty=3.0), "presence_penalty"),
+    (dict(frequency_penalty=-2.5), "frequency_penalty"),
+    (dict(min_tokens=5, max_tokens=4), "min_tokens"),
+    (dict(stop=[""]), "stop"),
+    (dict(stop_token_ids=[-1]), "stop_token_ids"),
+])
+def test_bad_sampling_params(stage, kwargs, field):
+    SamplingParams = load_stage(stage).SamplingParams
+    with pytest.raises(ValueError, match=rf"^{field}\b"):
+        SamplingParams(**kwargs)
+
+
+@pytest.mark.parametrize("stage", ALL_STAGES)
+def test_edge_sampling_params_are_accepted(stage):
+    SamplingParams = load_stage(stage).SamplingParams
+    SamplingParams(temperature=0, top_p=1.0, max_tokens=1)
+    SamplingParams(top_p=1e-6, top_k=0, min_p=1.0, min_tokens=3, max_tokens=3)
+
+
+# --- engine settings and models --------------------------------------------------------
+
+@pytest.mark.parametrize("stage", ALL_STAGES)
+@pytest.mark.parametrize("kwargs, field", [
+    (dict(dtype="float8"), "dtype"),
+    (dict(device="tpu"), "device"),
+    (dict(max_model_len=1), "max_model_len"),
+    (dict(max_model_len=0), "max_model_len"),
+    (dict(max_model_len="long"), "max_model_len"),
+    (dict(model=""), "model"),
+])
+def test_bad_engine_config(stage, kwargs, field):
+    EngineConfig = load_stage(stage).EngineConfig
+    with pytest.raises(ValueError, match=rf"^{field}\b"):
+        EngineConfig(**{"model": "dummy:tiny-llama", **kwargs})
+
+
+@pytest.mark.parametrize("stage", FORWARD_STAGES)
+def test_max_model_len_beyond_the_model(stage):
+    with pytest.raises(ValueError, match="max_model_len.*2048"):
+        load_stage(stage).LLM("dummy:tiny-llama", max_model_len=4096)
+
+
+@pytest.mark.parametrize("stage", FORWARD_STAGES)
+def test_unknown_model_path(stage, tmp_path):
+    missing = str(tmp_path / "no-such-model")
+    with pytest.raises(ValueError, match="no-such-model"):
+        load_stage(stage).LLM(missing)
+    (tmp_path / "empty").mkdir()  # a folder without config.json is not a model either
+    with pytest.raises(ValueError, match="config.json"):
+        load_stage(stage).LLM(str(tmp_path / "empty"))
+
+
+@pytest.mark.parametrize("stage", FORWARD_STAGES)
+def test_unknown_dummy_name(stage):
+    with pytest.raises(ValueError, match="unknown dummy model 'nope'"):
+        load_stage(stage).LLM("dummy:nope")
+
+
+@pytest.mark.parametrize("stage", FORWARD_STAGES)
+def test_cuda_without_a_gpu(stage):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(ValueError, match="device"):
+        load_stage(stage).LLM("dummy:tiny-llama", device="cuda")
+
+
+# --- the CLIs --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("stage", ALL_STAGES)
+@pytest.mark.parametrize("model, message", [
+    ("dummy:nope", "unknown dummy model 'nope'"),
+    ("/nonexistent", "/nonexistent"),
+])
+def test_cli_bad_model(stage, model, message):
+    result = run_cli(stage, "--model", model)
+    assert result.returncode == 2, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors and message in errors[0], result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("stage", ALL_STAGES)
+def test_cli_help(stage):
+    result = run_cli(stage, "--help")
+    assert result.returncode == 0, result.stderr
+    assert "--model" in result.stdout and f"{stage}.run" in result.stdout
+
+
+@pytest.mark.parametrize("stage", GENERATE_STAGES)
+def test_bad_prompt_in_a_list_adds_no_request(stage, tiny_llms):
+    """A list with one bad prompt is rejected as a whole: nothing is left queued."""
+    llm = tiny_llms[stage]
+    SamplingParams = load_stage(stage).SamplingParams
+    with pytest.raises(ValueError, match="prompt"):
+        llm.generate(["fine", ""], SamplingParams(max_tokens=2), use_tqdm=False)
+    assert not llm.engine.has_unfinished_requests()
