@@ -25,6 +25,9 @@ docs: install  ## install, then build the docs site into site/ (mkdocs build --s
 notebooks: install  ## install, then execute every notebook top to bottom on the CPU (nbmake)
 	$(PYTHON) -m pytest -q --nbmake --nbmake-timeout=600 notebooks/
 
-clean:  ## remove caches (not the default model under $$FOLOVLLM_HOME)
+bench: install  ## install, then compare m1..m3 and transformers on the latency workload
+	$(PYTHON) bench/compare.py --milestones m1,m2,m3,hf --workload latency
+
+clean:  ## remove caches (keeps the default model in FOLOVLLM_HOME)
 	rm -rf .pytest_cache .hypothesis site build *.egg-info
 	find . -name __pycache__ -prune -exec rm -rf {} +
