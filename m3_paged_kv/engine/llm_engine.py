@@ -142,7 +142,7 @@ class LLMEngine:
     def _sampling_row(self, seq: Sequence, request: Request) -> SamplingRow:
         params = request.sampling_params
         blocked = [] if params.min_tokens == 0 else self.eos_token_ids + params.stop_token_ids
-        return SamplingRow(params, seq.token_ids[:seq.num_prompt_tokens], seq.output_token_ids,
+        return SamplingRow(params, request.prompt_token_ids, seq.output_token_ids,
                            seq.generator, blocked)
 
     def _finish(self, seq: Sequence) -> None:

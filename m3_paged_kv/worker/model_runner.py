@@ -147,8 +147,8 @@ class ModelRunner:
         else:  # the newest token of each sequence
             token_ids = [seq.token_ids[-1] for seq in seqs]
             positions = [len(seq.token_ids) - 1 for seq in seqs]
-            slots = [seq.kv_blocks[p // size].block_id * size + p % size
-                     for seq, p in zip(seqs, positions)]
+            slots = [s for seq, p in zip(seqs, positions)
+                     for s in slot_mapping(seq.kv_blocks, size, p, p + 1)]
             max_len = max(positions) + 1
             max_blocks = cdiv(max_len, size)
             block_tables = torch.tensor(  # padded with block 0 to the longest
