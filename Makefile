@@ -1,7 +1,9 @@
 # FoloVLLM: `make demo` runs the newest stage on the default model; `make test` runs the suite.
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
-NEWEST := m3_paged_kv
+# The stages come from bench/stages.py: the newest one present, and those that generate.
+NEWEST = $(shell $(PYTHON) -m bench.stages --newest)
+MILESTONES = $(shell $(PYTHON) -m bench.stages --milestones)
 
 .PHONY: install demo test docs notebooks bench clean help
 
@@ -25,8 +27,8 @@ docs: install  ## install, then build the docs site into site/ (mkdocs build --s
 notebooks: install  ## install, then execute every notebook top to bottom on the CPU (nbmake)
 	$(PYTHON) -m pytest -q --nbmake --nbmake-timeout=600 notebooks/
 
-bench: install  ## install, then compare m1..m3 and transformers on the latency workload
-	$(PYTHON) bench/compare.py --milestones m1,m2,m3,hf --workload latency
+bench: install  ## install, then compare every stage that generates and transformers (latency)
+	$(PYTHON) bench/compare.py --milestones $(MILESTONES),hf --workload latency
 
 clean:  ## remove caches (keeps the default model in FOLOVLLM_HOME)
 	rm -rf .pytest_cache .hypothesis site build *.egg-info

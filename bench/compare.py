@@ -34,6 +34,7 @@ import platform
 import re
 import signal
 import socket
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -44,12 +45,10 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # run as a script: make the stages and `bench` importable
     sys.path.insert(0, str(REPO))
 
-from bench import report  # noqa: E402
+from bench import report, stages  # noqa: E402
 from bench.workloads import WORKLOADS, build_workload  # noqa: E402
 
-STAGES = {"m0": "m0_init", "m1": "m1_basic", "m2": "m2_batching", "m3": "m3_paged_kv",
-          "m4": "m4_flash_attn", "m5": "m5_chunked_prefill", "m6": "m6_prefix_cache",
-          "m7": "m7_gptq"}
+STAGES = {s.short: s.package for s in stages.ALL_STAGES}  # "m1" -> "m1_basic" (bench/stages.py)
 PEERS = ("hf",)
 DEFAULT_RESULTS = REPO / "bench" / "results"
 _UNITS = {"": 1, "b": 1, "k": 10 ** 3, "kb": 10 ** 3, "m": 10 ** 6, "mb": 10 ** 6,
@@ -156,8 +155,8 @@ def resolve_milestones(text: str) -> list[tuple[str, str | None]]:
     names = [n.strip().lower() for n in text.split(",") if n.strip()]
     if not names:
         raise BenchError("--milestones: give at least one, e.g. m1,hf")
-    present = [m for m, pkg in STAGES.items()
-               if m != "m0" and (REPO / pkg / "engine" / "llm_engine.py").is_file()]
+    present = [m for m, pkg in STAGES.items() if "generate" in stages.get(m).features
+               and (REPO / pkg / "engine" / "llm_engine.py").is_file()]
     choices = ", ".join(present + list(PEERS))
     out = []
     for name in names:
@@ -165,10 +164,9 @@ def resolve_milestones(text: str) -> list[tuple[str, str | None]]:
             raise BenchError(f"milestone {name!r} is listed twice")
         if name in PEERS:
             out.append((name, None))
-        elif name == "m0":
-            raise BenchError("milestone 'm0' (m0_init) cannot generate (it runs one forward "
-                             f"pass and has no engine); the bench starts at m1. Choose from "
-                             f"{choices}")
+        elif name in STAGES and "generate" not in stages.get(name).features:
+            raise BenchError(f"milestone {name!r} ({STAGES[name]}) cannot generate (it runs "
+                             f"one forward pass and has no engine); choose from {choices}")
         elif name in STAGES:
             pkg = STAGES[name]
             if not (REPO / pkg).is_dir():
@@ -237,6 +235,10 @@ def _version(dist: str) -> str | None:
 
 
 def _git_commit() -> str | None:
+    """HEAD (with "-dirty" if tracked files changed); where the tree is a copy without
+    .git (the GPU machine), the FOLOVLLM_GIT_COMMIT the copy was made from."""
+    if not (REPO / ".git").exists():
+        return os.environ.get("FOLOVLLM_GIT_COMMIT")
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
                               text=True, timeout=10)
@@ -377,7 +379,7 @@ def _run(args: argparse.Namespace) -> int:
     dtype = args.dtype if args.dtype != "auto" else (
         "bfloat16" if device == "cuda" else "float32")
     stage_pkgs = [pkg for _, pkg in milestones if pkg is not None]
-    loader_pkg = stage_pkgs[0] if stage_pkgs else "m1_basic"
+    loader_pkg = stage_pkgs[0] if stage_pkgs else stages.stages_with("generate")[0]
     loader = importlib.import_module(f"{loader_pkg}.model_executor.model_loader")
     try:
         mc = loader.load_model_config(model)
@@ -463,6 +465,8 @@ def _run(args: argparse.Namespace) -> int:
             s["roofline_fraction"] = roofline["time_s"] / s["total_time_s"]
 
     results = {
+        "command": shlex.join(["python", "bench/compare.py", *sys.argv[1:]]),
+        "git_commit": _git_commit(),
         "workload": args.workload, "model": args.model, "device": device,
         "date": start.strftime("%Y-%m-%dT%H:%M:%SZ"),
         "machine": {"gpu": gpu, "cpu": _cpu_name(), "cpu_count": os.cpu_count(),

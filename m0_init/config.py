@@ -2,20 +2,47 @@
 
 Introduced in M0. `EngineConfig` is the user-facing, flat set of knobs (the names stay
 the same in every stage); `ModelConfig` is the model's architecture read from its
-`config.json`; `CacheConfig` and `SchedulerConfig` group the knobs of the KV cache and
-of the scheduler, which later stages grow. Every value is checked here, and a bad one
-raises `ValueError` naming the field.
+`config.json`. Every value is checked here, and a bad one raises `ValueError` naming the
+field. `EngineConfig.resolve` fills in what depends on the model once, before anything
+is built, in a copy (the caller's object is left as it was).
 """
 
+import dataclasses
 from dataclasses import dataclass, field
 
 _DTYPES = ("auto", "float32", "float16", "bfloat16")
 _DEVICES = ("auto", "cpu", "cuda")
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # True is an int in Python
+
+
 def _require(ok: bool, name: str, message: str) -> None:
     if not ok:
         raise ValueError(f"{name}: {message}")
+
+
+def _refuse_unsupported(hf: dict, model_type: str) -> None:
+    """Refuse a `config.json` setting that changes transformers' computation and that the
+    model code does not implement, instead of silently computing something else."""
+    act = hf.get("hidden_act", "silu")
+    _require(act in ("silu", "swish"), "hidden_act",
+             f"{act!r} is not supported; this engine runs SiLU (SwiGLU) MLPs")
+    if model_type == "llama":  # transformers' Llama has no sliding-window attention
+        return
+    # Qwen2/Qwen3 (as transformers reads them): `use_sliding_window` turns the window on for
+    # the layers `layer_types` marks, by default those from `max_window_layers` on.
+    window = hf.get("sliding_window") if hf.get("use_sliding_window") else None
+    layer_types = hf.get("layer_types") or [
+        "sliding_attention" if window is not None and i >= hf.get("max_window_layers", 28)
+        else "full_attention" for i in range(hf["num_hidden_layers"])]
+    sliding = sum(t != "full_attention" for t in layer_types)
+    # A window no shorter than the longest sequence changes nothing.
+    _require(sliding == 0 or (window or 0) >= hf.get("max_position_embeddings", 2048),
+             "use_sliding_window", f"sliding-window attention (sliding_window={window} on "
+             f"{sliding} of {len(layer_types)} layers) is not supported; this engine "
+             "attends to the whole context")
 
 
 @dataclass
@@ -34,7 +61,9 @@ class ModelConfig:
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
     rope_scaling: dict | None = None
-    attention_bias: bool = False  # Qwen2: bias on q/k/v projections
+    attention_bias: bool = False  # bias on q/k/v projections (Qwen2 always)
+    o_proj_bias: bool = False  # bias on o_proj (Llama, Qwen3 with attention_bias)
+    mlp_bias: bool = False  # bias on gate/up/down projections (Llama)
     qk_norm: bool = False  # Qwen3: RMSNorm on each head of q and k
     tie_word_embeddings: bool = False
     bos_token_id: int | None = None
@@ -42,13 +71,21 @@ class ModelConfig:
 
     @classmethod
     def from_hf_config(cls, hf: dict) -> "ModelConfig":
-        """Read a Hugging Face `config.json` dict (transformers 4.x or 5.x layout)."""
+        """Read a Hugging Face `config.json` dict (transformers 4.x or 5.x layout).
+
+        A setting that changes transformers' output is either read or refused (ValueError
+        naming it), never ignored.
+        """
         model_type = hf.get("model_type", "llama")
         if model_type not in ("llama", "qwen2", "qwen3"):
             raise ValueError(
                 f"model_type: {model_type!r} is not supported; this engine runs the "
                 "Llama family (llama, qwen2, qwen3)"
             )
+        _refuse_unsupported(hf, model_type)
+        # transformers: Llama and Qwen3 put `attention_bias` on q/k/v/o; Qwen2 always has a
+        # q/k/v bias and no o bias; only Llama reads `mlp_bias`.
+        bias = bool(hf.get("attention_bias", False))
         rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
         rope_theta = hf.get("rope_theta", rope.get("rope_theta", 10000.0))
         rope_type = rope.get("rope_type", rope.get("type", "default"))
@@ -67,7 +104,9 @@ class ModelConfig:
             rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
             rope_theta=float(rope_theta),
             rope_scaling=rope if rope_type not in ("default", None) else None,
-            attention_bias=hf.get("attention_bias", model_type == "qwen2"),
+            attention_bias=model_type == "qwen2" or bias,
+            o_proj_bias=model_type != "qwen2" and bias,
+            mlp_bias=model_type == "llama" and bool(hf.get("mlp_bias", False)),
             qk_norm=model_type == "qwen3",
             tie_word_embeddings=hf.get("tie_word_embeddings", False),
             bos_token_id=hf.get("bos_token_id"),
@@ -81,26 +120,16 @@ class ModelConfig:
         attn = h * q * d + 2 * h * kv * d + q * d * h
         if self.attention_bias:
             attn += q * d + 2 * kv * d
+        if self.o_proj_bias:
+            attn += h
         if self.qk_norm:
             attn += 2 * d
-        layer = attn + 3 * h * self.intermediate_size + 2 * h
+        mlp = 3 * h * self.intermediate_size
+        if self.mlp_bias:
+            mlp += 2 * self.intermediate_size + h
+        layer = attn + mlp + 2 * h
         embed = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
         return self.num_hidden_layers * layer + embed + h
-
-
-@dataclass
-class CacheConfig:
-    """The KV cache. M0 has none; M1 keeps one contiguous cache per request."""
-
-    max_model_len: int
-
-
-@dataclass
-class SchedulerConfig:
-    """How requests are scheduled. Until M2, one request runs at a time."""
-
-    max_model_len: int
-    max_batch_size: int = 1
 
 
 @dataclass
@@ -120,22 +149,15 @@ class EngineConfig:
         _require(self.device in _DEVICES, "device",
                  f"must be one of {_DEVICES}, got {self.device!r}")
         if self.max_model_len is not None:
-            _require(isinstance(self.max_model_len, int) and self.max_model_len >= 2,
+            _require(_is_int(self.max_model_len) and self.max_model_len >= 2,
                      "max_model_len", f"must be an integer >= 2, got {self.max_model_len!r}")
-        _require(isinstance(self.seed, int), "seed", f"must be an integer, got {self.seed!r}")
+        _require(_is_int(self.seed) and 0 <= self.seed < 2**64, "seed",
+                 f"must be an integer in [0, 2**64), got {self.seed!r}")
 
-    def resolve(self, model_config: ModelConfig) -> None:
-        """Fill in the values that depend on the model, and check them against it."""
+    def resolve(self, model_config: ModelConfig) -> "EngineConfig":
+        """A copy with the values that depend on the model filled in and checked."""
         limit = model_config.max_position_embeddings
-        if self.max_model_len is None:
-            self.max_model_len = min(limit, 4096)
-        _require(self.max_model_len <= limit, "max_model_len",
-                 f"{self.max_model_len} exceeds the model's max_position_embeddings ({limit})")
-
-    @property
-    def cache_config(self) -> CacheConfig:
-        return CacheConfig(max_model_len=self.max_model_len)
-
-    @property
-    def scheduler_config(self) -> SchedulerConfig:
-        return SchedulerConfig(max_model_len=self.max_model_len)
+        max_model_len = min(limit, 4096) if self.max_model_len is None else self.max_model_len
+        _require(max_model_len <= limit, "max_model_len",
+                 f"{max_model_len} exceeds the model's max_position_embeddings ({limit})")
+        return dataclasses.replace(self, max_model_len=max_model_len)

@@ -7,7 +7,7 @@ distribution for a prompt. M1 adds `generate` and `chat`.
 import torch
 
 from .config import EngineConfig
-from .model_executor.model_loader import resolve_model_path
+from .model_executor.model_loader import load_model_config, resolve_model_path
 from .tokenizer import get_tokenizer
 from .worker.model_runner import ModelRunner
 
@@ -16,9 +16,13 @@ class LLM:
     def __init__(self, model: str = "default", config: EngineConfig | None = None,
                  **kwargs) -> None:
         """`LLM("default")`, `LLM("dummy:qwen3-0.6b", device="cuda")`, or a config."""
-        self.config = config if config is not None else EngineConfig(model=model, **kwargs)
-        self.model_runner = ModelRunner(self.config)
-        model_config = self.model_runner.model_config
+        if config is not None and kwargs:
+            raise ValueError(f"config: give an EngineConfig or keyword settings, not both "
+                             f"(got {sorted(kwargs)})")
+        config = config if config is not None else EngineConfig(model=model, **kwargs)
+        model_config = load_model_config(config.model)
+        self.config = config.resolve(model_config)  # a copy: max_model_len filled in
+        self.model_runner = ModelRunner(self.config, model_config)
         eos = model_config.eos_token_ids[0] if model_config.eos_token_ids else None
         self.tokenizer = get_tokenizer(resolve_model_path(self.config.model),
                                        model_config.vocab_size, eos)
@@ -28,12 +32,21 @@ class LLM:
         if isinstance(prompt, str):
             if not prompt:
                 raise ValueError("prompt: is empty")
+            try:
+                prompt.encode("utf-8")
+            except UnicodeEncodeError as exc:  # e.g. a lone surrogate
+                raise ValueError(f"prompt: is not valid text ({exc.reason} at index "
+                                 f"{exc.start})") from None
             token_ids = self.tokenizer.encode(prompt)
-        else:
+        elif isinstance(prompt, list):
             token_ids = list(prompt)
             vocab = self.model_runner.model_config.vocab_size
-            if not all(isinstance(t, int) and 0 <= t < vocab for t in token_ids):
+            if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab
+                       for t in token_ids):
                 raise ValueError(f"prompt: token ids must be integers in [0, {vocab})")
+        else:
+            raise TypeError(f"prompt: must be a str or a list of token ids (ints), "
+                            f"got {type(prompt).__name__}")
         if not token_ids:
             raise ValueError("prompt: has no tokens")
         if len(token_ids) > self.config.max_model_len:

@@ -1,6 +1,7 @@
 """What `LLM.generate` returns: vLLM-style `RequestOutput` with timing metrics.
 
-Introduced in M0; M1 fills in the metrics.
+Introduced in M0; M1 fills in the metrics and, when the sampling parameters ask for
+them, the log-probabilities (`logprobs`, `prompt_logprobs`).
 """
 
 from dataclasses import dataclass, field
@@ -39,12 +40,26 @@ class RequestMetrics:
 
 
 @dataclass
+class Logprob:
+    """How likely the model found one token at one position (vLLM's `Logprob`)."""
+
+    logprob: float  # natural log of its probability, from the raw logits
+    rank: int  # 1 for the most likely token at this position
+    decoded_token: str | None = None
+
+
+# One position: the chosen token's Logprob and those of the most likely tokens, by id.
+PositionLogprobs = dict[int, Logprob]
+
+
+@dataclass
 class CompletionOutput:
     index: int
     text: str
     token_ids: list[int]
     finish_reason: str | None = None  # "stop", "length", "abort" or None while running
     stop_reason: str | int | None = None  # the stop string or token id that fired
+    logprobs: list[PositionLogprobs] | None = None  # one per token, if asked for
 
 
 @dataclass
@@ -55,6 +70,8 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     metrics: RequestMetrics | None = None
+    # One per prompt token (None for the first, which nothing predicts), if asked for.
+    prompt_logprobs: list[PositionLogprobs | None] | None = None
 
     @property
     def text(self) -> str:

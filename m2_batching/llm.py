@@ -1,17 +1,16 @@
 """LLM: the user-facing entry point.
 
 Introduced in M0; M1 adds `generate` and `chat`, which hand requests to the engine and
-step it until every request has finished. M2: the requests run batched, and
-`next_token_distribution` borrows a free KV slot from the scheduler.
+step it until every one of them has finished; M2 runs them batched. `LLM` talks to the
+engine only (`add_request`, `step`, `abort_request`): what the model thinks of a prompt
+comes back through the same path, as `SamplingParams(logprobs=..., prompt_logprobs=...)`.
 """
 
-import torch
 from tqdm.auto import tqdm
 
 from .config import EngineConfig
 from .engine.llm_engine import LLMEngine
 from .outputs import RequestOutput
-from .request import Sequence
 from .sampling_params import SamplingParams
 
 Prompt = str | list[int]
@@ -21,41 +20,24 @@ class LLM:
     def __init__(self, model: str = "default", config: EngineConfig | None = None,
                  **kwargs) -> None:
         """`LLM("default")`, `LLM("dummy:qwen3-0.6b", device="cuda")`, or a config."""
-        self.config = config if config is not None else EngineConfig(model=model, **kwargs)
-        self.engine = LLMEngine(self.config)
-        self.model_runner = self.engine.model_runner
+        if config is not None and kwargs:
+            raise ValueError(f"config: give an EngineConfig or keyword settings, not both "
+                             f"(got {sorted(kwargs)})")
+        self.engine = LLMEngine(config if config is not None
+                                else EngineConfig(model=model, **kwargs))
+        self.config = self.engine.config  # resolved: max_model_len filled in
         self.tokenizer = self.engine.tokenizer
         self._request_counter = 0
 
     def encode(self, prompt: Prompt) -> list[int]:
         return self.engine.encode(prompt)
 
-    def next_token_distribution(self, prompt: Prompt,
-                                top_k: int = 10) -> list[tuple[int, str, float]]:
-        """The `top_k` most likely next tokens: (token id, text, probability)."""
-        token_ids = self.encode(prompt)
-        seq = Sequence(-1, "probe", token_ids)
-        if not self.engine.scheduler.allocate_slot(seq):
-            raise RuntimeError("no free KV slot: every slot is held by a running request")
-        try:
-            logits = self.model_runner.forward([seq], is_prefill=True)[-1]
-        finally:
-            self.engine.scheduler.free_slot(seq)
-        top = torch.topk(torch.softmax(logits, dim=-1), top_k)
-        return [(int(i), self.tokenizer.decode([int(i)], skip_special_tokens=False), float(p))
-                for p, i in zip(top.values, top.indices)]
-
     def generate(self, prompts: Prompt | list[Prompt],
                  sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
         """Generate for one prompt or a list (text or token ids); outputs in input order."""
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]
-        if not prompts:
-            raise ValueError("prompts: the list is empty")
-        if sampling_params is None:
-            sampling_params = SamplingParams()
-        if isinstance(sampling_params, SamplingParams):
+        prompts = as_prompt_list(prompts)
+        if sampling_params is None or isinstance(sampling_params, SamplingParams):
             sampling_params = [sampling_params] * len(prompts)
         if len(sampling_params) != len(prompts):
             raise ValueError(f"sampling_params: {len(sampling_params)} given for "
@@ -67,11 +49,11 @@ class LLM:
                 self._request_counter += 1
                 self.engine.add_request(request_id, prompt, params)
                 ids.append(request_id)
-        except Exception:
-            for request_id in ids:  # all or nothing: drop what this call already queued
+            return self._run(ids, use_tqdm)
+        except BaseException:  # a bad prompt, an error in a step, Ctrl-C: leave no trace
+            for request_id in ids:
                 self.engine.abort_request(request_id)
             raise
-        return self._run(ids, use_tqdm)
 
     def chat(self, messages: list[dict] | list[list[dict]],
              sampling_params: SamplingParams | list[SamplingParams] | None = None,
@@ -88,13 +70,34 @@ class LLM:
         return self.tokenizer.encode(text, add_special_tokens=False)
 
     def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
-        finished: dict[str, RequestOutput] = {}
+        """Step the engine until these requests finish. Outputs of requests that someone
+        added to the engine directly are handed back to it for the next `step`."""
+        pending, finished = set(request_ids), {}
         bar = tqdm(total=len(request_ids), desc="Generating", unit="req",
                    disable=not use_tqdm)
-        while self.engine.has_unfinished_requests():
-            for output in self.engine.step():
-                if output.finished:
+        while pending:
+            if not self.engine.has_unfinished_requests():
+                raise RuntimeError(f"requests {sorted(pending)} left the engine unfinished "
+                                   "(aborted by someone else?)")
+            outputs = self.engine.step()
+            self.engine.hold_outputs([o for o in outputs if o.request_id not in request_ids])
+            for output in outputs:
+                if output.finished and output.request_id in pending:
+                    pending.discard(output.request_id)
                     finished[output.request_id] = output
                     bar.update()
         bar.close()
         return [finished[rid] for rid in request_ids]
+
+
+def as_prompt_list(prompts) -> list[Prompt]:
+    """One prompt (text or token ids) or a list of them, as a list; TypeError otherwise."""
+    if isinstance(prompts, str) or (isinstance(prompts, list) and prompts
+                                    and isinstance(prompts[0], int)):
+        return [prompts]
+    if not isinstance(prompts, list):
+        raise TypeError(f"prompts: must be a str, a list of token ids, or a list of those; "
+                        f"got {type(prompts).__name__}")
+    if not prompts:
+        raise ValueError("prompts: the list is empty")
+    return prompts

@@ -43,8 +43,7 @@ class Sequence:
     kv_blocks: list = field(default_factory=list)  # M3: its KVBlocks, in token order
     status: SequenceStatus = SequenceStatus.WAITING
     num_prompt_tokens: int = field(init=False)
-    num_cached_tokens: int = 0  # tokens whose keys and values are in the KV cache
-    max_len: int = 0  # prompt + max_tokens, capped at max_model_len
+    num_computed_tokens: int = 0  # tokens whose keys and values are in the KV cache
     output_text: str = ""
     stop_reason: str | int | None = None
     # Incremental detokenization: text is decoded from token prefix_offset on.
@@ -52,6 +51,8 @@ class Sequence:
     read_offset: int = 0
     metrics: RequestMetrics | None = None
     generator: object = None  # torch.Generator when the request has a seed
+    output_logprobs: list = field(default_factory=list)  # per output token, if asked for
+    prompt_logprobs: list | None = None  # per prompt token, if asked for
 
     def __post_init__(self) -> None:
         self.num_prompt_tokens = len(self.token_ids)

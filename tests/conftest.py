@@ -1,7 +1,8 @@
-"""Test setup: the stage registry, shared fixtures, and the `gpu` marker.
+"""Test setup: the stages under test, shared fixtures, and the `gpu` marker.
 
-Each stage joins the suite by adding one line to STAGES, naming the features it has.
-A test asks for the stages with a feature through `stages_with(feature)`.
+The stages come from the one registry, `bench/stages.py`: every stage package present in
+this checkout, with its features. A test asks for the stages with a feature through
+`stages_with(feature)`.
 """
 
 import importlib
@@ -9,22 +10,15 @@ import os
 import subprocess
 import sys
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton kernels run on the CPU in tests
-
 import pytest
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench import stages as _registry  # noqa: E402
+from bench.stages import stages_with  # noqa: E402,F401
+
 # stage package -> features it has (each stage has the features of the one before)
-STAGES: dict[str, set[str]] = {
-    "m0_init": {"forward"},
-    "m1_basic": {"forward", "generate"},
-    "m2_batching": {"forward", "generate", "batching"},
-    "m3_paged_kv": {"forward", "generate", "batching", "paged"},
-}
-
-
-def stages_with(feature: str) -> list[str]:
-    return [name for name, features in STAGES.items() if feature in features]
+STAGES: dict[str, frozenset[str]] = {s.package: s.features for s in _registry.present_stages()}
 
 
 def load_stage(name: str):
@@ -70,20 +64,31 @@ def default_llm(stage: str):
     return _DEFAULT_LLMS[stage]
 
 
+def model_runner(llm):
+    """The stage's model runner: M0's LLM holds it, later stages' engine does."""
+    return llm.engine.model_runner if hasattr(llm, "engine") else llm.model_runner
+
+
 def prefill_logits(llm, token_ids: list[int]) -> torch.Tensor:
     """Logits [T, vocab] (float32) for every position of a prompt, from any stage's LLM.
 
-    Every stage exposes `LLM.next_token_distribution` (a prefill of the prompt) and a
-    model with `compute_logits`; a hook on the model catches the hidden states of that
-    prefill (however many forward passes it takes) so the logits of all positions come
-    out, not only the last one the engine itself needs.
+    M0 runs the prompt through `LLM.next_token_distribution`; later stages through
+    `generate` with one greedy token (which is one prefill). A hook on the model catches
+    the hidden states of that prefill so the logits of all positions come out, not only
+    the last one the engine itself needs. (The public way to see them is
+    `SamplingParams(prompt_logprobs=k)`, tested on its own.)
     """
-    model = llm.model_runner.model
+    model = model_runner(llm).model
     captured = []
     handle = model.register_forward_hook(
         lambda module, args, output: captured.append(output.detach().clone()))
     try:
-        llm.next_token_distribution(list(token_ids), top_k=1)
+        if hasattr(llm, "next_token_distribution"):
+            llm.next_token_distribution(list(token_ids), top_k=1)
+        else:
+            stage = importlib.import_module(type(llm).__module__.rsplit(".", 1)[0])
+            llm.generate([list(token_ids)], stage.SamplingParams(temperature=0, max_tokens=1),
+                         use_tqdm=False)
     finally:
         handle.remove()
     assert captured, "the prefill ran no forward pass through the model"

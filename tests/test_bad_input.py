@@ -1,4 +1,5 @@
-"""Bad input: each mistake is a ValueError (or a CLI `error:` line, exit 2) naming it.
+"""Bad input: each mistake is a ValueError (or a CLI `error:` line, exit 2) naming it; a
+sampling parameter of the wrong type (a bool for a number too) is a TypeError naming it.
 
 Introduced in M1 (issue 2). Covers prompts, sampling parameters, engine settings and
 model names, through the public API of every stage and through each stage's `run` CLI.
@@ -12,6 +13,8 @@ from conftest import STAGES, load_stage, run_cli, stages_with
 ALL_STAGES = list(STAGES)
 FORWARD_STAGES = stages_with("forward")
 GENERATE_STAGES = stages_with("generate")
+# M0 has no generate: its LLM runs one forward pass, `next_token_distribution`.
+FORWARD_ONLY_STAGES = [s for s in FORWARD_STAGES if s not in GENERATE_STAGES]
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +25,7 @@ def tiny_llms():
 
 # --- prompts ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("stage", FORWARD_STAGES)
+@pytest.mark.parametrize("stage", FORWARD_ONLY_STAGES)
 def test_empty_prompt_forward(stage, tiny_llms):
     with pytest.raises(ValueError, match="prompt.*empty"):
         tiny_llms[stage].next_token_distribution("")
@@ -39,7 +42,7 @@ def test_empty_prompt_generate(stage, tiny_llms):
         tiny_llms[stage].generate([[]], SamplingParams(max_tokens=2), use_tqdm=False)
 
 
-@pytest.mark.parametrize("stage", FORWARD_STAGES)
+@pytest.mark.parametrize("stage", FORWARD_ONLY_STAGES)
 def test_prompt_longer_than_max_model_len_forward(stage, tiny_llms):
     with pytest.raises(ValueError, match="max_model_len=32"):
         tiny_llms[stage].next_token_distribution("x" * 40)
@@ -83,6 +86,29 @@ def test_token_ids_outside_the_vocabulary(stage, tiny_llms):
     (dict(min_tokens=5, max_tokens=4), "min_tokens"),
     (dict(stop=[""]), "stop"),
     (dict(stop_token_ids=[-1]), "stop_token_ids"),
+    # NaN fails every comparison and inf passes one-sided ones: both must be refused.
+    (dict(temperature=float("inf")), "temperature"),
+    (dict(temperature=float("nan")), "temperature"),
+    (dict(temperature=1e-6), "temperature"),  # logits / temperature overflows float32
+    (dict(temperature=1e-300), "temperature"),
+    (dict(temperature=1e39), "temperature"),  # inf in float32
+    (dict(top_p=float("nan")), "top_p"),
+    (dict(top_p=float("inf")), "top_p"),
+    (dict(min_p=float("nan")), "min_p"),
+    (dict(repetition_penalty=float("inf")), "repetition_penalty"),
+    (dict(repetition_penalty=float("nan")), "repetition_penalty"),
+    (dict(repetition_penalty=1e-300), "repetition_penalty"),
+    (dict(presence_penalty=float("nan")), "presence_penalty"),
+    (dict(frequency_penalty=float("-inf")), "frequency_penalty"),
+    (dict(top_k=2**63), "top_k"),  # does not fit the sampler's int64 tensor
+    (dict(seed=2**64), "seed"),  # torch.Generator.manual_seed takes 64 bits
+    (dict(seed=-1), "seed"),  # torch would alias it to 2**64 - 1
+    (dict(stop="\ud800"), "stop"),  # a lone surrogate is not UTF-8
+    (dict(stop=["fine", "a\udfffb"]), "stop"),
+    (dict(logprobs=-1), "logprobs"),
+    (dict(logprobs=21), "logprobs"),
+    (dict(prompt_logprobs=-1), "prompt_logprobs"),
+    (dict(prompt_logprobs=21), "prompt_logprobs"),
 ])
 def test_bad_sampling_params(stage, kwargs, field):
     SamplingParams = load_stage(stage).SamplingParams
@@ -91,10 +117,54 @@ def test_bad_sampling_params(stage, kwargs, field):
 
 
 @pytest.mark.parametrize("stage", ALL_STAGES)
+@pytest.mark.parametrize("kwargs, field", [
+    # isinstance(True, int) is True in Python: bools must still be refused.
+    (dict(max_tokens=True), "max_tokens"),
+    (dict(top_k=True), "top_k"),
+    (dict(min_tokens=False), "min_tokens"),
+    (dict(seed=True), "seed"),
+    (dict(stop_token_ids=[True]), "stop_token_ids"),
+    (dict(logprobs=True), "logprobs"),
+    (dict(prompt_logprobs=False), "prompt_logprobs"),
+    (dict(temperature=True), "temperature"),
+    (dict(top_p=True), "top_p"),
+    (dict(temperature="0.5"), "temperature"),
+    (dict(max_tokens=4.0), "max_tokens"),
+    (dict(prompt_logprobs=1.0), "prompt_logprobs"),
+    (dict(stop=5), "stop"),
+    (dict(stop=["ok", 1]), "stop"),
+    (dict(stop_token_ids=7), "stop_token_ids"),
+    (dict(ignore_eos="no"), "ignore_eos"),
+])
+def test_wrong_type_sampling_params(stage, kwargs, field):
+    SamplingParams = load_stage(stage).SamplingParams
+    with pytest.raises(TypeError, match=rf"^{field}\b"):
+        SamplingParams(**kwargs)
+
+
+@pytest.mark.parametrize("stage", ALL_STAGES)
 def test_edge_sampling_params_are_accepted(stage):
     SamplingParams = load_stage(stage).SamplingParams
     SamplingParams(temperature=0, top_p=1.0, max_tokens=1)
     SamplingParams(top_p=1e-6, top_k=0, min_p=1.0, min_tokens=3, max_tokens=3)
+    SamplingParams(temperature=1e-5, seed=0, logprobs=0, prompt_logprobs=20)
+    SamplingParams(temperature=1e5, seed=2**64 - 1, logprobs=20, prompt_logprobs=0,
+                   repetition_penalty=1e-5, stop=("é", "\U0001F600"),
+                   stop_token_ids=(1, 2))
+    params = SamplingParams()
+    assert params.logprobs is None and params.prompt_logprobs is None
+
+
+@pytest.mark.parametrize("stage", GENERATE_STAGES)
+def test_edge_sampling_params_generate(stage, tiny_llms):
+    """The extreme accepted values run (the largest seed fits torch.Generator)."""
+    SamplingParams = load_stage(stage).SamplingParams
+    for kwargs in (dict(seed=2**64 - 1), dict(seed=0), dict(temperature=1e-5, seed=1),
+                   dict(repetition_penalty=1e-5, seed=2),
+                   dict(repetition_penalty=1e5, seed=3)):
+        out = tiny_llms[stage].generate("ok", SamplingParams(max_tokens=3, ignore_eos=True,
+                                                             **kwargs), use_tqdm=False)[0]
+        assert len(out.token_ids) == 3, kwargs
 
 
 # --- engine settings and models --------------------------------------------------------

@@ -14,7 +14,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import default_model_folder, hf_greedy, load_stage, stages_with
+from conftest import default_model_folder, hf_greedy, load_stage, model_runner, stages_with
 
 BATCHING_STAGES = stages_with("batching")
 # Stages whose KV cache is one contiguous slot per sequence (M2 only).
@@ -146,8 +146,8 @@ def spy_on_schedule(engine) -> list:
 
     def recording_schedule():
         out = schedule()
-        log.append((out.is_prefill, [seq.request_id for seq in out.seqs],
-                    out.num_batched_tokens))
+        is_prefill = all(s.num_computed_tokens == 0 for s in out.scheduled)
+        log.append((is_prefill, [s.request_id for s in out.scheduled], out.num_batched_tokens))
         return out
 
     engine.scheduler.schedule = recording_schedule
@@ -191,7 +191,7 @@ def test_attention_reads_only_what_was_written(stage):
     sp = mod.SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
     llms = [mod.LLM("dummy:tiny-llama", max_model_len=128, max_batch_size=4, device="cpu",
                     kv_cache_memory=2**20) for _ in range(2)]
-    for k_cache, v_cache in llms[1].model_runner.kv_caches:
+    for k_cache, v_cache in model_runner(llms[1]).kv_caches:
         k_cache.fill_(float("nan"))
         v_cache.fill_(float("nan"))
     clean, poisoned = (llm.generate(TINY_PROMPTS[:5], sp, use_tqdm=False) for llm in llms)
@@ -251,12 +251,12 @@ def test_kv_cache_memory_too_small_for_one_sequence(stage):
 def test_contiguous_slots_and_their_waste(stage):
     mod = load_stage(stage)
     probe = mod.LLM("dummy:tiny-llama", max_model_len=64, max_batch_size=8, device="cpu")
-    slot_bytes = probe.model_runner.kv_cache_bytes_per_token() * 64
+    slot_bytes = model_runner(probe).kv_cache_bytes_per_token() * 64
     assert probe.engine.kv_cache_stats()["num_slots"] == 8  # max_batch_size, no budget
     # A budget of 3.5 slots holds 3: at most 3 sequences run at once.
     llm = mod.LLM("dummy:tiny-llama", max_model_len=64, max_batch_size=8, device="cpu",
                   kv_cache_memory=int(3.5 * slot_bytes))
-    k_cache, _ = llm.model_runner.kv_caches[0]
+    k_cache, _ = model_runner(llm).kv_caches[0]
     assert k_cache.shape[:2] == (3, 64)
     sp = mod.SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
     outputs = llm.generate([[5 + i] * (3 + i) for i in range(7)], sp, use_tqdm=False)
@@ -282,15 +282,33 @@ def fake_token(request_id: str, index: int) -> int:
     return 3 + zlib.crc32(f"{request_id}/{index}".encode()) % 250
 
 
+def check_scheduler_output(out) -> None:
+    """The worker's input is plain ints that say exactly what each sequence computes."""
+    assert len(out.scheduled) == len(out.seqs)
+    assert out.num_batched_tokens == sum(len(s.new_token_ids) for s in out.scheduled)
+    for seq, s in zip(out.seqs, out.scheduled):
+        assert s.request_id == seq.request_id
+        assert s.num_computed_tokens == seq.num_computed_tokens
+        assert s.new_token_ids == seq.token_ids[seq.num_computed_tokens:]
+        assert s.new_token_ids, "a scheduled sequence computes at least one token"
+        held = ([b.block_id for b in seq.kv_blocks] if hasattr(seq, "kv_blocks")
+                else [seq.kv_slot])
+        assert s.block_ids == held and all(isinstance(b, int) for b in s.block_ids)
+
+
 def install_fake_forward(engine, check_step) -> None:
     """Replace the model with a function of (request, position); keep all bookkeeping."""
+    stage = type(engine).__module__.split(".")[0]
+    ModelRunnerOutput = load_stage(stage).worker.model_runner.ModelRunnerOutput
 
-    def execute_model(seqs, is_prefill, sampling_rows):
-        check_step(seqs, is_prefill)
+    def execute_model(scheduler_output, sampling_rows):
+        check_scheduler_output(scheduler_output)
+        seqs = scheduler_output.seqs
+        check_step(seqs, all(s.num_computed_tokens == 0 for s in scheduler_output.scheduled))
         assert len(sampling_rows) == len(seqs)
-        for seq in seqs:
-            seq.num_cached_tokens = len(seq.token_ids)
-        return [fake_token(seq.request_id, len(seq.token_ids)) for seq in seqs]
+        none = [None] * len(seqs)
+        return ModelRunnerOutput([fake_token(seq.request_id, len(seq.token_ids))
+                                  for seq in seqs], none, none)
 
     engine.model_runner.execute_model = execute_model
 
@@ -314,7 +332,7 @@ def workloads(draw, max_kv_tokens: int = 6 * MODEL_MAX_LEN, min_max_tokens: int 
 def tiny_kv_bytes_per_token():
     llm = load_stage(BATCHING_STAGES[0]).LLM("dummy:tiny-llama", max_model_len=MODEL_MAX_LEN,
                                              device="cpu", dtype="float32")
-    return llm.model_runner.kv_cache_bytes_per_token()
+    return model_runner(llm).kv_cache_bytes_per_token()
 
 
 def drive_random_workload(stage: str, workload: dict, bytes_per_token: int, check_step=None,
@@ -335,9 +353,9 @@ def drive_random_workload(stage: str, workload: dict, bytes_per_token: int, chec
         running = {seq.seq_id for seq in scheduler.running}
         assert not running & {seq.seq_id for seq in scheduler.waiting}
         assert set(ids) <= running
-        new_tokens = sum(len(seq.token_ids) - seq.num_cached_tokens for seq in seqs)
+        new_tokens = sum(len(seq.token_ids) - seq.num_computed_tokens for seq in seqs)
         if is_prefill:
-            assert all(seq.num_cached_tokens == 0 for seq in seqs)
+            assert all(seq.num_computed_tokens == 0 for seq in seqs)
             assert len(seqs) == 1 or new_tokens <= budget
         else:  # a decode step runs every running sequence, one token each
             assert set(ids) == running and new_tokens == len(seqs)
@@ -362,6 +380,9 @@ def drive_random_workload(stage: str, workload: dict, bytes_per_token: int, chec
         if step > 8 and not engine.has_unfinished_requests():
             break
         record_step(engine.step(), outputs, finished)
+        # The scheduler advanced num_computed_tokens: all but the newest sampled token.
+        assert all(seq.num_computed_tokens == len(seq.token_ids) - 1
+                   for seq in scheduler.running)
         step += 1
     assert not engine.has_unfinished_requests()
     for i, (n, max_tokens, _, _) in enumerate(requests):

@@ -19,7 +19,7 @@ import importlib
 import pytest
 import torch
 
-from conftest import hf_greedy, hf_logits, load_stage, prefill_logits, stages_with
+from conftest import hf_greedy, hf_logits, load_stage, model_runner, prefill_logits, stages_with
 
 pytestmark = pytest.mark.gpu
 
@@ -47,7 +47,7 @@ def build_models(stage: str, dummy: str, device: str):
     hf_logging.set_verbosity_error()
     llm = load_stage(stage).LLM(f"dummy:{dummy}", device=device, dtype="bfloat16")
     loader = importlib.import_module(f"{stage}.model_executor.model_loader")
-    state = llm.model_runner.model.state_dict()
+    state = model_runner(llm).model.state_dict()
     peers = []
     for dtype in (torch.bfloat16, torch.float32):
         config = AutoConfig.for_model(**loader.DUMMY_CONFIGS[dummy])
@@ -69,7 +69,7 @@ def compare(stage: str, dummy: str, device: str, lengths=PROMPT_LENGTHS,
             num_tokens: int = NUM_TOKENS) -> dict:
     """Run all three; return (and print) logit errors and token-match rates."""
     llm, hf16, hf32 = build_models(stage, dummy, device)
-    prompts = make_prompts(llm.model_runner.model_config.vocab_size, lengths)
+    prompts = make_prompts(model_runner(llm).model_config.vocab_size, lengths)
     SamplingParams = load_stage(stage).SamplingParams
     params = SamplingParams(temperature=0, max_tokens=num_tokens, min_tokens=num_tokens)
     ours = [out.token_ids for out in llm.generate(prompts, params, use_tqdm=False)]

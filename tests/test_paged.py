@@ -11,7 +11,7 @@ import torch
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from conftest import load_stage, stages_with
+from conftest import load_stage, model_runner, stages_with
 from test_batching import (assert_kv_cache_empty, drive_random_workload,  # noqa: F401
                            tiny_kv_bytes_per_token, workloads)  # (a fixture, for tests here)
 
@@ -61,7 +61,6 @@ def test_block_pool_allocate_and_free(stage):
     with pytest.raises(RuntimeError, match="twice"):
         pool.free([a[0]])
     assert a[0].ref_count == 0  # never negative
-    assert a[0].block_hash is None  # unused before prefix caching
     b = pool.allocate(3)  # freed blocks come back
     assert {blk.block_id for blk in b} | {a[2].block_id} == {0, 1, 2, 3}
 
@@ -103,13 +102,16 @@ def test_kv_cache_manager_grows_a_sequence_block_by_block(stage):
     assert len(seq.kv_blocks) == 3 and manager.num_free_blocks == 2
     table = manager.block_table(seq)
     assert table == [b.block_id for b in seq.kv_blocks]
-    # Token i sits at offset i % 4 of block table[i // 4].
-    assert manager.slot_mapping(seq, 0, 10) == [table[i // 4] * 4 + i % 4 for i in range(10)]
-    seq.num_cached_tokens = 10
+    # The worker turns the table into slots: token i at offset i % 4 of block table[i // 4].
+    slot_of = load_stage(f"{stage}.worker.input_batch").slot_of
+    assert [slot_of(table, 4, i) for i in range(10)] == [table[i // 4] * 4 + i % 4
+                                                         for i in range(10)]
+    assert len({slot_of(table, 4, i) for i in range(10)}) == 10
+    seq.num_computed_tokens = 10
     for total in range(11, 21):  # one token at a time: a new block every 4 tokens
         assert manager.allocate_slots(seq, 1)
         assert len(seq.kv_blocks) == cdiv(total, 4)
-        seq.num_cached_tokens = total
+        seq.num_computed_tokens = total
     assert manager.num_free_blocks == 0
     other = Sequence(1, "t", [1, 2])
     assert not manager.allocate_slots(other, 2)  # the pool is empty
@@ -132,7 +134,7 @@ def check_blocks(engine, seqs, is_prefill) -> None:
     scheduled = {seq.seq_id for seq in seqs}
     held = []
     for seq in scheduler.running:
-        tokens = len(seq.token_ids) if seq.seq_id in scheduled else seq.num_cached_tokens
+        tokens = len(seq.token_ids) if seq.seq_id in scheduled else seq.num_computed_tokens
         assert len(seq.kv_blocks) == cdiv(tokens, size)
         held += [b.block_id for b in seq.kv_blocks]
         assert all(b.ref_count == 1 for b in seq.kv_blocks)
@@ -175,7 +177,7 @@ def test_preemption_keeps_every_token(stage):
     roomy = tiny(stage)
     expected = roomy.generate(PREEMPT_PROMPTS, params, use_tqdm=False)
     assert roomy.engine.kv_cache_stats()["num_preemptions"] == 0
-    bytes_per_token = roomy.model_runner.kv_cache_bytes_per_token()
+    bytes_per_token = model_runner(roomy).kv_cache_bytes_per_token()
     small = tiny(stage, kv_cache_memory=12 * 16 * bytes_per_token)
     assert small.engine.kv_cache_stats()["num_blocks"] == 12
     outputs, finished = {}, {}
@@ -208,7 +210,7 @@ def test_block_size_does_not_change_tokens(stage):
     for block_size in (1, 4, 16, 64):
         llm = tiny(stage, block_size=block_size, kv_cache_memory=2**20)
         results[block_size] = [o.token_ids for o in llm.generate(prompts, sp, use_tqdm=False)]
-        assert llm.model_runner.kv_caches[0][0].shape[1] == block_size
+        assert model_runner(llm).kv_caches[0][0].shape[1] == block_size
     assert results[1] == results[4] == results[16] == results[64]
 
 
@@ -232,14 +234,14 @@ def test_paged_runs_more_sequences_than_whole_slots(stage, tiny_kv_bytes_per_tok
 @pytest.mark.parametrize("stage", PAGED_STAGES)
 def test_num_blocks_from_kv_cache_memory(stage):
     llm = tiny(stage, block_size=8, kv_cache_memory=10**6)
-    per_token = llm.model_runner.kv_cache_bytes_per_token()
+    per_token = model_runner(llm).kv_cache_bytes_per_token()
     num_blocks = 10**6 // (8 * per_token)
     assert llm.engine.kv_cache_stats()["num_blocks"] == num_blocks
-    k_cache, v_cache = llm.model_runner.kv_caches[0]
-    mc = llm.model_runner.model_config
+    k_cache, v_cache = model_runner(llm).kv_caches[0]
+    mc = model_runner(llm).model_config
     assert k_cache.shape == v_cache.shape == (num_blocks, 8, mc.num_key_value_heads,
                                               mc.head_dim)
-    assert len(llm.model_runner.kv_caches) == mc.num_hidden_layers
+    assert len(model_runner(llm).kv_caches) == mc.num_hidden_layers
     # On the CPU, without a budget: 1 GiB.
     default = tiny(stage)
     assert default.engine.kv_cache_stats()["kv_cache_bytes"] == (
@@ -255,7 +257,6 @@ def test_block_size_must_be_a_power_of_two(stage, block_size):
 
 @pytest.mark.parametrize("stage", PAGED_STAGES)
 @pytest.mark.parametrize("field,value,match", [
-    ("enable_paged_kv", False, "m2_batching"),
     ("gpu_memory_utilization", 0, "gpu_memory_utilization"),
     ("gpu_memory_utilization", 1.5, "gpu_memory_utilization"),
 ])

@@ -10,8 +10,8 @@ import pytest
 import torch
 from transformers.utils import logging as hf_logging
 
-from conftest import (default_llm, default_model_folder, hf_greedy, hf_logits,
-                      load_stage, make_tiny_hf_model, prefill_logits, stages_with)
+from conftest import (default_llm, default_model_folder, hf_greedy, hf_logits, load_stage,
+                      make_tiny_hf_model, model_runner, prefill_logits, stages_with)
 
 hf_logging.set_verbosity_error()
 
@@ -98,9 +98,10 @@ def test_default_model_prefill_logits_match_transformers(stage, hf_default,
         assert diff < LOGITS_ATOL, f"{stage}: max |logit diff| {diff:.2e} on {len(ids)} tokens"
 
 
-@pytest.mark.parametrize("stage", stages_with("forward"))
+@pytest.mark.parametrize("stage", [s for s in stages_with("forward")
+                                   if s not in stages_with("generate")])
 def test_next_token_distribution_agrees_with_prefill_logits(stage, default_prompt_ids):
-    """The public top-k API reports the softmax of the last position's logits."""
+    """M0's public top-k API reports the softmax of the last position's logits."""
     llm = default_llm(stage)
     ids = default_prompt_ids[0]
     probs = torch.softmax(prefill_logits(llm, ids)[-1], dim=-1)
@@ -109,6 +110,42 @@ def test_next_token_distribution_agrees_with_prefill_logits(stage, default_promp
     assert [p for _, _, p in top] == pytest.approx(torch.topk(probs, 5).values.tolist(),
                                                    abs=1e-6)
     assert top[0][1] == llm.tokenizer.decode([top[0][0]])
+
+
+def assert_position_logprobs(position: dict, ref: torch.Tensor, chosen: int, num_top: int,
+                             tokenizer) -> None:
+    """One position of `logprobs`/`prompt_logprobs` against transformers' log-softmax."""
+    assert chosen in position
+    top = ref.topk(num_top)
+    assert set(top.indices.tolist()) <= set(position)
+    assert len(position) in (num_top, num_top + 1)  # the chosen token may be outside the top
+    for token, lp in position.items():
+        assert lp.logprob == pytest.approx(ref[token].item(), abs=LOGITS_ATOL)
+        assert lp.decoded_token == tokenizer.decode([token])
+        # rank 1 is the most likely; allow for near-ties within the tolerance
+        assert (1 + (ref > ref[token] + LOGITS_ATOL).sum().item() <= lp.rank
+                <= 1 + (ref > ref[token] - LOGITS_ATOL).sum().item())
+
+
+@pytest.mark.parametrize("stage", stages_with("generate"))
+def test_logprobs_match_transformers(stage, hf_default, default_prompt_ids):
+    """`logprobs` and `prompt_logprobs` (vLLM's) report the model's log-softmax."""
+    llm = default_llm(stage)
+    ids = default_prompt_ids[2]
+    ref = torch.log_softmax(hf_logits(hf_default, ids), dim=-1)
+    params = load_stage(stage).SamplingParams(temperature=0, max_tokens=1, logprobs=5,
+                                              prompt_logprobs=3)
+    out = llm.generate([ids], params, use_tqdm=False)[0]
+    assert len(out.prompt_logprobs) == len(ids) and out.prompt_logprobs[0] is None
+    for j in range(1, len(ids)):  # position j - 1 predicts prompt token j
+        assert_position_logprobs(out.prompt_logprobs[j], ref[j - 1], ids[j], 3, llm.tokenizer)
+    (generated,) = out.outputs[0].logprobs
+    assert_position_logprobs(generated, ref[-1], out.token_ids[0], 5, llm.tokenizer)
+    assert generated[out.token_ids[0]].rank == 1  # greedy took the most likely token
+    # Without asking, nothing is computed or returned.
+    plain = llm.generate([ids], load_stage(stage).SamplingParams(temperature=0, max_tokens=1),
+                         use_tqdm=False)[0]
+    assert plain.prompt_logprobs is None and plain.outputs[0].logprobs is None
 
 
 # --- tiny random models ----------------------------------------------------------------
@@ -141,7 +178,7 @@ def test_tiny_model_config_is_read(tiny_model):
     """The engine reads the features the tiny configs switch on."""
     name, folder, hf_model, _ = tiny_model
     stage = stages_with("forward")[0]
-    mc = load_tiny(stage, folder).model_runner.model_config
+    mc = model_runner(load_tiny(stage, folder)).model_config
     hf = hf_model.config
     expected_head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
     assert mc.head_dim == expected_head_dim

@@ -1,11 +1,15 @@
-"""Stop rules through `LLM.generate`: EOS, stop tokens, stop strings, lengths, min_tokens.
+"""Stop rules through `LLM.generate`: EOS, stop tokens, stop strings, lengths, min_tokens;
+and streaming through `engine.step`, which never shows text a stop string takes back.
 
 Introduced in M1 (issue 2). Most checks run on `dummy:tiny-llama`, whose byte-level
 tokenizer makes every character its own token; the default model (a real BPE
 tokenizer, which ends a chat answer with EOS) covers EOS and a stop string that spans a
 boundary between two multi-character tokens. Every expectation is derived from a run
-without the rule, so the tests hold for any weights.
+without the rule, so the tests hold for any weights (except the reported streaming case,
+which names the default model's greedy answer).
 """
+
+import random
 
 import pytest
 
@@ -136,6 +140,117 @@ def test_stop_string_not_found_runs_to_max_tokens(stage, tiny_llms):
     out = run(llm, "Hello", params(stage, temperature=0, max_tokens=10, ignore_eos=True,
                                    stop=["\x00\x01"]))
     assert out.finish_reason == "length" and len(out.token_ids) == 10
+
+
+# --- streaming: no text is shown that a stop string later takes back --------------------
+
+def stream(llm, prompt, sp, request_id="stream"):
+    """Run one request alone through `engine.add_request` / `engine.step`: its outputs."""
+    engine = llm.engine
+    engine.add_request(request_id, prompt, sp)
+    outputs = []
+    while engine.has_unfinished_requests():
+        outputs += [o for o in engine.step() if o.request_id == request_id]
+    return outputs
+
+
+def held_back(text: str, stops: list[str]) -> str:
+    """text without its longest suffix that is a proper prefix of one of the stops."""
+    for start in range(len(text)):  # the earliest start is the longest suffix
+        suffix = text[start:]
+        if any(len(suffix) < len(stop) and stop.startswith(suffix) for stop in stops):
+            return text[:start]
+    return text
+
+
+def first_stop(texts: list[str], stops: list[str], include: bool):
+    """The final text and stop string of a run whose text is texts[i] after step i."""
+    before = ""
+    for text in texts:
+        # A stop string fires at the step whose new text completes it; of those, the one
+        # that starts first (then the first listed) cuts the text.
+        hits = [(text.find(stop, max(0, len(before) - len(stop) + 1)), n, stop)
+                for n, stop in enumerate(stops)]
+        hits = [hit for hit in hits if hit[0] != -1]
+        if hits:
+            index, _, stop = min(hits)
+            return (text[:index + len(stop)] if include else text[:index]), stop
+        before = text
+    return texts[-1], None
+
+
+def random_stops(rng: random.Random, text: str) -> list[str]:
+    """1-3 stop strings: pieces of the text (they fire), pieces with a character that
+    does not follow (only their prefixes are ever seen), and random strings."""
+    alphabet = sorted(set(text)) + ["\x00"]
+    stops = []
+    for _ in range(rng.randint(1, 3)):
+        j, k = rng.randrange(len(text)), rng.randint(1, 4)
+        kind = rng.random()
+        if kind < 0.4:
+            stop = text[j:j + k + 1]
+        elif kind < 0.7:
+            stop = text[j:j + k] + "\x00"
+        else:
+            stop = "".join(rng.choice(alphabet) for _ in range(k + 1))
+        stops.append(stop)
+    return stops
+
+
+@pytest.mark.parametrize("stage", GENERATE_STAGES)
+def test_streamed_text_is_never_taken_back(stage, tiny_llms):
+    """Property: for random stop strings, every streamed text extends the one before it
+    (so it is a prefix of the final text), exactly the text that could still become a
+    stop string is held back, and the final text is cut at the first stop string."""
+    llm = tiny_llms[stage]
+    rng = random.Random(1234)
+    fired = held = 0
+    for seed in range(4):
+        base = dict(temperature=1.0, max_tokens=20, seed=seed, ignore_eos=True)
+        # The text after each step, from a run without stop strings (seeded: same tokens).
+        texts = [o.text for o in stream(llm, "Hi", params(stage, **base))]
+        assert len(texts[-1]) >= 3, texts  # seeded sampling of the dummy model gives text
+        for _ in range(3):
+            stops, include = random_stops(rng, texts[-1]), rng.random() < 0.25
+            outs = stream(llm, "Hi", params(stage, **base, stop=stops,
+                                            include_stop_str_in_output=include))
+            shown = [o.text for o in outs]
+            case = f"{seed=} {stops=} {include=} {texts=} {shown=}"
+            assert outs[-1].finished and not any(o.finished for o in outs[:-1]), case
+            for before, after in zip(shown, shown[1:]):
+                assert after.startswith(before), case
+            final, stop = first_stop(texts, stops, include)
+            assert shown[-1] == final and outs[-1].outputs[0].stop_reason == stop, case
+            assert outs[-1].finish_reason == ("stop" if stop else "length"), case
+            for i in range(len(outs) - 1):
+                # With include_stop_str_in_output nothing is ever cut, so nothing is held.
+                expected = texts[i] if include else held_back(texts[i], stops)
+                assert shown[i] == expected, case
+            fired += stop is not None and len(stop) > 1 and not include
+            held += any(a != b for a, b in zip(shown[:-1], texts))
+    assert fired >= 3 and held >= 3, (fired, held)  # the cases that matter did occur
+
+
+@pytest.mark.parametrize("stage", GENERATE_STAGES)
+def test_streamed_text_holds_back_a_partial_stop_string(stage):
+    """The reported case, on the default model: with stop "he answer" the stream used to
+    show ' Paris.\n\nThe' and then finish with ' Paris.\n\nT'."""
+    llm = default_llm(stage)
+    prompt, base = "The capital of France is", dict(temperature=0, max_tokens=7,
+                                                    ignore_eos=True)
+    full = run(llm, prompt, params(stage, **base)).text
+    assert full.startswith(" Paris.\n\nThe answer"), full  # the default model's answer
+    for stop in ("he answer", "he"):
+        outs = stream(llm, prompt, params(stage, **base, stop=stop))
+        shown = [o.text for o in outs]
+        assert outs[-1].finished and outs[-1].outputs[0].stop_reason == stop
+        assert shown[-1] == " Paris.\n\nT", shown
+        assert all(shown[-1].startswith(text) for text in shown), shown
+    # Held-back text shows as soon as it can no longer become the stop string.
+    outs = stream(llm, prompt, params(stage, **base, stop="he question"))
+    shown = [o.text for o in outs]
+    assert " Paris.\n\nT" in shown and " Paris.\n\nThe answer" in shown, shown
+    assert outs[-1].finish_reason == "length" and shown[-1] == full
 
 
 # --- the default model: EOS and a real tokenizer -----------------------------------------

@@ -6,7 +6,8 @@ holds markers (HTML comments) that this hook replaces before the Markdown is ren
 - `<!-- stage-diff: m0_init m1_basic -->`: the diff between two stages, one collapsible
   block per changed file (from `tools/stage_diff.py`).
 - `<!-- stage-tree: m0_init -->`: a stage's file tree with line counts.
-- `<!-- stage-map -->`: the table of all stages, linking the ones that have a page.
+- `<!-- stage-map -->`: the table of all stages (`bench/stages.py`), linking the ones
+  that have a page.
 - `<!-- bench-table: workload=latency milestones=m1 [device=cpu] [model=NAME] -->`: the
   table of the newest results file for that workload that has those milestones (through
   `bench/report.py`), with its plot when one exists.
@@ -29,29 +30,13 @@ from pathlib import Path
 from mkdocs.plugins import event_priority
 from mkdocs.structure.files import File
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import stage_diff  # noqa: E402  (tools/stage_diff.py, next to this file)
-
 REPO_ROOT = Path(__file__).resolve().parents[1]
-PLOTS_URI = "bench-results"  # where the bench plots appear in the site
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(REPO_ROOT))
+import stage_diff  # noqa: E402  (tools/stage_diff.py, next to this file)
+from bench.stages import ALL_STAGES  # noqa: E402  (the one list of stages)
 
-# (label, package, what it adds); a stage gets a link once docs/<package>.md exists.
-STAGES = [
-    ("M0", "m0_init", "configs, sampling params, request types, model + tokenizer loading, "
-                      "one forward pass"),
-    ("M1", "m1_basic", "generation loop with a contiguous KV cache, sampler, stop rules, "
-                       "metrics"),
-    ("M2", "m2_batching", "continuous (iteration-level) batching, waiting/running queues"),
-    ("M3", "m3_paged_kv", "block pool, block tables, slot mapping, paged attention, "
-                          "preemption"),
-    ("M4", "m4_flash_attn", "Triton flash-attention kernels over the paged cache, CUDA "
-                            "graphs for decode"),
-    ("M5", "m5_chunked_prefill", "one token budget per step, prefill chunks mixed with "
-                                 "decodes"),
-    ("M6", "m6_prefix_cache", "hash-chained full-block prefix cache, ref counts, LRU "
-                              "eviction"),
-    ("M7", "m7_gptq", "GPTQ quantizer, GPTQ checkpoint format, W4A16 Triton kernel"),
-]
+PLOTS_URI = "bench-results"  # where the bench plots appear in the site
 
 _MARKER = re.compile(r"<!--\s*(stage-diff|stage-tree|stage-map|bench-table|bench-all)"
                      r"\s*:?\s*(.*?)\s*-->")
@@ -117,16 +102,14 @@ def _options(args: str, where: str) -> dict[str, str]:
 def _stage_map(config) -> str:
     docs = Path(config.docs_dir)
     rows = ["| stage | package | adds | notebook |", "|---|---|---|---|"]
-    for label, package, adds in STAGES:
-        if (docs / f"{package}.md").is_file():
-            name = f"[`{package}`]({package}.md)"
-        elif (REPO_ROOT / package).is_dir():
-            name = f"`{package}`"
+    for s in ALL_STAGES:
+        if (docs / f"{s.package}.md").is_file():
+            name = f"[`{s.package}`]({s.package}.md)"
         else:
-            name = f"`{package}` (planned)"
-        nb = REPO_ROOT / "notebooks" / f"{package}.ipynb"
-        notebook = f"[{package}.ipynb](notebooks/{package}.ipynb)" if nb.is_file() else ""
-        rows.append(f"| {label} | {name} | {adds} | {notebook} |")
+            name = f"`{s.package}`" + ("" if s.present else " (planned)")
+        nb = REPO_ROOT / "notebooks" / f"{s.package}.ipynb"
+        notebook = f"[{nb.name}](notebooks/{nb.name})" if nb.is_file() else ""
+        rows.append(f"| {s.label} | {name} | {s.adds} | {notebook} |")
     return "\n".join(rows) + "\n"
 
 

@@ -1,11 +1,12 @@
 """The diff between two stages, generated from the code (docs tooling, introduced with M1).
 
 `python tools/stage_diff.py m0_init m1_basic` prints a unified diff per changed file,
-like `diff -ru`, skipping `__pycache__` and compiled files. `--stat` prints only the
-file list with added/removed line counts; `--markdown` prints the Markdown that the docs
-site shows (what `tools/mkdocs_hooks.py` puts in place of a `<!-- stage-diff: A B -->`
-marker). `--tree A` prints a stage's file tree. Everything is computed on each call, so
-the docs can never drift from the code.
+like `diff -ru`, skipping `__pycache__`, compiled files and the stage's `LESSON` (its
+manifest of the files that may differ, checked by tests/test_lessons.py). `--stat`
+prints only the file list with added/removed line counts; `--markdown` prints the
+Markdown that the docs site shows (what `tools/mkdocs_hooks.py` puts in place of a
+`<!-- stage-diff: A B -->` marker). `--tree A` prints a stage's file tree. Everything is
+computed on each call, so the docs can never drift from the code.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 _SKIP_DIRS = {"__pycache__", ".ipynb_checkpoints", ".pytest_cache"}
 _SKIP_SUFFIXES = {".pyc", ".pyo", ".so"}
+_SKIP_FILES = {"LESSON"}  # top-level only: the manifest, not code
 
 
 @dataclass
@@ -40,7 +42,7 @@ def stage_files(stage: str, root: Path = REPO_ROOT) -> list[str]:
     for path in base.rglob("*"):
         rel = path.relative_to(base)
         if path.is_file() and not (set(rel.parts) & _SKIP_DIRS) \
-                and path.suffix not in _SKIP_SUFFIXES:
+                and path.suffix not in _SKIP_SUFFIXES and rel.as_posix() not in _SKIP_FILES:
             paths.append(rel.as_posix())
     return sorted(paths)
 

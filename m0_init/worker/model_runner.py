@@ -5,8 +5,8 @@ Introduced in M0: one forward pass over a whole prompt, returning logits.
 
 import torch
 
-from ..config import EngineConfig
-from ..model_executor.model_loader import load_model, load_model_config
+from ..config import EngineConfig, ModelConfig
+from ..model_executor.model_loader import load_model
 
 
 def resolve_device(device: str) -> torch.device:
@@ -24,13 +24,11 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig) -> None:
-        self.config = config
+    def __init__(self, config: EngineConfig, model_config: ModelConfig) -> None:
+        self.config, self.model_config = config, model_config
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
-        self.model_config = load_model_config(config.model)
-        config.resolve(self.model_config)
-        self.model = load_model(config.model, self.model_config, self.dtype, self.device,
+        self.model = load_model(config.model, model_config, self.dtype, self.device,
                                 seed=config.seed)
 
     @torch.inference_mode()

@@ -4,16 +4,32 @@ Introduced in M0; M1 adds the KV cache and sampling. Each request gets its own
 contiguous cache, one (K, V) pair per layer of shape [max_len, kv_heads, head_dim],
 allocated once for the longest the sequence can grow (prompt + max_tokens) and freed
 when it finishes. A prefill writes the prompt's keys and values into it; each decode
-step then runs the model on one token only.
+step then runs the model on one token only. The engine says which sequence runs; the
+runner computes its tokens from `num_computed_tokens` on and samples the next one.
 """
+
+from dataclasses import dataclass
 
 import torch
 
 from ..attention.layer import AttentionMetadata
-from ..config import EngineConfig
-from ..model_executor.layers.sampler import Sampler, SamplingRow
-from ..model_executor.model_loader import load_model, load_model_config
+from ..config import EngineConfig, ModelConfig
+from ..model_executor.layers.sampler import Sampler, SamplingRow, token_logprobs
+from ..model_executor.model_loader import load_model
 from ..request import Sequence
+
+# Log-probabilities of one position: token id -> (log-probability, rank); 1 = most likely.
+PositionLogprobs = dict[int, tuple[float, int]]
+
+
+@dataclass
+class ModelRunnerOutput:
+    """Per sequence that ran, in order: its sampled token, and log-probabilities where its
+    sampling parameters ask for them (else None)."""
+
+    sampled_token_ids: list[int]
+    logprobs: list[PositionLogprobs | None]  # of the sampled token (and the top ones)
+    prompt_logprobs: list[list[PositionLogprobs] | None]  # of new tokens 1 .. n - 1
 
 
 def resolve_device(device: str) -> torch.device:
@@ -31,17 +47,15 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig) -> None:
-        self.config = config
+    def __init__(self, config: EngineConfig, model_config: ModelConfig) -> None:
+        self.config, self.model_config = config, model_config
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
         if self.device.type == "cuda":
             # cuDNN's attention builds a plan for every new shape, and decode changes the
             # key length every step: planning then costs more than the attention itself.
             torch.backends.cuda.enable_cudnn_sdp(False)
-        self.model_config = load_model_config(config.model)
-        config.resolve(self.model_config)
-        self.model = load_model(config.model, self.model_config, self.dtype, self.device,
+        self.model = load_model(config.model, model_config, self.dtype, self.device,
                                 seed=config.seed)
         self.sampler = Sampler(seed=config.seed)
         self.kv_caches: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
@@ -75,9 +89,17 @@ class ModelRunner:
         return self.model.compute_logits(hidden)
 
     @torch.inference_mode()
-    def execute_model(self, seq: Sequence, sampling_row: SamplingRow) -> int:
+    def execute_model(self, seq: Sequence, sampling_row: SamplingRow) -> ModelRunnerOutput:
         """Prefill (nothing cached yet) or decode one step, then sample the next token."""
-        start_pos = seq.num_cached_tokens
-        logits = self.forward(seq, start_pos)[-1:]
-        seq.num_cached_tokens = len(seq.token_ids)
-        return int(self.sampler(logits, [sampling_row])[0])
+        start = seq.num_computed_tokens
+        logits = self.forward(seq, start)
+        params = sampling_row.params
+        raw_logits = logits[-1:].clone()  # the sampler edits its input
+        token = self.sampler(logits[-1:], [sampling_row])
+        logprobs = (None if params.logprobs is None
+                    else token_logprobs(raw_logits, token, params.logprobs)[0])
+        prompt_logprobs = None
+        if params.prompt_logprobs is not None and start == 0:
+            targets = torch.tensor(seq.token_ids[1:], device=logits.device)
+            prompt_logprobs = token_logprobs(logits[:-1], targets, params.prompt_logprobs)
+        return ModelRunnerOutput([int(token[0])], [logprobs], [prompt_logprobs])

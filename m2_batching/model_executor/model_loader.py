@@ -3,7 +3,8 @@
 Introduced in M0. There is no hub: `model` is "default" (SmolLM2-135M-Instruct, see
 `default_model.py`), the path of a local Hugging Face folder (config.json, one or
 more `*.safetensors`, tokenizer files), or "dummy:NAME" for real shapes with random
-weights drawn from a seed (vLLM's `load_format="dummy"`).
+weights drawn from a seed (vLLM's `load_format="dummy"`). A checkpoint must match the
+model tensor for tensor: an unknown name or a wrong shape is refused, not skipped.
 """
 
 import json
@@ -52,6 +53,8 @@ DUMMY_CONFIGS: dict[str, dict] = {
                          bos_token_id=128000, eos_token_id=128009),
 }
 DUMMY_PREFIX = "dummy:"
+# Checkpoint tensors we may skip: rotary buffers that older checkpoints saved (recomputed).
+_HARMLESS_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
 def is_dummy(model: str) -> bool:
@@ -117,23 +120,45 @@ def _load_safetensors(net: nn.Module, path: Path) -> None:
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise ValueError(f"model: no *.safetensors files in {path}")
-    params = dict(net.named_parameters())
-    loaded = set()
+    params = dict(net.named_parameters())  # a tied lm_head.weight is not listed
+    loaded, unexpected, wrong_shape, tied_head = set(), [], [], None
     try:
         for file in files:
             with safe_open(str(file), framework="pt") as f:
                 for name in f.keys():
+                    if name.endswith(_HARMLESS_SUFFIXES):
+                        continue
                     if name not in params:
-                        continue  # e.g. rotary inv_freq buffers saved by older checkpoints
+                        if name == "lm_head.weight":  # tied: checked against the embeddings
+                            tied_head = f.get_tensor(name)
+                        else:
+                            unexpected.append(name)
+                        continue
+                    tensor, param = f.get_tensor(name), params[name]
+                    if tensor.shape != param.shape:  # copy_ would broadcast some of them
+                        wrong_shape.append(f"{name} {tuple(tensor.shape)} (expected "
+                                           f"{tuple(param.shape)})")
+                        continue
                     with torch.no_grad():
-                        params[name].copy_(f.get_tensor(name))
+                        param.copy_(tensor)
                     loaded.add(name)
     except Exception as exc:  # a truncated or corrupt file
         hint = " (delete the folder to prepare it again)" if "folovllm" in str(path) else ""
         raise DefaultModelError(f"model: cannot read weights in {path}: {exc}{hint}") from exc
-    if "lm_head.weight" in params and net.lm_head.weight is net.model.embed_tokens.weight:
-        loaded.add("lm_head.weight")
+    if unexpected:
+        raise ValueError(f"model: {path} has weights this model does not use (a config.json "
+                         f"setting it does not read?): {_first_few(unexpected)}")
+    if wrong_shape:
+        raise ValueError(f"model: {path} has weights of the wrong shape for its config.json: "
+                         f"{_first_few(wrong_shape)}")
     missing = sorted(set(params) - loaded)
     if missing:
-        raise ValueError(f"model: {path} lacks weights for {missing[:3]}"
-                         f"{' and more' if len(missing) > 3 else ''}")
+        raise ValueError(f"model: {path} lacks weights for {_first_few(missing)}")
+    embed = net.model.embed_tokens.weight
+    if tied_head is not None and not torch.equal(tied_head.to(embed), embed):
+        raise ValueError(f"model: {path} has an lm_head.weight unlike its embeddings but "
+                         "config.json sets tie_word_embeddings (transformers unties them)")
+
+
+def _first_few(names: list[str], n: int = 3) -> str:
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")

@@ -4,21 +4,37 @@ Introduced in M0; M1 adds the KV cache and sampling; M2 runs a batch of sequence
 forward pass. The KV cache is allocated once, at start: per layer a (K, V) pair of shape
 [num_slots, max_model_len, kv_heads, head_dim], one slot for each sequence that may run
 at once. A running sequence owns one whole slot, however few tokens it holds; that waste
-is what M3's paged cache removes. A prefill runs the prompts of several sequences,
-concatenated into one flat batch of tokens; a decode runs one token of every running
-sequence. Either way the model returns one row of logits per sequence and the sampler
-picks one token per sequence.
+is what M3's paged cache removes. (To attention a slot is a block of max_model_len
+tokens, and a sequence's block table is its one slot.) Each step, `execute_model` takes
+the scheduler's output (per sequence: its new tokens, where they start, its slot), lets
+`worker/input_batch.py` flatten it into one batch, runs the model once, and samples one
+token per sequence from the logits of its last new token. It never sees the scheduler's
+books: only plain ints come in.
 """
+
+from dataclasses import dataclass
 
 import torch
 
-from ..attention.layer import AttentionMetadata
-from ..config import EngineConfig
-from ..model_executor.layers.sampler import Sampler, SamplingRow
-from ..model_executor.model_loader import load_model, load_model_config
-from ..request import Sequence
+from ..config import EngineConfig, ModelConfig
+from ..model_executor.layers.sampler import Sampler, SamplingRow, token_logprobs
+from ..model_executor.model_loader import load_model
+from .input_batch import ModelInputs, prepare_inputs
 
 DEFAULT_CPU_KV_CACHE_MEMORY = 2**30  # bytes, when kv_cache_memory is None on a CPU
+
+# Log-probabilities of one position: token id -> (log-probability, rank); 1 = most likely.
+PositionLogprobs = dict[int, tuple[float, int]]
+
+
+@dataclass
+class ModelRunnerOutput:
+    """Per scheduled sequence, in order: its sampled token, and log-probabilities where its
+    sampling parameters ask for them (else None)."""
+
+    sampled_token_ids: list[int]
+    logprobs: list[PositionLogprobs | None]  # of the sampled token (and the top ones)
+    prompt_logprobs: list[list[PositionLogprobs] | None]  # of new tokens 1 .. n - 1
 
 
 def resolve_device(device: str) -> torch.device:
@@ -36,46 +52,45 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig) -> None:
-        self.config = config
+    def __init__(self, config: EngineConfig, model_config: ModelConfig) -> None:
+        self.config, self.model_config = config, model_config
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
         if self.device.type == "cuda":
             # cuDNN's attention builds a plan for every new shape, and decode changes the
             # key length every step: planning then costs more than the attention itself.
             torch.backends.cuda.enable_cudnn_sdp(False)
-        self.model_config = load_model_config(config.model)
-        config.resolve(self.model_config)
-        self.model = load_model(config.model, self.model_config, self.dtype, self.device,
+        self.model = load_model(config.model, model_config, self.dtype, self.device,
                                 seed=config.seed)
         self.sampler = Sampler(seed=config.seed)
+        self.block_size = config.max_model_len  # a slot: one block of max_model_len tokens
         self.num_kv_slots = self._count_kv_slots()
         self.kv_caches = self.allocate_kv_cache(self.num_kv_slots)
 
     def _count_kv_slots(self) -> int:
         """max_batch_size slots, or fewer if the memory budget cannot hold them."""
-        cache = self.config.cache_config
-        slot_bytes = self.kv_cache_bytes_per_token() * cache.max_model_len
-        if cache.kv_cache_memory is not None:
-            num_slots = min(cache.max_batch_size, cache.kv_cache_memory // slot_bytes)
+        cfg = self.config
+        slot_bytes = self.kv_cache_bytes_per_token() * cfg.max_model_len
+        if cfg.kv_cache_memory is not None:
+            num_slots = min(cfg.max_batch_size, cfg.kv_cache_memory // slot_bytes)
             if num_slots < 1:
                 raise ValueError(
-                    f"kv_cache_memory: {cache.kv_cache_memory} bytes cannot hold one KV slot "
-                    f"of max_model_len={cache.max_model_len} tokens ({slot_bytes} bytes); "
+                    f"kv_cache_memory: {cfg.kv_cache_memory} bytes cannot hold one KV slot "
+                    f"of max_model_len={cfg.max_model_len} tokens ({slot_bytes} bytes); "
                     "raise kv_cache_memory or lower max_model_len")
             return num_slots
         if self.device.type == "cuda":
             budget = int(torch.cuda.mem_get_info(self.device)[0] * 0.9)
         else:
             budget = DEFAULT_CPU_KV_CACHE_MEMORY
-        return max(1, min(cache.max_batch_size, budget // slot_bytes))
+        return max(1, min(cfg.max_batch_size, budget // slot_bytes))
 
     def allocate_kv_cache(self, num_slots: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """One (K, V) pair per layer, [num_slots, max_model_len, kv_heads, head_dim] each.
 
         Left uninitialized: attention reads only positions a sequence has written."""
         mc = self.model_config
-        shape = (num_slots, self.config.max_model_len, mc.num_key_value_heads, mc.head_dim)
+        shape = (num_slots, self.block_size, mc.num_key_value_heads, mc.head_dim)
         return [
             (torch.empty(shape, dtype=self.dtype, device=self.device),
              torch.empty(shape, dtype=self.dtype, device=self.device))
@@ -87,52 +102,42 @@ class ModelRunner:
         itemsize = torch.empty((), dtype=self.dtype).element_size()
         return 2 * mc.num_hidden_layers * mc.num_key_value_heads * mc.head_dim * itemsize
 
-    def _prepare(self, seqs: list[Sequence], is_prefill: bool):
-        """The flat token batch and the attention metadata for one step."""
-        device = self.device
-        if is_prefill:  # every token of every prompt (for nothing is cached yet)
-            token_ids = [t for seq in seqs for t in seq.token_ids]
-            positions = [p for seq in seqs for p in range(len(seq.token_ids))]
-            slots = [seq.kv_slot for seq in seqs for _ in seq.token_ids]
-            query_start_loc = [0]
-            for seq in seqs:
-                query_start_loc.append(query_start_loc[-1] + len(seq.token_ids))
-            last = torch.tensor(query_start_loc[1:], device=device) - 1
-            metadata = AttentionMetadata(
-                True, torch.tensor(slots, device=device),
-                torch.tensor(positions, device=device), query_start_loc)
-        else:  # the newest token of each sequence
-            token_ids = [seq.token_ids[-1] for seq in seqs]
-            positions = [len(seq.token_ids) - 1 for seq in seqs]
-            max_len = max(positions) + 1
-            positions_t = torch.tensor(positions, device=device).unsqueeze(1)
-            context = torch.arange(max_len, device=device)
-            context_mask = context <= positions_t
-            # Past its end a sequence reads its last key again (masked out): never memory
-            # it has not written.
-            context_positions = torch.minimum(context, positions_t)
-            metadata = AttentionMetadata(
-                False, torch.tensor([seq.kv_slot for seq in seqs], device=device),
-                positions_t.squeeze(1), list(range(len(seqs) + 1)), max_len,
-                context_mask.view(len(seqs), 1, 1, max_len), context_positions)
-            last = None
-        input_ids = torch.tensor(token_ids, dtype=torch.long, device=device)
-        return input_ids, metadata.positions, metadata, last
+    def _run_model(self, inputs: ModelInputs) -> torch.Tensor:
+        """Hidden states [T, hidden] of every token of the batch; their K/V go to the cache."""
+        return self.model(inputs.input_ids, inputs.positions, self.kv_caches,
+                          inputs.attn_metadata)
 
     @torch.inference_mode()
-    def forward(self, seqs: list[Sequence], is_prefill: bool) -> torch.Tensor:
-        """One step for `seqs`: the logits of each sequence's last token, [B, vocab] float32."""
-        input_ids, positions, attn_metadata, last = self._prepare(seqs, is_prefill)
-        hidden = self.model(input_ids, positions, self.kv_caches, attn_metadata)
-        if last is not None:
-            hidden = hidden[last]  # only the last token of each prompt is sampled from
-        return self.model.compute_logits(hidden)
+    def execute_model(self, scheduler_output, sampling_rows: list[SamplingRow]
+                      ) -> ModelRunnerOutput:
+        """Run one step in one forward pass, then sample one token for each sequence."""
+        scheduled = scheduler_output.scheduled
+        inputs = prepare_inputs([s.new_token_ids for s in scheduled],
+                                [s.num_computed_tokens for s in scheduled],
+                                [s.block_ids for s in scheduled], self.block_size, self.device)
+        hidden = self._run_model(inputs)
+        logits = self.model.compute_logits(hidden[inputs.logits_indices])
+        wants_logprobs = [row.params.logprobs is not None for row in sampling_rows]
+        raw_logits = logits.clone() if any(wants_logprobs) else None  # the sampler edits
+        tokens = self.sampler(logits, sampling_rows)
+        logprobs = [token_logprobs(raw_logits[i:i + 1], tokens[i:i + 1], row.params.logprobs)[0]
+                    if wants else None
+                    for i, (row, wants) in enumerate(zip(sampling_rows, wants_logprobs))]
+        return ModelRunnerOutput(tokens.tolist(), logprobs,
+                                 self._prompt_logprobs(hidden, inputs, scheduled, sampling_rows))
 
-    @torch.inference_mode()
-    def execute_model(self, seqs: list[Sequence], is_prefill: bool,
-                      sampling_rows: list[SamplingRow]) -> list[int]:
-        """Prefill or decode `seqs` in one forward pass, then sample one token for each."""
-        logits = self.forward(seqs, is_prefill)
-        for seq in seqs:
-            seq.num_cached_tokens = len(seq.token_ids)
-        return self.sampler(logits, sampling_rows).tolist()
+    def _prompt_logprobs(self, hidden: torch.Tensor, inputs: ModelInputs, scheduled,
+                         sampling_rows: list[SamplingRow]) -> list:
+        """For a sequence whose prompt starts in this step and whose parameters ask for
+        prompt_logprobs: how likely each of its new tokens after the first was."""
+        result = []
+        starts = inputs.attn_metadata.query_start_loc.tolist()
+        for i, (s, row) in enumerate(zip(scheduled, sampling_rows)):
+            num_top = row.params.prompt_logprobs
+            if num_top is None or s.num_computed_tokens != 0 or len(s.new_token_ids) < 2:
+                result.append(None)
+                continue
+            logits = self.model.compute_logits(hidden[starts[i]:starts[i + 1] - 1])
+            targets = torch.tensor(s.new_token_ids[1:], device=logits.device)
+            result.append(token_logprobs(logits, targets, num_top))
+        return result

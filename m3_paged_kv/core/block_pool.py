@@ -4,7 +4,7 @@ Introduced in M3. The KV cache is cut into `num_blocks` blocks of `block_size` t
 each. A block is handed to one sequence at a time, which fills it token by token and
 gives it back when it finishes or is preempted. A ref count says how many sequences
 hold a block: 0 (free, in the queue) or 1 here; M6's prefix cache lets several
-sequences share one block, and uses `block_hash` to find it.
+sequences share one block.
 """
 
 from collections import deque
@@ -15,7 +15,6 @@ from dataclasses import dataclass
 class KVBlock:
     block_id: int  # its index in the KV cache tensors
     ref_count: int = 0  # sequences that hold it; 0 means free
-    block_hash: int | None = None  # used from M6 on (prefix caching)
 
 
 class BlockPool:

@@ -8,17 +8,8 @@ sequence is partly empty: that is all the waste left of M2's whole slots.
 """
 
 from ..request import Sequence
+from ..utils import cdiv
 from .block_pool import BlockPool
-
-
-def cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def slot_mapping(blocks: list, block_size: int, start: int, end: int) -> list[int]:
-    """The cache slots of tokens start .. end - 1 of a sequence that holds `blocks`."""
-    return [blocks[i // block_size].block_id * block_size + i % block_size
-            for i in range(start, end)]
 
 
 class KVCacheManager:
@@ -35,8 +26,8 @@ class KVCacheManager:
         return self.block_pool.num_free_blocks
 
     def num_blocks_needed(self, seq: Sequence, num_new_tokens: int) -> int:
-        """Blocks `seq` lacks to hold its cached tokens plus `num_new_tokens` more."""
-        num_tokens = seq.num_cached_tokens + num_new_tokens
+        """Blocks `seq` lacks to hold its computed tokens plus `num_new_tokens` more."""
+        num_tokens = seq.num_computed_tokens + num_new_tokens
         return max(0, cdiv(num_tokens, self.block_size) - len(seq.kv_blocks))
 
     def allocate_slots(self, seq: Sequence, num_new_tokens: int) -> bool:
@@ -54,7 +45,5 @@ class KVCacheManager:
         seq.kv_blocks = []
 
     def block_table(self, seq: Sequence) -> list[int]:
+        """The ids of the blocks that hold `seq`'s tokens, in token order."""
         return [block.block_id for block in seq.kv_blocks]
-
-    def slot_mapping(self, seq: Sequence, start: int, end: int) -> list[int]:
-        return slot_mapping(seq.kv_blocks, self.block_size, start, end)

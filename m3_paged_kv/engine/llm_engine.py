@@ -19,51 +19,45 @@ import torch
 from ..config import EngineConfig
 from ..core.sched.scheduler import Scheduler
 from ..model_executor.layers.sampler import SamplingRow
-from ..model_executor.model_loader import resolve_model_path
+from ..model_executor.model_loader import load_model_config, resolve_model_path
 from ..outputs import RequestMetrics, RequestOutput
 from ..request import Request, Sequence, SequenceStatus
 from ..sampling_params import SamplingParams
 from ..tokenizer import get_tokenizer
+from ..utils import cdiv
 from ..worker.model_runner import ModelRunner
-from .output_processor import make_output, process_token
+from .input_processor import check_sampling_params, encode_prompt
+from .output_processor import make_output, process_token, to_logprobs
 
 
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
-        self.config = config
-        self.model_runner = ModelRunner(config)
-        mc = self.model_runner.model_config
-        self.tokenizer = get_tokenizer(resolve_model_path(config.model), mc.vocab_size,
-                                       mc.eos_token_ids[0] if mc.eos_token_ids else None)
+        model_config = load_model_config(config.model)
+        self.config = config = config.resolve(model_config)  # a resolved copy
+        self.model_runner = ModelRunner(config, model_config)
+        self.vocab_size = model_config.vocab_size
+        self.tokenizer = get_tokenizer(resolve_model_path(config.model), self.vocab_size,
+                                       model_config.eos_token_ids[0]
+                                       if model_config.eos_token_ids else None)
         tokenizer_eos = getattr(self.tokenizer, "eos_token_id", None)
-        self.eos_token_ids = sorted(set(mc.eos_token_ids) | (
+        self.eos_token_ids = sorted(set(model_config.eos_token_ids) | (
             {tokenizer_eos} if tokenizer_eos is not None else set()))
-        self.scheduler = Scheduler(config.scheduler_config, self.model_runner.num_kv_blocks,
-                                   config.block_size)
+        self.scheduler = Scheduler(config, self.model_runner.num_kv_blocks, config.block_size)
         # No sequence can hold more tokens than the whole cache: that caps its length too.
-        self.max_seq_len = min(config.max_model_len,
-                               self.model_runner.num_kv_blocks * config.block_size)
-        if self.max_seq_len < config.max_model_len:
-            warnings.warn(f"the KV cache holds {self.max_seq_len} tokens, fewer than "
+        self.longest_sequence = min(config.max_model_len,
+                                    self.model_runner.num_kv_blocks * config.block_size)
+        if self.longest_sequence < config.max_model_len:
+            warnings.warn(f"the KV cache holds {self.longest_sequence} tokens, fewer than "
                           f"max_model_len={config.max_model_len}: longer sequences stop there")
         self.requests: dict[str, Request] = {}
         self.sequences: dict[str, Sequence] = {}
+        self.undelivered: dict[str, RequestOutput] = {}  # see `hold_outputs`
         self._seq_ids = itertools.count()
 
     # -- requests in ------------------------------------------------------------------
     def encode(self, prompt: str | list[int]) -> list[int]:
         """Token ids for a prompt, checked: not empty, in the vocabulary, short enough."""
-        if isinstance(prompt, str):
-            if not prompt:
-                raise ValueError("prompt: is empty")
-            token_ids = self.tokenizer.encode(prompt)
-        else:
-            token_ids = list(prompt)
-            vocab = self.model_runner.model_config.vocab_size
-            if not all(isinstance(t, int) and 0 <= t < vocab for t in token_ids):
-                raise ValueError(f"prompt: token ids must be integers in [0, {vocab})")
-        if not token_ids:
-            raise ValueError("prompt: has no tokens")
+        token_ids = encode_prompt(prompt, self.tokenizer, self.vocab_size)
         if len(token_ids) >= self.config.max_model_len:
             raise ValueError(f"prompt: {len(token_ids)} tokens leave no room to generate "
                              f"within max_model_len={self.config.max_model_len}")
@@ -74,12 +68,12 @@ class LLMEngine:
                     arrival_time: float | None = None) -> None:
         if request_id in self.requests:
             raise ValueError(f"request_id: {request_id!r} is already in use")
-        params = sampling_params or SamplingParams()
+        params = check_sampling_params(sampling_params, self.vocab_size)
         token_ids = self.encode(prompt)
-        if len(token_ids) + 1 > self.max_seq_len:
+        if len(token_ids) + 1 > self.longest_sequence:
             raise ValueError(
                 f"prompt: {len(token_ids)} tokens and one to generate need "
-                f"{-(-(len(token_ids) + 1) // self.config.block_size)} KV cache blocks of "
+                f"{cdiv(len(token_ids) + 1, self.config.block_size)} KV cache blocks of "
                 f"{self.config.block_size} tokens, but the whole cache has "
                 f"{self.model_runner.num_kv_blocks}; raise kv_cache_memory (or "
                 "gpu_memory_utilization) or shorten the prompt")
@@ -87,7 +81,6 @@ class LLMEngine:
                           arrival_time if arrival_time is not None else time.perf_counter(),
                           prompt_token_ids=list(token_ids))
         seq = Sequence(next(self._seq_ids), request_id, list(token_ids))
-        seq.max_len = min(len(token_ids) + params.max_tokens, self.max_seq_len)
         seq.metrics = RequestMetrics(arrival_time=request.arrival_time)
         if params.seed is not None:  # a private random stream makes sampling reproducible
             seq.generator = torch.Generator(self.model_runner.device).manual_seed(params.seed)
@@ -97,6 +90,7 @@ class LLMEngine:
 
     def abort_request(self, request_id: str) -> None:
         """Drop a waiting or running request; its KV blocks are freed, no output follows."""
+        self.undelivered.pop(request_id, None)
         seq = self.sequences.get(request_id)
         if seq is None or seq.status.is_finished:
             return
@@ -123,27 +117,45 @@ class LLMEngine:
 
     # -- one step ---------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Run one scheduled batch; return an output for each sequence that advanced."""
-        scheduled = self.scheduler.schedule()
-        if not scheduled.seqs:
-            return []
-        rows = [self._sampling_row(seq, self.requests[seq.request_id]) for seq in scheduled.seqs]
-        tokens = self.model_runner.execute_model(scheduled.seqs, scheduled.is_prefill, rows)
-        outputs = []
-        for seq, token in zip(scheduled.seqs, tokens):
+        """Run one scheduled batch; return an output for each sequence that advanced (and
+        any that `hold_outputs` kept for this call)."""
+        outputs = self.undelivered
+        self.undelivered = {}
+        scheduler_output = self.scheduler.schedule()
+        if not scheduler_output.seqs:
+            return list(outputs.values())
+        rows = [self._sampling_row(seq) for seq in scheduler_output.seqs]
+        runner_output = self.model_runner.execute_model(scheduler_output, rows)
+        self.scheduler.update_from_output(scheduler_output)
+        for i, seq in enumerate(scheduler_output.seqs):
             request = self.requests[seq.request_id]
-            process_token(seq, request, token, self.tokenizer, self.eos_token_ids,
-                          self.max_seq_len)
-            outputs.append(make_output(seq, request))
+            self._record_logprobs(seq, runner_output.prompt_logprobs[i],
+                                  runner_output.logprobs[i])
+            process_token(seq, request, runner_output.sampled_token_ids[i], self.tokenizer,
+                          self.eos_token_ids, self.longest_sequence)
+            outputs[seq.request_id] = make_output(seq, request)
             if seq.status.is_finished:
                 self._finish(seq)
-        return outputs
+        return list(outputs.values())
 
-    def _sampling_row(self, seq: Sequence, request: Request) -> SamplingRow:
-        params = request.sampling_params
+    def hold_outputs(self, outputs: list[RequestOutput]) -> None:
+        """Keep outputs that a caller stepped past (`LLM.generate` runs only its own
+        requests to the end): the next `step` returns them, so none is lost."""
+        for output in outputs:
+            self.undelivered[output.request_id] = output
+
+    def _sampling_row(self, seq: Sequence) -> SamplingRow:
+        params = self.requests[seq.request_id].sampling_params
         blocked = [] if params.min_tokens == 0 else self.eos_token_ids + params.stop_token_ids
-        return SamplingRow(params, request.prompt_token_ids, seq.output_token_ids,
-                           seq.generator, blocked)
+        return SamplingRow(params, self.requests[seq.request_id].prompt_token_ids,
+                           seq.output_token_ids, seq.generator, blocked)
+
+    def _record_logprobs(self, seq: Sequence, prompt_logprobs, logprobs) -> None:
+        if prompt_logprobs is not None and seq.prompt_logprobs is None:  # once, not on recompute
+            seq.prompt_logprobs = [None] + [to_logprobs(p, self.tokenizer) for p in
+                                            prompt_logprobs[:seq.num_prompt_tokens - 1]]
+        if logprobs is not None:
+            seq.output_logprobs.append(to_logprobs(logprobs, self.tokenizer))
 
     def _finish(self, seq: Sequence) -> None:
         self.scheduler.finish(seq)

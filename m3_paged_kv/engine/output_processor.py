@@ -3,12 +3,14 @@
 Introduced in M1. Text is decoded incrementally (only the last few tokens are decoded
 again each step, and a partial UTF-8 character waits for the next token). Stop rules,
 in order: EOS (unless ignore_eos) and stop token ids, stop strings, max_tokens, and the
-model's length limit. None of the first two fire before min_tokens are out.
+model's length limit. None of the first two fire before min_tokens are out. A running
+request's output holds back text that could still turn into a stop string. Outputs
+carry the log-probabilities the sampling parameters asked for.
 """
 
 import time
 
-from ..outputs import CompletionOutput, RequestOutput
+from ..outputs import CompletionOutput, Logprob, RequestOutput
 from ..request import Request, Sequence, SequenceStatus
 
 
@@ -74,11 +76,40 @@ def process_token(seq: Sequence, request: Request, token: int, tokenizer,
         seq.metrics.finish_time = now
 
 
+def visible_text(seq: Sequence, params) -> str:
+    """The text an output may show: never text that a stop string may later take back.
+
+    While the sequence runs, the longest suffix of its text that is a proper prefix of a
+    stop string is held back (the next tokens may complete that stop string, and the
+    text is then cut before it). With include_stop_str_in_output nothing is taken back,
+    so nothing is held. Once finished, the whole (already cut) text shows.
+    """
+    text = seq.output_text
+    if seq.status.is_finished or params.include_stop_str_in_output:
+        return text
+    held = 0
+    for stop in params.stop_strings:
+        for n in range(min(len(stop) - 1, len(text)), held, -1):
+            if text.endswith(stop[:n]):
+                held = n
+                break
+    return text[:len(text) - held]
+
+
 def make_output(seq: Sequence, request: Request) -> RequestOutput:
     finished = seq.status.is_finished
     completion = CompletionOutput(
-        index=0, text=seq.output_text, token_ids=list(seq.output_token_ids),
-        finish_reason=seq.status.value if finished else None, stop_reason=seq.stop_reason)
+        index=0, text=visible_text(seq, request.sampling_params),
+        token_ids=list(seq.output_token_ids),
+        finish_reason=seq.status.value if finished else None, stop_reason=seq.stop_reason,
+        logprobs=None if request.sampling_params.logprobs is None else list(seq.output_logprobs))
     return RequestOutput(request_id=request.request_id, prompt=request.prompt,
                          prompt_token_ids=request.prompt_token_ids, outputs=[completion],
-                         finished=finished, metrics=seq.metrics)
+                         finished=finished, metrics=seq.metrics,
+                         prompt_logprobs=seq.prompt_logprobs)
+
+
+def to_logprobs(position: dict[int, tuple[float, int]], tokenizer) -> dict[int, Logprob]:
+    """The runner's (log-probability, rank) per token id, as `Logprob`s with their text."""
+    return {token: Logprob(logprob, rank, tokenizer.decode([token]))
+            for token, (logprob, rank) in position.items()}

@@ -5,26 +5,38 @@ forward pass; M3 pages the KV cache. The cache is allocated once, at start: per 
 (K, V) pair of shape [num_blocks, block_size, kv_heads, head_dim]. `num_blocks` fills a
 memory budget: `kv_cache_memory` bytes if given, else on CUDA what
 `gpu_memory_utilization` of the card leaves after the weights and a profiling forward
-pass, and 1 GiB on the CPU. A sequence holds only the blocks its tokens fill (the
-scheduler hands them out); the runner turns its blocks into a slot mapping (where each
-new token's K/V is written) and, for a decode, into the slots of its whole context (what
-attention reads). A prefill runs the prompts of several sequences, concatenated into
-one flat batch of tokens; a decode runs one token of every running sequence. Either way
-the model returns one row of logits per sequence and the sampler picks one token each.
+pass, and 1 GiB on the CPU. Each step, `execute_model` takes the scheduler's output
+(per sequence: its new tokens, where they start, its block ids), lets
+`worker/input_batch.py` flatten it into one batch, runs the model once, and samples one
+token per sequence from the logits of its last new token. It never sees the scheduler's
+books: only plain ints come in.
 """
+
+from dataclasses import dataclass
 
 import torch
 
-from ..attention.layer import AttentionMetadata
-from ..config import EngineConfig
-from ..core.block_pool import KVBlock
-from ..core.kv_cache_manager import cdiv, slot_mapping
-from ..model_executor.layers.sampler import Sampler, SamplingRow
-from ..model_executor.model_loader import load_model, load_model_config
-from ..request import Sequence
+from ..config import EngineConfig, ModelConfig
+from ..model_executor.layers.sampler import Sampler, SamplingRow, token_logprobs
+from ..model_executor.model_loader import load_model
 from ..sampling_params import SamplingParams
+from ..utils import cdiv
+from .input_batch import ModelInputs, prepare_inputs
 
 DEFAULT_CPU_KV_CACHE_MEMORY = 2**30  # bytes, when kv_cache_memory is None on a CPU
+
+# Log-probabilities of one position: token id -> (log-probability, rank); 1 = most likely.
+PositionLogprobs = dict[int, tuple[float, int]]
+
+
+@dataclass
+class ModelRunnerOutput:
+    """Per scheduled sequence, in order: its sampled token, and log-probabilities where its
+    sampling parameters ask for them (else None)."""
+
+    sampled_token_ids: list[int]
+    logprobs: list[PositionLogprobs | None]  # of the sampled token (and the top ones)
+    prompt_logprobs: list[list[PositionLogprobs] | None]  # of new tokens 1 .. n - 1
 
 
 def resolve_device(device: str) -> torch.device:
@@ -42,17 +54,15 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig) -> None:
-        self.config = config
+    def __init__(self, config: EngineConfig, model_config: ModelConfig) -> None:
+        self.config, self.model_config = config, model_config
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
         if self.device.type == "cuda":
             # cuDNN's attention builds a plan for every new shape, and decode changes the
             # key length every step: planning then costs more than the attention itself.
             torch.backends.cuda.enable_cudnn_sdp(False)
-        self.model_config = load_model_config(config.model)
-        config.resolve(self.model_config)
-        self.model = load_model(config.model, self.model_config, self.dtype, self.device,
+        self.model = load_model(config.model, model_config, self.dtype, self.device,
                                 seed=config.seed)
         self.sampler = Sampler(seed=config.seed)
         self.block_size = config.block_size
@@ -61,10 +71,10 @@ class ModelRunner:
 
     def _count_kv_blocks(self) -> int:
         """As many blocks as the memory budget holds."""
-        cache = self.config.cache_config
-        block_bytes = self.kv_cache_bytes_per_token() * cache.block_size
-        if cache.kv_cache_memory is not None:
-            budget, name = cache.kv_cache_memory, "kv_cache_memory"
+        cfg = self.config
+        block_bytes = self.kv_cache_bytes_per_token() * cfg.block_size
+        if cfg.kv_cache_memory is not None:
+            budget, name = cfg.kv_cache_memory, "kv_cache_memory"
         elif self.device.type == "cuda":
             budget, name = self._profile_free_memory(), "gpu_memory_utilization"
         else:
@@ -73,7 +83,7 @@ class ModelRunner:
         if num_blocks < 1:
             raise ValueError(
                 f"{name}: leaves {budget} bytes for the KV cache, less than one block of "
-                f"{cache.block_size} tokens ({block_bytes} bytes); give the cache more memory")
+                f"{cfg.block_size} tokens ({block_bytes} bytes); give the cache more memory")
         return num_blocks
 
     @torch.inference_mode()
@@ -88,16 +98,14 @@ class ModelRunner:
                    for i in range(0, num_tokens, cfg.max_model_len - 1)]
         blocks_per_seq = cdiv(cfg.max_model_len, self.block_size)
         self.kv_caches = self.allocate_kv_cache(blocks_per_seq * len(lengths))
-        seqs = []
-        for i, n in enumerate(lengths):
-            seq = Sequence(-1 - i, "profile", [0] * n)
-            seq.kv_blocks = [KVBlock(b) for b in range(i * blocks_per_seq,
-                                                       (i + 1) * blocks_per_seq)]
-            seqs.append(seq)
+        block_ids = [list(range(i * blocks_per_seq, (i + 1) * blocks_per_seq))
+                     for i in range(len(lengths))]
+        inputs = prepare_inputs([[0] * n for n in lengths], [0] * len(lengths), block_ids,
+                                self.block_size, self.device)
         torch.cuda.synchronize(self.device)
         baseline = torch.cuda.memory_allocated(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
-        self.forward(seqs, is_prefill=True)
+        self.model.compute_logits(self._run_model(inputs)[inputs.logits_indices])
         hidden = torch.zeros(cfg.max_batch_size, self.model_config.hidden_size,
                              dtype=self.dtype, device=self.device)
         params = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, min_p=0.01)
@@ -129,62 +137,42 @@ class ModelRunner:
         itemsize = torch.empty((), dtype=self.dtype).element_size()
         return 2 * mc.num_hidden_layers * mc.num_key_value_heads * mc.head_dim * itemsize
 
-    def _prepare(self, seqs: list[Sequence], is_prefill: bool):
-        """The flat token batch and the attention metadata for one step."""
-        device, size = self.device, self.block_size
-        if is_prefill:  # every token of every prompt (for nothing is cached yet)
-            token_ids = [t for seq in seqs for t in seq.token_ids]
-            positions = [p for seq in seqs for p in range(len(seq.token_ids))]
-            slots = [s for seq in seqs
-                     for s in slot_mapping(seq.kv_blocks, size, 0, len(seq.token_ids))]
-            query_start_loc = [0]
-            for seq in seqs:
-                query_start_loc.append(query_start_loc[-1] + len(seq.token_ids))
-            last = torch.tensor(query_start_loc[1:], device=device) - 1
-            metadata = AttentionMetadata(
-                True, torch.tensor(slots, device=device),
-                torch.tensor(positions, device=device), query_start_loc)
-        else:  # the newest token of each sequence
-            token_ids = [seq.token_ids[-1] for seq in seqs]
-            positions = [len(seq.token_ids) - 1 for seq in seqs]
-            slots = [s for seq, p in zip(seqs, positions)
-                     for s in slot_mapping(seq.kv_blocks, size, p, p + 1)]
-            max_len = max(positions) + 1
-            max_blocks = cdiv(max_len, size)
-            block_tables = torch.tensor(  # padded with block 0 to the longest
-                [[b.block_id for b in seq.kv_blocks[:max_blocks]]
-                 + [0] * (max_blocks - min(max_blocks, len(seq.kv_blocks))) for seq in seqs],
-                device=device)
-            positions_t = torch.tensor(positions, device=device).unsqueeze(1)
-            context = torch.arange(max_len, device=device)
-            context_mask = context <= positions_t
-            # Past its end a sequence reads its last key again (masked out): never memory
-            # it has not written. Position p is at offset p % size of block p // size.
-            context_positions = torch.minimum(context, positions_t)
-            context_slots = (block_tables.gather(1, context_positions // size) * size
-                             + context_positions % size)
-            metadata = AttentionMetadata(
-                False, torch.tensor(slots, device=device), positions_t.squeeze(1),
-                list(range(len(seqs) + 1)), max_len,
-                context_mask.view(len(seqs), 1, 1, max_len), block_tables, context_slots)
-            last = None
-        input_ids = torch.tensor(token_ids, dtype=torch.long, device=device)
-        return input_ids, metadata.positions, metadata, last
+    def _run_model(self, inputs: ModelInputs) -> torch.Tensor:
+        """Hidden states [T, hidden] of every token of the batch; their K/V go to the cache."""
+        return self.model(inputs.input_ids, inputs.positions, self.kv_caches,
+                          inputs.attn_metadata)
 
     @torch.inference_mode()
-    def forward(self, seqs: list[Sequence], is_prefill: bool) -> torch.Tensor:
-        """One step for `seqs`: the logits of each sequence's last token, [B, vocab] float32."""
-        input_ids, positions, attn_metadata, last = self._prepare(seqs, is_prefill)
-        hidden = self.model(input_ids, positions, self.kv_caches, attn_metadata)
-        if last is not None:
-            hidden = hidden[last]  # only the last token of each prompt is sampled from
-        return self.model.compute_logits(hidden)
+    def execute_model(self, scheduler_output, sampling_rows: list[SamplingRow]
+                      ) -> ModelRunnerOutput:
+        """Run one step in one forward pass, then sample one token for each sequence."""
+        scheduled = scheduler_output.scheduled
+        inputs = prepare_inputs([s.new_token_ids for s in scheduled],
+                                [s.num_computed_tokens for s in scheduled],
+                                [s.block_ids for s in scheduled], self.block_size, self.device)
+        hidden = self._run_model(inputs)
+        logits = self.model.compute_logits(hidden[inputs.logits_indices])
+        wants_logprobs = [row.params.logprobs is not None for row in sampling_rows]
+        raw_logits = logits.clone() if any(wants_logprobs) else None  # the sampler edits
+        tokens = self.sampler(logits, sampling_rows)
+        logprobs = [token_logprobs(raw_logits[i:i + 1], tokens[i:i + 1], row.params.logprobs)[0]
+                    if wants else None
+                    for i, (row, wants) in enumerate(zip(sampling_rows, wants_logprobs))]
+        return ModelRunnerOutput(tokens.tolist(), logprobs,
+                                 self._prompt_logprobs(hidden, inputs, scheduled, sampling_rows))
 
-    @torch.inference_mode()
-    def execute_model(self, seqs: list[Sequence], is_prefill: bool,
-                      sampling_rows: list[SamplingRow]) -> list[int]:
-        """Prefill or decode `seqs` in one forward pass, then sample one token for each."""
-        logits = self.forward(seqs, is_prefill)
-        for seq in seqs:
-            seq.num_cached_tokens = len(seq.token_ids)
-        return self.sampler(logits, sampling_rows).tolist()
+    def _prompt_logprobs(self, hidden: torch.Tensor, inputs: ModelInputs, scheduled,
+                         sampling_rows: list[SamplingRow]) -> list:
+        """For a sequence whose prompt starts in this step and whose parameters ask for
+        prompt_logprobs: how likely each of its new tokens after the first was."""
+        result = []
+        starts = inputs.attn_metadata.query_start_loc.tolist()
+        for i, (s, row) in enumerate(zip(scheduled, sampling_rows)):
+            num_top = row.params.prompt_logprobs
+            if num_top is None or s.num_computed_tokens != 0 or len(s.new_token_ids) < 2:
+                result.append(None)
+                continue
+            logits = self.model.compute_logits(hidden[starts[i]:starts[i + 1] - 1])
+            targets = torch.tensor(s.new_token_ids[1:], device=logits.device)
+            result.append(token_logprobs(logits, targets, num_top))
+        return result

@@ -13,28 +13,22 @@ one can join in the very next step. A step is either
 - a decode: every running sequence, one token each.
 
 Prefills go first whenever one can be admitted (vLLM v0's policy; mixing prefills and
-decodes in one step is M5's lesson). The scheduler only keeps books: it never touches
-the model, so it can be driven, and tested, without one.
+decodes in one step is M5's lesson). Either way the output has one shape (vLLM v1's):
+per sequence, the tokens it computes from `num_computed_tokens` on, and its block ids
+(`core/sched/output.py`). After the step, `update_from_output` advances each one's
+`num_computed_tokens`. The scheduler only keeps books: it never touches the model, so
+it can be driven, and tested, without one.
 """
 
 from collections import deque
-from dataclasses import dataclass
 
-from ...config import SchedulerConfig
+from ...config import EngineConfig
 from ...request import Sequence, SequenceStatus
-
-
-@dataclass
-class SchedulerOutput:
-    """What runs in one step."""
-
-    seqs: list[Sequence]
-    is_prefill: bool  # True: whole prompts of newly admitted sequences; False: one token each
-    num_batched_tokens: int  # tokens that go through the model in this step
+from .output import ScheduledSequence, SchedulerOutput
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, num_kv_slots: int) -> None:
+    def __init__(self, config: EngineConfig, num_kv_slots: int) -> None:
         self.config = config
         self.waiting: deque[Sequence] = deque()
         self.running: deque[Sequence] = deque()
@@ -54,7 +48,7 @@ class Scheduler:
     @property
     def used_token_slots(self) -> int:
         """Tokens whose keys and values are in the KV cache now."""
-        return sum(seq.num_cached_tokens for seq in self.running)
+        return sum(seq.num_computed_tokens for seq in self.running)
 
     # -- KV cache slots --------------------------------------------------------------
     def allocate_slot(self, seq: Sequence) -> bool:
@@ -76,7 +70,7 @@ class Scheduler:
         num_tokens = 0
         while self.waiting and len(self.running) + len(admitted) < cfg.max_batch_size:
             seq = self.waiting[0]
-            num_new = len(seq.token_ids)
+            num_new = num_new_tokens(seq)
             if admitted and num_tokens + num_new > cfg.max_num_batched_tokens:
                 break  # the budget is spent (a first prompt always goes, even if longer)
             if not self.allocate_slot(seq):
@@ -87,12 +81,21 @@ class Scheduler:
             num_tokens += num_new
         if admitted:
             self.running.extend(admitted)
-            out = SchedulerOutput(admitted, is_prefill=True, num_batched_tokens=num_tokens)
         else:
-            out = SchedulerOutput(list(self.running), is_prefill=False,
-                                  num_batched_tokens=len(self.running))
+            admitted = list(self.running)
+        out = SchedulerOutput([self._scheduled(seq) for seq in admitted], admitted,
+                              sum(num_new_tokens(seq) for seq in admitted))
         self._record_usage(out)
         return out
+
+    def _scheduled(self, seq: Sequence) -> ScheduledSequence:
+        start = seq.num_computed_tokens
+        return ScheduledSequence(seq.request_id, seq.token_ids[start:], start, [seq.kv_slot])
+
+    def update_from_output(self, out: SchedulerOutput) -> None:
+        """The step ran: the K/V of every scheduled token are in the cache now."""
+        for seq, scheduled in zip(out.seqs, out.scheduled):
+            seq.num_computed_tokens += len(scheduled.new_token_ids)
 
     def finish(self, seq: Sequence) -> None:
         """A sequence finished or was aborted: it leaves its queue and frees its slot."""
@@ -104,7 +107,12 @@ class Scheduler:
 
     def _record_usage(self, out: SchedulerOutput) -> None:
         # After this step a scheduled sequence holds all its tokens but the one it samples.
-        used = sum(seq.num_cached_tokens for seq in self.running)
-        used += sum(len(seq.token_ids) - seq.num_cached_tokens for seq in out.seqs)
+        used = sum(seq.num_computed_tokens for seq in self.running) + out.num_batched_tokens
         self.used_token_slots_peak = max(self.used_token_slots_peak, used)
         self.max_concurrent_seqs = max(self.max_concurrent_seqs, len(self.running))
+
+
+def num_new_tokens(seq: Sequence) -> int:
+    """Tokens of `seq` whose K/V are not in the cache yet: its prompt when it starts (its
+    prompt and output after a preemption), then the one token sampled in the last step."""
+    return len(seq.token_ids) - seq.num_computed_tokens

@@ -1,8 +1,9 @@
 """The Llama family in plain PyTorch: Llama, Qwen2 (q/k/v bias), Qwen3 (q/k RMSNorm).
 
 Introduced in M0. Module and parameter names match Hugging Face checkpoints, so a
-`model.safetensors` state dict loads as it is. Activations are flat, `[num_tokens,
-hidden]`, the way vLLM lays them out.
+`model.safetensors` state dict loads as it is. Llama and Qwen3 may also put biases on
+q/k/v/o (`attention_bias`), Llama on the MLP (`mlp_bias`). Activations are flat,
+`[num_tokens, hidden]`, the way vLLM lays them out.
 """
 
 import torch
@@ -25,7 +26,7 @@ class LlamaAttention(nn.Module):
         self.q_proj = nn.Linear(h, self.num_heads * d, bias=bias)
         self.k_proj = nn.Linear(h, self.num_kv_heads * d, bias=bias)
         self.v_proj = nn.Linear(h, self.num_kv_heads * d, bias=bias)
-        self.o_proj = nn.Linear(self.num_heads * d, h, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * d, h, bias=config.o_proj_bias)
         if config.qk_norm:
             self.q_norm = RMSNorm(d, config.rms_norm_eps)
             self.k_norm = RMSNorm(d, config.rms_norm_eps)
@@ -48,11 +49,11 @@ class LlamaAttention(nn.Module):
 class LlamaMLP(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x))."""
 
-    def __init__(self, hidden_size: int, intermediate_size: int) -> None:
+    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -64,7 +65,7 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = LlamaAttention(config, rotary)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = LlamaMLP(config.hidden_size, config.intermediate_size)
+        self.mlp = LlamaMLP(config.hidden_size, config.intermediate_size, config.mlp_bias)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, kv_cache,
                 attn_metadata: AttentionMetadata) -> torch.Tensor:

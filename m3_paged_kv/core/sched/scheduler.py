@@ -18,30 +18,23 @@ next step. A step is either
   of its prompt and the tokens generated so far) when blocks are free again.
 
 Prefills go first whenever one can be admitted (vLLM v0's policy; mixing prefills and
-decodes in one step is M5's lesson). The scheduler only keeps books: it never touches
-the model, so it can be driven, and tested, without one.
+decodes in one step is M5's lesson). Either way the output has one shape (vLLM v1's):
+per sequence, the tokens it computes from `num_computed_tokens` on, and its block ids
+(`core/sched/output.py`). After the step, `update_from_output` advances each one's
+`num_computed_tokens`. The scheduler only keeps books: it never touches the model, so
+it can be driven, and tested, without one.
 """
 
 from collections import deque
-from dataclasses import dataclass, field
 
-from ...config import SchedulerConfig
+from ...config import EngineConfig
 from ...request import Sequence, SequenceStatus
 from ..kv_cache_manager import KVCacheManager
-
-
-@dataclass
-class SchedulerOutput:
-    """What runs in one step."""
-
-    seqs: list[Sequence]
-    is_prefill: bool  # True: whole prompts of newly admitted sequences; False: one token each
-    num_batched_tokens: int  # tokens that go through the model in this step
-    preempted: list[Sequence] = field(default_factory=list)  # sent back to wait in this step
+from .output import ScheduledSequence, SchedulerOutput
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, num_kv_blocks: int, block_size: int) -> None:
+    def __init__(self, config: EngineConfig, num_kv_blocks: int, block_size: int) -> None:
         self.config = config
         self.waiting: deque[Sequence] = deque()
         self.running: deque[Sequence] = deque()
@@ -63,7 +56,7 @@ class Scheduler:
     @property
     def used_token_slots(self) -> int:
         """Tokens whose keys and values are in the KV cache now."""
-        return sum(seq.num_cached_tokens for seq in self.running)
+        return sum(seq.num_computed_tokens for seq in self.running)
 
     @property
     def reserved_token_slots(self) -> int:
@@ -79,7 +72,7 @@ class Scheduler:
         num_tokens = 0
         while self.waiting and len(self.running) + len(admitted) < cfg.max_batch_size:
             seq = self.waiting[0]
-            num_new = len(seq.token_ids)  # a preempted one recomputes its output too
+            num_new = num_new_tokens(seq)  # a preempted one recomputes its output too
             if admitted and num_tokens + num_new > cfg.max_num_batched_tokens:
                 break  # the budget is spent (a first prompt always goes, even if longer)
             if (self.running or admitted) and (
@@ -94,38 +87,46 @@ class Scheduler:
             num_tokens += num_new
         if admitted:
             self.running.extend(admitted)
-            out = SchedulerOutput(admitted, is_prefill=True, num_batched_tokens=num_tokens)
         else:
-            out = self._schedule_decode()
+            admitted = self._schedule_running()
+        out = SchedulerOutput([self._scheduled(seq) for seq in admitted], admitted,
+                              sum(num_new_tokens(seq) for seq in admitted))
         self._record_usage(out)
         return out
 
-    def _schedule_decode(self) -> SchedulerOutput:
-        """Every running sequence, oldest first, gets a slot for its next token; if the
-        pool is empty, the newest running sequence is preempted to free its blocks."""
+    def _schedule_running(self) -> list[Sequence]:
+        """Every running sequence, oldest first, gets room for its new token; if the pool
+        is empty, the newest running sequence is preempted to free its blocks."""
         kv = self.kv_cache_manager
         scheduled: list[Sequence] = []
-        preempted: list[Sequence] = []
         while self.running:
             seq = self.running.popleft()
-            while not kv.allocate_slots(seq, 1):
+            while not kv.allocate_slots(seq, num_new_tokens(seq)):
                 # No free block: preempt the newest running sequence (this one, if no
                 # newer one is left) and try again.
                 victim = self.running.pop() if self.running else seq
                 self._preempt(victim)
-                preempted.append(victim)
                 if victim is seq:
                     break
             if seq.status == SequenceStatus.RUNNING:
                 scheduled.append(seq)
         self.running.extend(scheduled)
-        return SchedulerOutput(scheduled, is_prefill=False, num_batched_tokens=len(scheduled),
-                               preempted=preempted)
+        return scheduled
+
+    def _scheduled(self, seq: Sequence) -> ScheduledSequence:
+        start = seq.num_computed_tokens
+        return ScheduledSequence(seq.request_id, seq.token_ids[start:], start,
+                                 self.kv_cache_manager.block_table(seq))
+
+    def update_from_output(self, out: SchedulerOutput) -> None:
+        """The step ran: the K/V of every scheduled token are in the cache now."""
+        for seq, scheduled in zip(out.seqs, out.scheduled):
+            seq.num_computed_tokens += len(scheduled.new_token_ids)
 
     def _preempt(self, seq: Sequence) -> None:
         """Free the sequence's blocks; it waits first in line and will be recomputed."""
         self.kv_cache_manager.free(seq)
-        seq.num_cached_tokens = 0
+        seq.num_computed_tokens = 0
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
@@ -140,9 +141,14 @@ class Scheduler:
 
     def _record_usage(self, out: SchedulerOutput) -> None:
         # After this step a scheduled sequence holds all its tokens but the one it samples.
-        used = sum(seq.num_cached_tokens for seq in self.running)
-        used += sum(len(seq.token_ids) - seq.num_cached_tokens for seq in out.seqs)
+        used = sum(seq.num_computed_tokens for seq in self.running) + out.num_batched_tokens
         self.used_token_slots_peak = max(self.used_token_slots_peak, used)
         self.reserved_token_slots_peak = max(self.reserved_token_slots_peak,
                                              self.reserved_token_slots)
         self.max_concurrent_seqs = max(self.max_concurrent_seqs, len(self.running))
+
+
+def num_new_tokens(seq: Sequence) -> int:
+    """Tokens of `seq` whose K/V are not in the cache yet: its prompt when it starts (its
+    prompt and output after a preemption), then the one token sampled in the last step."""
+    return len(seq.token_ids) - seq.num_computed_tokens

@@ -5,6 +5,8 @@ presence and frequency over the output), min_tokens (EOS and stop tokens masked)
 greedy argmax for temperature 0, or temperature -> top-k -> top-p -> min-p -> a random
 draw. The draw uses the exponential race (argmax of p / E, E ~ Exp(1)), which picks
 token i with probability p_i and lets seeded and unseeded rows share one batched argmax.
+`token_logprobs` gives vLLM's `logprobs` / `prompt_logprobs`: log-probabilities of the
+model's raw distribution (before penalties, temperature and the masks).
 """
 
 from dataclasses import dataclass
@@ -73,6 +75,26 @@ def min_p_mask(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
     probs = logits.softmax(dim=-1)
     threshold = min_p.unsqueeze(-1) * probs.max(dim=-1, keepdim=True).values
     return logits.masked_fill(probs < threshold, float("-inf"))
+
+
+def token_logprobs(logits: torch.Tensor, token_ids: torch.Tensor,
+                   num_top: int) -> list[dict[int, tuple[float, int]]]:
+    """Per row: token id -> (log-probability, rank) for `token_ids[i]` and for the
+    `num_top` most likely tokens; rank 1 is the most likely."""
+    logprobs = logits.float().log_softmax(dim=-1)
+    chosen = logprobs.gather(1, token_ids.view(-1, 1).long())
+    ranks = (logprobs > chosen).sum(dim=-1) + 1
+    top = logprobs.topk(num_top, dim=-1) if num_top > 0 else None
+    rows = []
+    for i, (token, logprob, rank) in enumerate(zip(token_ids.tolist(), chosen.view(-1).tolist(),
+                                                   ranks.tolist())):
+        row = {token: (logprob, rank)}
+        if top is not None:
+            for r, (value, top_token) in enumerate(zip(top.values[i].tolist(),
+                                                       top.indices[i].tolist())):
+                row.setdefault(top_token, (value, r + 1))
+        rows.append(row)
+    return rows
 
 
 class Sampler(nn.Module):

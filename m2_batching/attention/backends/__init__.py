@@ -1,0 +1,1 @@
+"""Attention backends: how attention reads the KV cache. M2: the PyTorch reference."""
