@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# The lead's GPU acceptance run for issues 2-4, on the lent H100/H200 machine.
-# The whole run outlasts one device command (m1 serves 64 long requests one at a time),
-# so it starts in the background once and every call of this script waits up to
-# WAIT seconds for it, then copies what is finished to $OUT. Call it again until DONE.
+# The GPU acceptance run, on the lent H100/H200 machine: the gpu-marked tests, each
+# generating stage's smoke check against transformers, a profile of an m3 step, and the
+# throughput ladder m1..m3 (+ transformers). The whole run outlasts one device command
+# (m1 serves 64 long requests one at a time), so the first call starts it in the
+# background and every call waits up to WAIT seconds, then copies what is finished to
+# $OUT. Call it again until it prints DONE. The copy on the GPU machine has no .git:
+# pass the commit it was made from as FOLOVLLM_GIT_COMMIT (the bench records it).
 set -u
 WORK=/tmp/acceptance
 WAIT=${WAIT:-560}
@@ -12,14 +15,11 @@ if [ ! -d "$WORK" ]; then
     export PYTHONUNBUFFERED=1
     cd "'"$PWD"'"
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-    echo "== gpu tests"; python3 -m pytest -q -m gpu tests/test_gpu.py tests/test_paged.py 2>&1 | tail -5
-    echo "== m1 run"; python3 -m m1_basic.run --model dummy:qwen2.5-0.5b --device cuda --max-tokens 16 2>&1 | tail -5
-    for s in m2_batching m3_paged_kv; do
-      echo "== $s run"; python3 -m $s.run --model dummy:qwen2.5-0.5b --device cuda --max-tokens 16 2>&1 | tail -6
+    echo "== gpu tests"; python3 -m pytest -q -p no:cacheprovider -m gpu tests/ 2>&1 | tail -8
+    for s in m1 m2 m3; do
+      echo "== smoke $s"; python3 tools/gpu_smoke.py $s 2>&1 | grep -v Warn | tail -9
     done
-    echo "== latency"; python3 bench/compare.py --milestones m1,m2,m3,hf --workload latency \
-      --model dummy:qwen2.5-0.5b --device cuda --input-len 128 --output-len 128 \
-      --out-dir '"$WORK"'/results --no-progress 2>&1 | grep -v Warn
+    echo "== profile m3, batch 64"; python3 tools/profile_step.py m3_paged_kv 64 2>&1 | head -24
     echo "== throughput"; python3 bench/compare.py --milestones m1,m2,m3,hf --workload throughput \
       --num-prompts 64 --max-model-len 4096 --kv-cache-memory 805306368 \
       --model dummy:qwen2.5-0.5b --device cuda --out-dir '"$WORK"'/results --no-progress 2>&1 | grep -v Warn
