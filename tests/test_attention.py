@@ -66,9 +66,10 @@ def run_layer(stage, num_heads, num_kv_heads, head_dim, block_size, batch, seed=
         ks.append(keys[cached:])
         vs.append(values[cached:])
     inputs = prepare_inputs(new_ids, starts, tables, block_size, torch.device("cpu"))
-    out = layer(torch.cat(qs), torch.cat(ks), torch.cat(vs), (k_cache, v_cache),
-                inputs.attn_metadata)
     group = num_heads // num_kv_heads
+    build_metadata = load_stage(f"{stage}.attention.backends.torch_ref").build_metadata
+    out = layer(torch.cat(qs), torch.cat(ks), torch.cat(vs), (k_cache, v_cache),
+                build_metadata(inputs.attn_metadata, block_size, group))
     ref = torch.cat([naive_attention(q, k, v, c, scale, group)
                      for q, k, v, (c, _) in zip(qs, full_keys, full_values, batch)])
     return out, ref, (k_cache, v_cache), inputs, (full_keys, full_values)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..attention.backends.torch_ref import build_metadata as build_attn_metadata
 from ..config import EngineConfig, ModelConfig
 from ..model_executor.layers.sampler import Sampler, SamplingRow, token_logprobs
 from ..model_executor.model_loader import load_model
@@ -139,8 +140,10 @@ class ModelRunner:
 
     def _run_model(self, inputs: ModelInputs) -> torch.Tensor:
         """Hidden states [T, hidden] of every token of the batch; their K/V go to the cache."""
-        return self.model(inputs.input_ids, inputs.positions, self.kv_caches,
-                          inputs.attn_metadata)
+        mc = self.model_config
+        attn_metadata = build_attn_metadata(inputs.attn_metadata, self.block_size,
+                                            mc.num_attention_heads // mc.num_key_value_heads)
+        return self.model(inputs.input_ids, inputs.positions, self.kv_caches, attn_metadata)
 
     @torch.inference_mode()
     def execute_model(self, scheduler_output, sampling_rows: list[SamplingRow]

@@ -9,12 +9,50 @@ one batched call: queries padded to the longest query, keys gathered (copied) in
 padded `[B, kv_heads, max_seq_len, d]` batch, and one mask that hides both the future
 (causality) and the padding. Gathering copies every key once per step: simple and
 exact, and the cost that M4's kernels, which read the blocks where they lie, remove.
+
+The gather indices and the mask are the same in every layer, so `build_metadata` makes
+them once per step, from the common metadata (the model runner calls it).
 """
+
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
 
 from ..metadata import AttentionMetadata
+
+
+@dataclass(kw_only=True)
+class TorchRefMetadata(AttentionMetadata):
+    query_rows: torch.Tensor  # [B, Q] the flat row of each padded query (row 0 on padding)
+    output_rows: torch.Tensor  # [T] the padded row [b * Q + t] of each flat token
+    key_slots: torch.Tensor  # [B, L] the cache slot of each key position of each sequence
+    mask: torch.Tensor  # [B, 1, Q * group, L] True where a query may see a key
+
+
+def build_metadata(md: AttentionMetadata, block_size: int, group: int) -> TorchRefMetadata:
+    """Add the reference's gather indices and mask; `group` = query heads per kv head."""
+    device, num_tokens = md.slot_mapping.device, md.slot_mapping.shape[0]
+    starts, ends = md.query_start_loc[:-1], md.query_start_loc[1:]
+    query_lens, seq_lens = (ends - starts).unsqueeze(1), md.seq_lens.unsqueeze(1)
+    t = torch.arange(md.max_query_len, device=device)
+    query_rows = torch.where(t < query_lens, starts.unsqueeze(1) + t, 0)  # [B, Q]
+    token = torch.arange(num_tokens, device=device)
+    seq_of_token = torch.searchsorted(ends, token, right=True)
+    output_rows = seq_of_token * md.max_query_len + token - starts[seq_of_token]
+    # Past its end a sequence reads its last key again (masked out): never unwritten memory.
+    key_positions = torch.arange(md.max_seq_len, device=device)
+    read = torch.minimum(key_positions, seq_lens - 1)  # [B, L]
+    key_slots = md.block_tables.gather(1, read // block_size) * block_size + read % block_size
+    # A query sees the keys at or before its position (a padding row: the whole sequence,
+    # so that no row is empty).
+    query_positions = seq_lens - query_lens + t  # [B, Q]
+    mask = ((key_positions <= query_positions.unsqueeze(2))
+            & (key_positions < seq_lens).unsqueeze(1))  # [B, Q, L]
+    mask = mask.repeat_interleave(group, dim=1).unsqueeze(1)  # a row per (query, head)
+    common = {f.name: getattr(md, f.name) for f in fields(AttentionMetadata)}
+    return TorchRefMetadata(**common, query_rows=query_rows, output_rows=output_rows,
+                            key_slots=key_slots, mask=mask)
 
 
 class TorchRefAttention:
@@ -23,34 +61,16 @@ class TorchRefAttention:
         self.head_dim, self.scale = head_dim, scale
 
     def forward(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                md: AttentionMetadata) -> torch.Tensor:
+                md: TorchRefMetadata) -> torch.Tensor:
         """q: [T, heads, d]; caches: [num_blocks, block_size, kv_heads, d] -> [T, heads * d]."""
-        batch, num_queries = md.seq_lens.shape[0], md.max_query_len
-        group = self.num_heads // self.num_kv_heads
-        query_lens = (md.query_start_loc[1:] - md.query_start_loc[:-1]).unsqueeze(1)  # [B, 1]
-        seq_lens = md.seq_lens.unsqueeze(1)
-        # Queries, padded: row t of sequence i is flat token query_start_loc[i] + t.
-        t = torch.arange(num_queries, device=q.device)
-        is_query = t < query_lens  # [B, Q]; False on padding
-        rows = torch.where(is_query, md.query_start_loc[:-1].unsqueeze(1) + t, 0)
-        query_positions = seq_lens - query_lens + t  # [B, Q]
-        # Keys and values of positions 0 .. max_seq_len - 1 through the block table. Past
-        # its end a sequence reads its last key again (masked out): never unwritten memory.
-        key_positions = torch.arange(md.max_seq_len, device=q.device)
-        read = torch.minimum(key_positions, seq_lens - 1)  # [B, L]
-        block_size = k_cache.shape[1]
-        slots = md.block_tables.gather(1, read // block_size) * block_size + read % block_size
-        keys = k_cache.flatten(0, 1)[slots].transpose(1, 2)  # [B, kv_heads, L, d]
-        values = v_cache.flatten(0, 1)[slots].transpose(1, 2)
-        # A query sees the keys at or before its position (padding rows: the whole sequence).
-        mask = ((key_positions <= query_positions.unsqueeze(2))
-                & (key_positions < seq_lens).unsqueeze(1))  # [B, Q, L]
+        batch, num_queries = md.query_rows.shape
+        kv_heads, group, d = self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim
+        keys = k_cache.flatten(0, 1)[md.key_slots].transpose(1, 2)  # [B, kv_heads, L, d]
+        values = v_cache.flatten(0, 1)[md.key_slots].transpose(1, 2)
         # The `group` query heads that share a kv head become that head's rows of queries.
-        q = q[rows].view(batch, num_queries, self.num_kv_heads, group, self.head_dim)
-        q = q.permute(0, 2, 1, 3, 4).reshape(batch, self.num_kv_heads, num_queries * group,
-                                             self.head_dim)
-        mask = mask.repeat_interleave(group, dim=1).unsqueeze(1)  # [B, 1, Q * group, L]
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scale)
-        out = out.view(batch, self.num_kv_heads, num_queries, group, self.head_dim)
-        out = out.permute(0, 2, 1, 3, 4).reshape(batch, num_queries, -1)
-        return out[is_query]
+        q = q[md.query_rows].view(batch, num_queries, kv_heads, group, d)
+        q = q.permute(0, 2, 1, 3, 4).reshape(batch, kv_heads, num_queries * group, d)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=md.mask,
+                                             scale=self.scale)
+        out = out.view(batch, kv_heads, num_queries, group, d).permute(0, 2, 1, 3, 4)
+        return out.reshape(batch * num_queries, -1)[md.output_rows]
