@@ -235,10 +235,10 @@ def _version(dist: str) -> str | None:
 
 
 def _git_commit() -> str | None:
-    """HEAD (with "-dirty" if tracked files changed); where the tree is a copy without
-    .git (the GPU machine), the FOLOVLLM_GIT_COMMIT the copy was made from."""
-    if not (REPO / ".git").exists():
-        return os.environ.get("FOLOVLLM_GIT_COMMIT")
+    """HEAD (with "-dirty" if tracked files changed), unless FOLOVLLM_GIT_COMMIT names the
+    commit: a copy of the tree on another machine (the GPU's) has no or a stale .git."""
+    if os.environ.get("FOLOVLLM_GIT_COMMIT"):
+        return os.environ["FOLOVLLM_GIT_COMMIT"]
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
                               text=True, timeout=10)
