@@ -37,7 +37,6 @@ class Sequence:
     seq_id: int
     request_id: str
     token_ids: list[int]  # prompt tokens, then generated ones
-    kv_blocks: list = field(default_factory=list)  # used from M3 on
     status: SequenceStatus = SequenceStatus.WAITING
     num_prompt_tokens: int = field(init=False)
 

@@ -45,10 +45,9 @@ class LLM:
         ids = []
         try:
             for prompt, params in zip(prompts, sampling_params):
-                request_id = f"req-{self._request_counter}"
+                ids.append(f"req-{self._request_counter}")
                 self._request_counter += 1
-                self.engine.add_request(request_id, prompt, params)
-                ids.append(request_id)
+                self.engine.add_request(ids[-1], prompt, params)
             return self._run(ids, use_tqdm)
         except BaseException:  # a bad prompt, an error in a step, Ctrl-C: leave no trace
             for request_id in ids:
@@ -72,21 +71,20 @@ class LLM:
     def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         """Step the engine until these requests finish. Outputs of requests that someone
         added to the engine directly are handed back to it for the next `step`."""
-        pending, finished = set(request_ids), {}
-        bar = tqdm(total=len(request_ids), desc="Generating", unit="req",
-                   disable=not use_tqdm)
-        while pending:
-            if not self.engine.has_unfinished_requests():
-                raise RuntimeError(f"requests {sorted(pending)} left the engine unfinished "
-                                   "(aborted by someone else?)")
-            outputs = self.engine.step()
-            self.engine.hold_outputs([o for o in outputs if o.request_id not in request_ids])
-            for output in outputs:
-                if output.finished and output.request_id in pending:
-                    pending.discard(output.request_id)
-                    finished[output.request_id] = output
-                    bar.update()
-        bar.close()
+        own, pending, finished = set(request_ids), set(request_ids), {}
+        with tqdm(total=len(request_ids), desc="Generating", unit="req",
+                  disable=not use_tqdm) as bar:
+            while pending:
+                if not self.engine.has_unfinished_requests():
+                    raise RuntimeError(f"requests {sorted(pending)} left the engine "
+                                       "unfinished (aborted by someone else?)")
+                outputs = self.engine.step()
+                self.engine.hold_outputs([o for o in outputs if o.request_id not in own])
+                for output in outputs:
+                    if output.finished and output.request_id in pending:
+                        pending.discard(output.request_id)
+                        finished[output.request_id] = output
+                        bar.update()
         return [finished[rid] for rid in request_ids]
 
 

@@ -81,15 +81,16 @@ class LLMEngine:
         self._finish(seq)
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self.waiting)
+        """True while a request runs or waits, or an output waits to be returned."""
+        return bool(self.undelivered or self.waiting)
 
     # -- one step ---------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Advance the oldest unfinished request by one token; return its output (and any
         that `hold_outputs` kept for this call)."""
-        outputs = self.undelivered
-        self.undelivered = {}
+        outputs = dict(self.undelivered)  # emptied only once this step has succeeded
         if not self.waiting:
+            self.undelivered = {}
             return list(outputs.values())
         seq = self.waiting[0]
         request = self.requests[seq.request_id]
@@ -99,13 +100,15 @@ class LLMEngine:
             self.model_runner.allocate_kv_cache(seq, max_len)
             seq.status = SequenceStatus.RUNNING
         runner_output = self.model_runner.execute_model(seq, self._sampling_row(seq))
-        seq.num_computed_tokens = len(seq.token_ids)  # the K/V of all its tokens are cached
+        num_computed = len(seq.token_ids)  # the K/V of all its tokens are in the cache now
         self._record_logprobs(seq, runner_output.prompt_logprobs[0], runner_output.logprobs[0])
         process_token(seq, request, runner_output.sampled_token_ids[0], self.tokenizer,
                       self.eos_token_ids, self.config.max_model_len)
         outputs[seq.request_id] = make_output(seq, request)
         if seq.status.is_finished:
             self._finish(seq)
+        seq.num_computed_tokens = num_computed
+        self.undelivered = {}
         return list(outputs.values())
 
     def hold_outputs(self, outputs: list[RequestOutput]) -> None:

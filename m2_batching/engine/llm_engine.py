@@ -82,7 +82,8 @@ class LLMEngine:
         self._finish(seq)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished()
+        """True while a request runs or waits, or an output waits to be returned."""
+        return bool(self.undelivered) or self.scheduler.has_unfinished()
 
     def kv_cache_stats(self) -> dict:
         """How much of the KV cache is reserved, and how much of it holds tokens."""
@@ -101,14 +102,13 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Run one scheduled batch; return an output for each sequence that advanced (and
         any that `hold_outputs` kept for this call)."""
-        outputs = self.undelivered
-        self.undelivered = {}
+        outputs = dict(self.undelivered)  # emptied only once this step has succeeded
         scheduler_output = self.scheduler.schedule()
         if not scheduler_output.seqs:
+            self.undelivered = {}
             return list(outputs.values())
         rows = [self._sampling_row(seq) for seq in scheduler_output.seqs]
         runner_output = self.model_runner.execute_model(scheduler_output, rows)
-        self.scheduler.update_from_output(scheduler_output)
         for i, seq in enumerate(scheduler_output.seqs):
             request = self.requests[seq.request_id]
             self._record_logprobs(seq, runner_output.prompt_logprobs[i],
@@ -118,6 +118,8 @@ class LLMEngine:
             outputs[seq.request_id] = make_output(seq, request)
             if seq.status.is_finished:
                 self._finish(seq)
+        self.scheduler.update_from_output(scheduler_output)  # their K/V are in the cache now
+        self.undelivered = {}
         return list(outputs.values())
 
     def hold_outputs(self, outputs: list[RequestOutput]) -> None:

@@ -6,10 +6,10 @@ the attention math behind a backend. The new tokens of all sequences come flat,
 cache slot the slot mapping gives it (the cache is `[num_blocks, block_size, kv_heads,
 d]`, seen as one row per slot), then hands the queries and the cache to the backend,
 which reads every sequence's keys through its block table
-(`attention/backends/torch_ref.py`; the metadata it gets is the backend's, built once per
-step by the model runner from the common one). In M2 a sequence's block table is one block, its
-whole slot of max_model_len tokens; M3 cuts the cache into small blocks, and nothing
-here changes.
+(`attention/backends/torch_ref.py`; the metadata it gets is the backend's, built once
+per step by the model runner from the common one). In M2 a sequence's block table is
+one block, its whole slot of max_model_len tokens; M3 cuts the cache into small
+blocks, and nothing here changes.
 """
 
 import torch

@@ -42,7 +42,7 @@ class LLMEngine:
         tokenizer_eos = getattr(self.tokenizer, "eos_token_id", None)
         self.eos_token_ids = sorted(set(model_config.eos_token_ids) | (
             {tokenizer_eos} if tokenizer_eos is not None else set()))
-        self.scheduler = Scheduler(config, self.model_runner.num_kv_blocks, config.block_size)
+        self.scheduler = Scheduler(config, self.model_runner.num_kv_blocks)
         # No sequence can hold more tokens than the whole cache: that caps its length too.
         self.longest_sequence = min(config.max_model_len,
                                     self.model_runner.num_kv_blocks * config.block_size)
@@ -99,7 +99,8 @@ class LLMEngine:
         self._finish(seq)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished()
+        """True while a request runs or waits, or an output waits to be returned."""
+        return bool(self.undelivered) or self.scheduler.has_unfinished()
 
     def kv_cache_stats(self) -> dict:
         """How much of the KV cache is reserved (in held blocks), and how much holds tokens."""
@@ -119,14 +120,13 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Run one scheduled batch; return an output for each sequence that advanced (and
         any that `hold_outputs` kept for this call)."""
-        outputs = self.undelivered
-        self.undelivered = {}
+        outputs = dict(self.undelivered)  # emptied only once this step has succeeded
         scheduler_output = self.scheduler.schedule()
         if not scheduler_output.seqs:
+            self.undelivered = {}
             return list(outputs.values())
         rows = [self._sampling_row(seq) for seq in scheduler_output.seqs]
         runner_output = self.model_runner.execute_model(scheduler_output, rows)
-        self.scheduler.update_from_output(scheduler_output)
         for i, seq in enumerate(scheduler_output.seqs):
             request = self.requests[seq.request_id]
             self._record_logprobs(seq, runner_output.prompt_logprobs[i],
@@ -136,6 +136,8 @@ class LLMEngine:
             outputs[seq.request_id] = make_output(seq, request)
             if seq.status.is_finished:
                 self._finish(seq)
+        self.scheduler.update_from_output(scheduler_output)  # their K/V are in the cache now
+        self.undelivered = {}
         return list(outputs.values())
 
     def hold_outputs(self, outputs: list[RequestOutput]) -> None:

@@ -172,7 +172,7 @@ class ModelRunner:
         starts = inputs.attn_metadata.query_start_loc.tolist()
         for i, (s, row) in enumerate(zip(scheduled, sampling_rows)):
             num_top = row.params.prompt_logprobs
-            if num_top is None or s.num_computed_tokens != 0 or len(s.new_token_ids) < 2:
+            if num_top is None or s.num_computed_tokens != 0:
                 result.append(None)
                 continue
             logits = self.model.compute_logits(hidden[starts[i]:starts[i + 1] - 1])

@@ -34,12 +34,12 @@ from .output import ScheduledSequence, SchedulerOutput
 
 
 class Scheduler:
-    def __init__(self, config: EngineConfig, num_kv_blocks: int, block_size: int) -> None:
+    def __init__(self, config: EngineConfig, num_kv_blocks: int) -> None:
         self.config = config
         self.waiting: deque[Sequence] = deque()
         self.running: deque[Sequence] = deque()
         # The KV cache is a pool of blocks, taken as sequences grow.
-        self.kv_cache_manager = KVCacheManager(num_kv_blocks, block_size)
+        self.kv_cache_manager = KVCacheManager(num_kv_blocks, config.block_size)
         self.watermark_blocks = max(1, num_kv_blocks // 100)
         # Statistics, for kv_cache_stats()
         self.used_token_slots_peak = 0  # most tokens held in the KV cache after a step

@@ -1,0 +1,60 @@
+"""The boundaries inside a stage, checked on its source (introduced with issue 7).
+
+- The worker never imports the scheduler's side (`core/`): it gets plain ints.
+- The scheduler's side never touches tensors (no torch import).
+- `LLM` talks to the engine only: no reaching into the model runner or the scheduler.
+- A helper is defined once per stage (`cdiv`).
+"""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO_ROOT, STAGES, stages_with
+
+
+def python_files(stage: str, folder: str = "") -> list[Path]:
+    return sorted((Path(REPO_ROOT) / stage / folder).rglob("*.py"))
+
+
+def imported_modules(path: Path) -> list[str]:
+    """Every module a file imports, relative ones with their leading dots."""
+    names = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            names.append("." * node.level + (node.module or ""))
+        elif isinstance(node, ast.Import):
+            names.extend(alias.name for alias in node.names)
+    return names
+
+
+@pytest.mark.parametrize("stage", stages_with("batching"))
+def test_the_worker_never_imports_core(stage):
+    for path in python_files(stage, "worker"):
+        bad = [m for m in imported_modules(path) if m.lstrip(".").startswith("core")
+               or m.startswith(f"{stage}.core")]
+        assert not bad, f"{path.relative_to(REPO_ROOT)} imports {bad}"
+
+
+@pytest.mark.parametrize("stage", stages_with("batching"))
+def test_core_never_touches_tensors(stage):
+    for path in python_files(stage, "core"):
+        bad = [m for m in imported_modules(path) if m.split(".")[0] == "torch"]
+        assert not bad, f"{path.relative_to(REPO_ROOT)} imports torch"
+
+
+@pytest.mark.parametrize("stage", stages_with("generate"))
+def test_llm_talks_to_the_engine_only(stage):
+    path = Path(REPO_ROOT) / stage / "llm.py"
+    attributes = {node.attr for node in ast.walk(ast.parse(path.read_text()))
+                  if isinstance(node, ast.Attribute)}
+    assert not attributes & {"model_runner", "scheduler", "kv_cache_manager", "model"}
+
+
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_cdiv_is_defined_once(stage):
+    definitions = [path for path in python_files(stage)
+                   for node in ast.walk(ast.parse(path.read_text()))
+                   if isinstance(node, ast.FunctionDef) and node.name == "cdiv"]
+    assert len(definitions) <= 1, definitions
