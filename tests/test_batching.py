@@ -77,6 +77,7 @@ def hf_default():
         str(default_model_folder()), dtype=torch.float32).eval()
 
 
+@pytest.mark.slow  # the default model (SmolLM2-135M)
 @pytest.mark.parametrize("stage", BATCHING_STAGES)
 def test_mixed_batch_matches_transformers_and_solo_runs(stage, hf_default):
     llm = load_stage(stage).LLM("default", max_model_len=128, max_batch_size=3,

@@ -68,6 +68,7 @@ def hf_default_tokens(hf_default, default_prompt_ids):
     return [hf_greedy(hf_default, ids, NUM_TOKENS_DEFAULT) for ids in default_prompt_ids]
 
 
+@pytest.mark.slow  # the default model (SmolLM2-135M)
 @pytest.mark.parametrize("stage", stages_with("generate"))
 def test_default_model_greedy_matches_transformers(stage, default_prompt_ids,
                                                    hf_default_tokens):
@@ -84,6 +85,7 @@ def test_default_model_greedy_matches_transformers(stage, default_prompt_ids,
         assert out.finish_reason == "length"
 
 
+@pytest.mark.slow  # the default model (SmolLM2-135M)
 @pytest.mark.parametrize("stage", stages_with("forward"))
 def test_default_model_prefill_logits_match_transformers(stage, hf_default,
                                                          default_prompt_ids,
@@ -98,6 +100,7 @@ def test_default_model_prefill_logits_match_transformers(stage, hf_default,
         assert diff < LOGITS_ATOL, f"{stage}: max |logit diff| {diff:.2e} on {len(ids)} tokens"
 
 
+@pytest.mark.slow  # the default model (SmolLM2-135M)
 @pytest.mark.parametrize("stage", [s for s in stages_with("forward")
                                    if s not in stages_with("generate")])
 def test_next_token_distribution_agrees_with_prefill_logits(stage, default_prompt_ids):
@@ -127,6 +130,7 @@ def assert_position_logprobs(position: dict, ref: torch.Tensor, chosen: int, num
                 <= 1 + (ref > ref[token] - LOGITS_ATOL).sum().item())
 
 
+@pytest.mark.slow  # the default model (SmolLM2-135M)
 @pytest.mark.parametrize("stage", stages_with("generate"))
 def test_logprobs_match_transformers(stage, hf_default, default_prompt_ids):
     """`logprobs` and `prompt_logprobs` (vLLM's) report the model's log-softmax."""

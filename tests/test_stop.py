@@ -231,6 +231,7 @@ def test_streamed_text_is_never_taken_back(stage, tiny_llms):
     assert fired >= 3 and held >= 3, (fired, held)  # the cases that matter did occur
 
 
+@pytest.mark.slow  # the default model (SmolLM2-135M)
 @pytest.mark.parametrize("stage", GENERATE_STAGES)
 def test_streamed_text_holds_back_a_partial_stop_string(stage):
     """The reported case, on the default model: with stop "he answer" the stream used to
@@ -269,6 +270,7 @@ def chat_answer():
     return get
 
 
+@pytest.mark.slow  # the default model (SmolLM2-135M)
 @pytest.mark.parametrize("stage", GENERATE_STAGES)
 def test_eos_stops_generation(stage, chat_answer):
     llm = default_llm(stage)
@@ -281,6 +283,7 @@ def test_eos_stops_generation(stage, chat_answer):
     assert llm.tokenizer.decode([eos]) not in out.text  # special tokens are not in the text
 
 
+@pytest.mark.slow  # the default model (SmolLM2-135M)
 @pytest.mark.parametrize("stage", GENERATE_STAGES)
 def test_ignore_eos_generates_past_eos(stage, chat_answer):
     llm = default_llm(stage)
@@ -292,6 +295,7 @@ def test_ignore_eos_generates_past_eos(stage, chat_answer):
     assert out.token_ids[:k] == answer.token_ids  # EOS was generated, then generation went on
 
 
+@pytest.mark.slow  # the default model (SmolLM2-135M)
 @pytest.mark.parametrize("stage", GENERATE_STAGES)
 def test_min_tokens_suppresses_eos(stage, chat_answer):
     llm = default_llm(stage)
@@ -305,6 +309,7 @@ def test_min_tokens_suppresses_eos(stage, chat_answer):
     assert out.finish_reason == "length" or out.token_ids[-1] == eos
 
 
+@pytest.mark.slow  # the default model (SmolLM2-135M)
 @pytest.mark.parametrize("stage", GENERATE_STAGES)
 def test_stop_string_spanning_two_bpe_tokens(stage):
     llm = default_llm(stage)
