@@ -62,7 +62,7 @@ ALL_STAGES: tuple[Stage, ...] = _chain(
     ("m2", "m2_batching", "batching", "batching",
      "continuous (iteration-level) batching, waiting/running queues"),
     ("m3", "m3_paged_kv", "paged KV", "paged",
-     "block pool, block tables, slot mapping, paged attention, preemption"),
+     "block pool, block tables, preemption: the KV cache in small blocks"),
     ("m4", "m4_flash_attn", "flash attention", "flash_attn",
      "Triton flash-attention kernels over the paged cache, CUDA graphs for decode"),
     ("m5", "m5_chunked_prefill", "chunked prefill", "chunked_prefill",
