@@ -246,3 +246,45 @@ def test_bad_prompt_in_a_list_adds_no_request(stage, tiny_llms):
     with pytest.raises(ValueError, match="prompt"):
         llm.generate(["fine", ""], SamplingParams(max_tokens=2), use_tqdm=False)
     assert not llm.engine.has_unfinished_requests()
+
+
+@pytest.mark.parametrize("stage", GENERATE_STAGES)
+@pytest.mark.parametrize("prompts, error, match", [
+    (5, TypeError, "prompts"),  # an int is not a prompt
+    ("torch", TypeError, "prompt"),  # a tensor is not a list of token ids (made below)
+    ([[5, True, 7]], ValueError, "token ids"),  # a bool is not a token id
+    ([[5, 7.0]], ValueError, "token ids"),
+    ("caf\udce9", ValueError, "prompt.*not valid text"),  # a lone surrogate
+])
+def test_prompts_of_the_wrong_kind(stage, tiny_llms, prompts, error, match):
+    import torch
+
+    llm = tiny_llms[stage]
+    if prompts == "torch":
+        prompts = torch.tensor([5, 6, 7])
+    with pytest.raises(error, match=match):
+        llm.generate(prompts, load_stage(stage).SamplingParams(max_tokens=2), use_tqdm=False)
+    assert not llm.engine.has_unfinished_requests()
+
+
+@pytest.mark.parametrize("stage", GENERATE_STAGES)
+def test_stop_token_ids_outside_the_vocabulary(stage, tiny_llms):
+    llm = tiny_llms[stage]
+    vocab = llm.engine.vocab_size
+    for bad in ([vocab], [10**9]):
+        params = load_stage(stage).SamplingParams(max_tokens=2, stop_token_ids=bad)
+        with pytest.raises(ValueError, match="stop_token_ids"):
+            llm.generate("ok", params, use_tqdm=False)
+    params = load_stage(stage).SamplingParams(max_tokens=2, stop_token_ids=[vocab - 1])
+    assert llm.generate("ok", params, use_tqdm=False)[0].finish_reason in ("length", "stop")
+
+
+@pytest.mark.parametrize("stage", FORWARD_ONLY_STAGES)
+def test_m0_prompts_of_the_wrong_kind(stage, tiny_llms):
+    llm = tiny_llms[stage]
+    with pytest.raises(TypeError, match="prompt"):
+        llm.next_token_distribution(5)
+    with pytest.raises(ValueError, match="token ids"):
+        llm.next_token_distribution([5, True])
+    with pytest.raises(ValueError, match="not valid text"):
+        llm.next_token_distribution("caf\udce9")

@@ -30,7 +30,7 @@ PositionLogprobs = dict[int, tuple[float, int]]
 
 @dataclass
 class ModelRunnerOutput:
-    """Per scheduled sequence, in order: its sampled token, and log-probabilities where its
+    """Per sequence that ran, in order: its sampled token, and log-probabilities where its
     sampling parameters ask for them (else None)."""
 
     sampled_token_ids: list[int]
