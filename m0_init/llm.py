@@ -6,7 +6,7 @@ distribution for a prompt. M1 adds `generate` and `chat`.
 
 import torch
 
-from .config import EngineConfig
+from .config import EngineConfig, is_int
 from .model_executor.model_loader import load_model_config, resolve_model_path
 from .tokenizer import get_tokenizer
 from .worker.model_runner import ModelRunner
@@ -41,8 +41,7 @@ class LLM:
         elif isinstance(prompt, list):
             token_ids = list(prompt)
             vocab = self.model_runner.model_config.vocab_size
-            if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab
-                       for t in token_ids):
+            if not all(is_int(t) and 0 <= t < vocab for t in token_ids):
                 raise ValueError(f"prompt: token ids must be integers in [0, {vocab})")
         else:
             raise TypeError(f"prompt: must be a str or a list of token ids (ints), "

@@ -14,8 +14,9 @@ _DTYPES = ("auto", "float32", "float16", "bfloat16")
 _DEVICES = ("auto", "cpu", "cuda")
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)  # True is an int in Python
+def is_int(value) -> bool:
+    """An integer, and not a bool (in Python True is an int)."""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _require(ok: bool, name: str, message: str) -> None:
@@ -149,9 +150,9 @@ class EngineConfig:
         _require(self.device in _DEVICES, "device",
                  f"must be one of {_DEVICES}, got {self.device!r}")
         if self.max_model_len is not None:
-            _require(_is_int(self.max_model_len) and self.max_model_len >= 2,
+            _require(is_int(self.max_model_len) and self.max_model_len >= 2,
                      "max_model_len", f"must be an integer >= 2, got {self.max_model_len!r}")
-        _require(_is_int(self.seed) and 0 <= self.seed < 2**64, "seed",
+        _require(is_int(self.seed) and 0 <= self.seed < 2**64, "seed",
                  f"must be an integer in [0, 2**64), got {self.seed!r}")
 
     def resolve(self, model_config: ModelConfig) -> "EngineConfig":

@@ -9,6 +9,8 @@ import math
 import numbers
 from dataclasses import dataclass, field
 
+from .config import is_int
+
 # The sampler works in float32: logits / temperature must stay finite. Below 1e-5 it
 # overflows for large logits (vLLM treats such temperatures as greedy; we refuse them),
 # and a temperature past float32's largest number is inf there.
@@ -50,9 +52,6 @@ class SamplingParams:
                 value = getattr(self, name)
                 raise TypeError(f"{name} must be {expected}, got {value!r} "
                                 f"({type(value).__name__})")
-
-        def is_int(x) -> bool:  # bool is a subclass of int in Python: refuse it
-            return isinstance(x, int) and not isinstance(x, bool)
 
         def number(name: str, in_range, allowed: str) -> None:
             """A float field: a number (not a bool), finite (NaN fails every comparison)."""

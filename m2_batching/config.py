@@ -16,8 +16,9 @@ _DTYPES = ("auto", "float32", "float16", "bfloat16")
 _DEVICES = ("auto", "cpu", "cuda")
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)  # True is an int in Python
+def is_int(value) -> bool:
+    """An integer, and not a bool (in Python True is an int)."""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _require(ok: bool, name: str, message: str) -> None:
@@ -156,17 +157,17 @@ class EngineConfig:
         _require(self.device in _DEVICES, "device",
                  f"must be one of {_DEVICES}, got {self.device!r}")
         if self.max_model_len is not None:
-            _require(_is_int(self.max_model_len) and self.max_model_len >= 2,
+            _require(is_int(self.max_model_len) and self.max_model_len >= 2,
                      "max_model_len", f"must be an integer >= 2, got {self.max_model_len!r}")
-        _require(_is_int(self.seed) and 0 <= self.seed < 2**64, "seed",
+        _require(is_int(self.seed) and 0 <= self.seed < 2**64, "seed",
                  f"must be an integer in [0, 2**64), got {self.seed!r}")
-        _require(_is_int(self.max_batch_size) and self.max_batch_size >= 1,
+        _require(is_int(self.max_batch_size) and self.max_batch_size >= 1,
                  "max_batch_size", f"must be an integer >= 1, got {self.max_batch_size!r}")
-        _require(_is_int(self.max_num_batched_tokens) and self.max_num_batched_tokens >= 1,
+        _require(is_int(self.max_num_batched_tokens) and self.max_num_batched_tokens >= 1,
                  "max_num_batched_tokens",
                  f"must be an integer >= 1, got {self.max_num_batched_tokens!r}")
         if self.kv_cache_memory is not None:
-            _require(_is_int(self.kv_cache_memory) and self.kv_cache_memory >= 1,
+            _require(is_int(self.kv_cache_memory) and self.kv_cache_memory >= 1,
                      "kv_cache_memory",
                      f"must be None or a number of bytes >= 1, got {self.kv_cache_memory!r}")
 

@@ -94,9 +94,10 @@ class ModelRunner:
         start = seq.num_computed_tokens
         logits = self.forward(seq, start)
         params = sampling_row.params
-        raw_logits = logits[-1:].clone()  # the sampler edits its input
+        # The sampler edits its input: keep the raw logits when log-probabilities are asked for.
+        raw_logits = logits[-1:].clone() if params.logprobs is not None else None
         token = self.sampler(logits[-1:], [sampling_row])
-        logprobs = (None if params.logprobs is None
+        logprobs = (None if raw_logits is None
                     else token_logprobs(raw_logits, token, params.logprobs)[0])
         prompt_logprobs = None
         if params.prompt_logprobs is not None and start == 0:

@@ -7,11 +7,12 @@ must be in the vocabulary. Anything else raises `TypeError` or `ValueError` nami
 is wrong, before the engine holds anything of the request.
 """
 
+from ..config import is_int
 from ..sampling_params import SamplingParams
 
 
 def is_token_id(value, vocab_size: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < vocab_size
+    return is_int(value) and 0 <= value < vocab_size
 
 
 def encode_prompt(prompt, tokenizer, vocab_size: int) -> list[int]:
