@@ -21,14 +21,14 @@ test: install  ## install, then run the tests and the notebooks (CPU; gpu tests 
 	$(PYTHON) -m pytest -q
 	$(PYTHON) -m pytest -q --nbmake --nbmake-timeout=600 notebooks/
 
-docs: install  ## install, then build the docs site into site/ (mkdocs build --strict)
+docs: install  ## install, then build the docs site into site/ (mkdocs build --strict, offline)
 	NO_MKDOCS_2_WARNING=1 $(PYTHON) -m mkdocs build --strict
 
-notebooks: install  ## install, then execute every notebook top to bottom on the CPU (nbmake)
-	$(PYTHON) -m pytest -q --nbmake --nbmake-timeout=600 notebooks/
+notebooks: install  ## install, then run every notebook and save its outputs (what the docs show)
+	$(PYTHON) tools/run_notebooks.py
 
-bench: install  ## install, then compare every stage that generates and transformers (latency)
-	$(PYTHON) bench/compare.py --milestones $(MILESTONES),hf --workload latency
+bench: install  ## install, then compare every stage that generates and transformers (into bench/scratch/)
+	$(PYTHON) bench/compare.py --milestones $(MILESTONES),hf
 
 clean:  ## remove caches (keeps the default model in FOLOVLLM_HOME)
 	rm -rf .pytest_cache .hypothesis site build *.egg-info

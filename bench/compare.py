@@ -2,22 +2,38 @@
 
 Introduced with the bench (M1). Each milestone runs in its own process (`bench/worker.py`)
 on the identical workload: the same token-id prompts, lengths, arrival times and seed,
-greedy, `ignore_eos` so every request produces exactly its output length. The table
-shows TTFT, TPOT and end-to-end latency (mean, p50, p99), output tokens/s, requests/s,
-peak memory (CUDA: peak allocated by torch; CPU: peak RSS of the process), KV-cache use
-(for stages whose engine has `kv_cache_stats()`), each row's throughput as a ratio to the
-first row and, on CUDA, its fraction of the workload's roofline (see bench/roofline.py).
+greedy, `ignore_eos` so every request produces exactly its output length.
 
-    python bench/compare.py --milestones m1,hf --workload latency --device cpu
+    python bench/compare.py --milestones m1,m2,m3        # a few minutes on a laptop CPU
+    python bench/compare.py --milestones m1,m2,m3,hf --workload latency --repeat 3
     python bench/compare.py --milestones m1,m2,m3 --workload throughput \\
-        --model dummy:qwen2.5-0.5b --device cuda --num-prompts 64
+        --model dummy:qwen2.5-0.5b --device cuda --num-prompts 64 --publish
 
-Results go to bench/results/<workload>-<model>-<device>-<YYYYMMDD-HHMMSS>.json with a PNG
-plot of the same name (`--out-dir` changes the folder). A file holds: workload, model,
-device, date (UTC), machine, versions, config (workload and engine settings), roofline
-(null off CUDA), and one row per milestone: its note (how it ran the workload), summary
-(ttft/tpot in ms, e2e in s, tokens/s, requests/s, total time, peak MiB, throughput
-ratio, roofline fraction, kv_cache) and per-request samples.
+The default workload, `concurrent`, is 16 requests arriving at once (bench/workloads.py):
+where the stages differ (M1 serves them one after another, M2 and M3 batch them).
+Before the rows run it prints an estimate of the run time, from the newest earlier
+results file of the same model and device (each row's seconds per output token there,
+times this run's output tokens), and warns when it is over 10 minutes. After the table
+it prints why the rows differ: how many sequences each ran at once and what limited it
+(bench/report.py). `--repeat N` runs each row N times, each in a fresh process, rounds
+interleaved (m1, m2, m3, m1, m2, ...); the summary is the median of each metric.
+
+Results go to bench/scratch/ (gitignored) as <workload>-<model>-<device>-<date>.json with
+a PNG plot of the same name; `--publish` writes them to bench/results/ (committed, shown
+by the docs) instead, and `--out-dir` overrides both (the environment variables
+FOLOVLLM_BENCH_SCRATCH and FOLOVLLM_BENCH_RESULTS move the two folders, for tests).
+
+A file holds: command (the exact argv), git_commit and git_dirty (FOLOVLLM_GIT_COMMIT and
+FOLOVLLM_GIT_DIRTY=0/1 name them for a copy of the tree whose .git is stale, e.g. on the
+GPU machine), published, workload, model, device, date (UTC), machine (gpu, cpu,
+cpu_count, hostname), versions (python, torch, transformers, triton, numpy), config
+(workload and engine settings, repeat), roofline (null off CUDA), and one row per
+milestone: its note (how it ran the workload), wall_s (the row's processes, load
+included), summary (ttft/tpot in ms, e2e in s, tokens/s, requests/s, total time, peak
+MiB, max_concurrent_seqs, throughput ratio, roofline fraction, kv_cache, runs, and
+spread: {metric: [min, max]} over the runs, null for one run), repeats (each run's
+summary, when more than one) and the first run's per-request samples. Older files may
+lack some of these keys; bench/report.py reads them all.
 
 Milestones: m1..m7 are the stage packages present in this checkout (m0 cannot generate);
 `hf` is transformers `generate` on the same weights (for dummy models, the stage's dummy
@@ -35,10 +51,12 @@ import re
 import signal
 import socket
 import shlex
+import statistics
 import subprocess
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -50,10 +68,20 @@ from bench.workloads import WORKLOADS, build_workload  # noqa: E402
 
 STAGES = {s.short: s.package for s in stages.ALL_STAGES}  # "m1" -> "m1_basic" (bench/stages.py)
 PEERS = ("hf",)
-DEFAULT_RESULTS = REPO / "bench" / "results"
+LOUD_ESTIMATE_S = 600  # an estimate above this is printed as a warning
 _UNITS = {"": 1, "b": 1, "k": 10 ** 3, "kb": 10 ** 3, "m": 10 ** 6, "mb": 10 ** 6,
           "g": 10 ** 9, "gb": 10 ** 9, "kib": 2 ** 10, "mib": 2 ** 20, "gib": 2 ** 30,
           "t": 10 ** 12, "tb": 10 ** 12, "tib": 2 ** 40}
+
+
+def results_dir() -> Path:
+    """The published results (committed, read by the docs): bench/results/."""
+    return Path(os.environ.get("FOLOVLLM_BENCH_RESULTS") or REPO / "bench" / "results")
+
+
+def scratch_dir() -> Path:
+    """Local runs (gitignored): bench/scratch/."""
+    return Path(os.environ.get("FOLOVLLM_BENCH_SCRATCH") or REPO / "bench" / "scratch")
 
 
 class BenchError(Exception):
@@ -100,17 +128,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python bench/compare.py",
         description="Run stages of FoloVLLM (and transformers) on one identical workload, "
-                    "each in its own process, and print one comparison table; results JSON "
-                    "and a PNG plot go to --out-dir.",
-        epilog="Workloads: latency (one request at a time; 4 prompts, 128 in / 128 out), "
-               "throughput (all at t=0; 256 prompts, lengths uniform in [100, 1024]), online "
+                    "each in its own process; print a run-time estimate, one comparison "
+                    "table and why the rows differ. The results JSON and a PNG plot go to "
+                    "bench/scratch/ (or bench/results/ with --publish).",
+        epilog="Workloads: concurrent (the default: 16 prompts all at t=0, lengths uniform "
+               "in [32, 128]; a few minutes for m1,m2,m3 on a laptop CPU), latency (one "
+               "request at a time; 4 prompts, 128 in / 128 out), throughput (all at t=0; "
+               "256 prompts, lengths uniform in [100, 1024]; hours for m1 on a CPU), online "
                "(Poisson arrivals; 64 prompts, 128/128, 4 req/s), prefix (512-token shared "
                "prefix + 32-token questions, 64 out; 32 prompts).")
     p.add_argument("--milestones", required=True,
                    help="comma-separated rows: m1..m7 (the stages present) and hf "
-                        "(transformers), e.g. m1,hf")
-    p.add_argument("--workload", default="latency", choices=WORKLOADS,
-                   help="(default: latency)")
+                        "(transformers), e.g. m1,m2,m3")
+    p.add_argument("--workload", default="concurrent", choices=WORKLOADS,
+                   help="(default: concurrent)")
+    p.add_argument("--repeat", type=int, default=1, metavar="N",
+                   help="run each row N times, each in a fresh process; the table shows "
+                        "medians and the min-max of output tok/s (default 1)")
     p.add_argument("--model", default="default",
                    help="'default' (SmolLM2-135M-Instruct), dummy:NAME, or a local HF folder")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
@@ -143,8 +177,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "stages without that field ignore it and say so")
     p.add_argument("--threads", type=int,
                    help="CPU: torch threads in every worker (default: torch's default)")
-    p.add_argument("--out-dir", default=str(DEFAULT_RESULTS),
-                   help="where the results JSON and PNG go (default bench/results)")
+    p.add_argument("--publish", action="store_true",
+                   help="write to bench/results/ (committed, shown by the docs) instead of "
+                        "the gitignored bench/scratch/")
+    p.add_argument("--out-dir",
+                   help="where the results JSON and PNG go (default bench/scratch/, or "
+                        "bench/results/ with --publish)")
     p.add_argument("--no-plot", action="store_true", help="do not write the PNG plot")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
@@ -202,13 +240,15 @@ def percentile(values: list[float], q: float) -> float | None:
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
 
 
+SUMMARY_KEYS = ["ttft_mean_ms", "ttft_p50_ms", "ttft_p99_ms", "tpot_mean_ms", "tpot_p50_ms",
+                "tpot_p99_ms", "e2e_mean_s", "e2e_p50_s", "e2e_p99_s", "output_tokens_per_s",
+                "requests_per_s", "total_time_s", "peak_memory_mib", "max_concurrent_seqs",
+                "throughput_ratio", "roofline_fraction", "kv_cache"]
+
+
 def summarize(result: dict) -> dict:
-    """The row's summary from a worker's result (or all-null for a failed row)."""
-    keys = ["ttft_mean_ms", "ttft_p50_ms", "ttft_p99_ms", "tpot_mean_ms", "tpot_p50_ms",
-            "tpot_p99_ms", "e2e_mean_s", "e2e_p50_s", "e2e_p99_s", "output_tokens_per_s",
-            "requests_per_s", "total_time_s", "peak_memory_mib", "throughput_ratio",
-            "roofline_fraction", "kv_cache"]
-    summary = dict.fromkeys(keys)
+    """The summary of one run from a worker's result (or all-null for a failed run)."""
+    summary = dict.fromkeys(SUMMARY_KEYS)
     if "error" in result:
         return summary
     samples = result["samples"]
@@ -223,31 +263,140 @@ def summarize(result: dict) -> dict:
     summary["output_tokens_per_s"] = sum(s["output_len"] for s in samples) / total
     summary["requests_per_s"] = len(samples) / total
     summary["peak_memory_mib"] = result["peak_memory_mib"]
+    summary["max_concurrent_seqs"] = result.get("max_concurrent_seqs")
     summary["kv_cache"] = result.get("kv_cache")
     return summary
+
+
+def combine_runs(summaries: list[dict]) -> dict:
+    """One row's summary over its runs: the median of each number, the first run's KV
+    stats, `runs`, and `spread` ({metric: [min, max]}, None for a single run)."""
+    combined = dict(summaries[0])
+    spread = {}
+    for key in SUMMARY_KEYS:
+        values = [s[key] for s in summaries if isinstance(s.get(key), (int, float))]
+        if key == "kv_cache" or len(values) < len(summaries):
+            continue
+        whole = all(isinstance(v, int) for v in values)  # counts stay counts
+        combined[key] = (statistics.median_low if whole else statistics.median)(values)
+        spread[key] = [min(values), max(values)]
+    combined["runs"] = len(summaries)
+    combined["spread"] = spread if len(summaries) > 1 else None
+    return combined
+
+
+def git_info() -> tuple[str | None, bool | None]:
+    """(HEAD, whether tracked files differ from it). FOLOVLLM_GIT_COMMIT and
+    FOLOVLLM_GIT_DIRTY=0/1 name them for a copy of the tree whose .git is stale or absent
+    (the GPU machine's); a commit given that way without FOLOVLLM_GIT_DIRTY has an unknown
+    (None) dirty flag, unless it ends in "-dirty"."""
+    commit, dirty = os.environ.get("FOLOVLLM_GIT_COMMIT"), os.environ.get("FOLOVLLM_GIT_DIRTY")
+    flag = {"0": False, "1": True}.get((dirty or "").strip())
+    if commit:
+        if commit.endswith("-dirty"):
+            commit, flag = commit[:-len("-dirty")], True if flag is None else flag
+        return commit, flag
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
+                              text=True, timeout=10)
+        if head.returncode != 0:
+            return None, flag
+        if flag is None:
+            status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                                    cwd=REPO, capture_output=True, text=True, timeout=10)
+            flag = bool(status.stdout.strip()) if status.returncode == 0 else None
+        return head.stdout.strip(), flag
+    except (OSError, subprocess.SubprocessError):
+        return None, flag
+
+
+# -- the estimate ----------------------------------------------------------------------
+def fmt_duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def earlier_results(model: str, device: str, dtype: str, workload: str,
+                    folders: list[Path]) -> tuple[Path, dict] | None:
+    """The newest results file of this model, device and dtype in `folders`, preferring
+    one of the same workload."""
+    best = None
+    seen = set()
+    for folder in folders:
+        for path in report.latest_results(results_dir=folder) if folder.is_dir() else []:
+            if path.resolve() in seen:
+                continue
+            seen.add(path.resolve())
+            results = report.load_results(path)
+            file_dtype = ((results.get("config") or {}).get("engine") or {}).get("dtype")
+            if (results.get("model"), results.get("device")) != (model, device) or (
+                    file_dtype not in (None, dtype)):
+                continue
+            key = (results.get("workload") == workload, results.get("date") or "")
+            if best is None or key > best[0]:
+                best = (key, path, results)
+    return None if best is None else (best[1], best[2])
+
+
+def runs_one_at_a_time(name: str, sequential: bool, hf_batch: int | None) -> bool:
+    """Known before the run: the latency workload, a stage without batching, hf batch 1."""
+    if sequential:
+        return True
+    if name in PEERS:
+        return hf_batch == 1
+    return "batching" not in stages.get(name).features
+
+
+def _row_seconds(row: dict | None, out_tokens: int) -> float | None:
+    """One run of a row with `out_tokens` output tokens, at the rate that row had: its
+    seconds per output token, plus its start-up (load and warm-up) when recorded."""
+    s = (row or {}).get("summary") or {}
+    if not s.get("output_tokens_per_s"):
+        return None
+    start_up = 0.0
+    if row.get("wall_s") and s.get("total_time_s"):
+        start_up = max(0.0, row["wall_s"] / (s.get("runs") or 1) - s["total_time_s"])
+    return out_tokens / s["output_tokens_per_s"] + start_up
+
+
+def estimate_lines(names: list[str], workload: str, out_tokens: int, repeat: int,
+                   earlier: tuple[Path, dict] | None, one_at_a_time: list[str]) -> list[str]:
+    """What will run and, from an earlier results file, about how long it takes."""
+    what = (f"each row: {out_tokens} output tokens" + (f", {repeat} runs" if repeat > 1 else "")
+            + f"; one request at a time: {', '.join(one_at_a_time) or 'none'}")
+    if earlier is None:
+        return ["estimate: no earlier results file of this model and device to estimate "
+                f"from; {what}"]
+    path, results = earlier
+    rows = {row["milestone"]: row for row in results.get("rows", [])}
+    parts, missing, total = [], [], 0.0
+    for name in names:
+        seconds = _row_seconds(rows.get(name), out_tokens)
+        if seconds is None:
+            missing.append(name)
+            continue
+        total += repeat * seconds
+        parts.append(f"{name} ~{fmt_duration(repeat * seconds)}")
+    rough = "" if results.get("workload") == workload else (
+        f", a {results.get('workload')} run: rough")
+    out = [f"estimate: ~{fmt_duration(total)} for {', '.join(parts) or 'no row'} "
+           f"(from {path.name}{rough})", f"  {what}"]
+    if missing:
+        out.append(f"  {', '.join(missing)}: not in {path.name}, so not in the estimate")
+    if total > LOUD_ESTIMATE_S:
+        out.append(f"WARNING: this run should take about {fmt_duration(total)}, over 10 "
+                   "minutes. Ctrl-C stops it; fewer --num-prompts, a shorter --output-len or "
+                   "the default concurrent workload make it shorter.")
+    return out
 
 
 def _version(dist: str) -> str | None:
     try:
         return importlib.metadata.version(dist)
     except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def _git_commit() -> str | None:
-    """HEAD (with "-dirty" if tracked files changed), unless FOLOVLLM_GIT_COMMIT names the
-    commit: a copy of the tree on another machine (the GPU's) has no or a stale .git."""
-    if os.environ.get("FOLOVLLM_GIT_COMMIT"):
-        return os.environ["FOLOVLLM_GIT_COMMIT"]
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
-                              text=True, timeout=10)
-        if head.returncode != 0:
-            return None
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               cwd=REPO, capture_output=True, text=True, timeout=10)
-        return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.SubprocessError):
         return None
 
 
@@ -310,53 +459,97 @@ def run_worker(spec: dict, scratch: Path, label: str) -> dict:
                      "(killed, e.g. out of memory?)"}
 
 
+def _time_panel(values: list, label: str) -> tuple[list, str]:
+    """ms values, shown in seconds when the largest is 10 s or more."""
+    if max((v or 0) for v in values) >= 10_000:
+        return [None if v is None else v / 1000 for v in values], f"{label} (s)"
+    return values, f"{label} (ms)"
+
+
+def plot_panels(results: dict) -> list[tuple[list, str]]:
+    """(one value per row, title) for each panel: throughput, TTFT, TPOT, at once."""
+    summaries = [row.get("summary") or {} for row in results["rows"]]
+    ttft, ttft_label = _time_panel([s.get("ttft_p50_ms") for s in summaries], "TTFT p50")
+    tpot, tpot_label = _time_panel([s.get("tpot_p50_ms") for s in summaries], "TPOT p50")
+    return [([s.get("output_tokens_per_s") for s in summaries],
+             "output tokens/s\n(higher is better)"),
+            (ttft, f"{ttft_label}\n(lower is better)"),
+            (tpot, f"{tpot_label}\n(lower is better)"),
+            ([report.at_once(results, row) for row in results["rows"]],
+             "sequences at once\n(more = more batching)")]
+
+
 def plot(results: dict, path: Path) -> Path | None:
-    """Bars of output tokens/s, mean TTFT and mean TPOT per milestone."""
+    """Bar charts of throughput, TTFT, TPOT and sequences at once, one bar per row; a row
+    that ran one request at a time is hatched. ~900 px wide. None without matplotlib."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
     except ImportError:
         print("warning: matplotlib is not installed; no plot written", file=sys.stderr)
         return None
     names = [row["milestone"] for row in results["rows"]]
-    panels = [("output_tokens_per_s", "output tokens/s"), ("ttft_mean_ms", "TTFT mean (ms)"),
-              ("tpot_mean_ms", "TPOT mean (ms)")]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.6))
+    summaries = [row.get("summary") or {} for row in results["rows"]]
+    panels = plot_panels(results)
+    at_once = panels[-1][0]
+    spread = [(s.get("spread") or {}).get("output_tokens_per_s") for s in summaries]
     colors = ["#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#da8bc3",
               "#8c8c8c", "#ccb974"]
-    for ax, (key, label) in zip(axes, panels):
-        values = [(row.get("summary") or {}).get(key) for row in results["rows"]]
+    fig, axes = plt.subplots(1, len(panels), figsize=(10, 3.6))
+    for index, (ax, (values, label)) in enumerate(zip(axes, panels)):
         bars = ax.bar(names, [v or 0 for v in values],
-                      color=[colors[i % len(colors)] for i in range(len(names))])
-        for bar, v in zip(bars, values):
-            ax.annotate(report.fmt_number(v), (bar.get_x() + bar.get_width() / 2,
-                                               bar.get_height()),
+                      color=[colors[i % len(colors)] for i in range(len(names))],
+                      hatch=["//" if n == 1 else "" for n in at_once], edgecolor="white")
+        if index == 0 and any(spread):
+            centers = [b.get_x() + b.get_width() / 2 for b in bars]
+            for x, v, lh in zip(centers, values, spread):
+                if lh and v is not None:
+                    low, high = max(0, v - lh[0]), max(0, lh[1] - v)
+                    ax.errorbar(x, v, yerr=[[low], [high]], color="black", capsize=3,
+                                linewidth=1)
+        for bar, v, lh in zip(bars, values, spread if index == 0 else [None] * len(bars)):
+            counts = values is at_once
+            text = report.at_once_text(v).split()[0] if counts else report.fmt_number(v)
+            ax.annotate(text, (bar.get_x() + bar.get_width() / 2,
+                               lh[1] if lh else bar.get_height()),
                         ha="center", va="bottom", fontsize=8)
-        ax.set_title(label)
-        ax.margins(y=0.15)
-    fig.suptitle(report.caption(results).replace("`", ""), fontsize=9)
+        ax.set_title(label, fontsize=9)
+        ax.tick_params(labelsize=8)
+        if values is at_once:
+            ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.margins(y=0.18)
+    runs = (results.get("config") or {}).get("repeat") or 1
+    legend = "hatched: one request at a time" + (
+        f"; median of {runs} runs, error bars: min-max" if runs > 1 else "")
+    fig.suptitle(report.caption(results).replace("`", "") + "\n" + legend, fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     if threading.current_thread() is threading.main_thread():
         # SIGTERM (e.g. `timeout`) unwinds like Ctrl-C, so the running worker is stopped
         signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
-        return _run(args)
+        return _run(args, argv)
     except BenchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
 
-def _run(args: argparse.Namespace) -> int:
-    milestones = resolve_milestones(args.milestones)
-    for name in ("num_prompts", "max_model_len", "max_batch_size", "prefix_len", "threads"):
+def _say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    for name in ("num_prompts", "max_model_len", "max_batch_size", "prefix_len", "threads",
+                 "repeat"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise BenchError(f"--{name.replace('_', '-')}: must be >= 1, got {value}")
@@ -364,6 +557,98 @@ def _run(args: argparse.Namespace) -> int:
         raise BenchError("--request-rate applies to the online workload only")
     if args.prefix_len is not None and args.workload != "prefix":
         raise BenchError("--prefix-len applies to the prefix workload only")
+
+
+def out_dir_of(args: argparse.Namespace) -> Path:
+    """--out-dir, else bench/results/ with --publish, else bench/scratch/."""
+    if args.out_dir:
+        return Path(args.out_dir)
+    return results_dir() if args.publish else scratch_dir()
+
+
+def measure_roofline(scratch: Path, device: str, dtype: str, mc, wl, max_batch_size):
+    """The GPU's name and the workload's roofline (bench/roofline.py)."""
+    import torch
+    from bench.roofline import model_cost, simulate
+
+    _say("bench: measuring copy bandwidth and bf16 matmul rate")
+    machine = run_worker({"kind": "roofline", "device": device}, scratch, "roofline")
+    if "error" in machine:
+        raise BenchError(f"cannot measure the GPU: {machine['error']}")
+    itemsize = torch.empty((), dtype=getattr(torch, dtype)).element_size()
+    bound = 1 if wl.sequential else (max_batch_size or wl.num_prompts)
+    sim = simulate(model_cost(mc, itemsize), [len(p) for p in wl.prompts], wl.output_lens,
+                   wl.arrival_times, bound, machine["bandwidth_gbps"] * 1e9,
+                   machine["matmul_tflops"] * 1e12, prefix_len=wl.prefix_len)
+    return machine["gpu"], {"bandwidth_gbps": machine["bandwidth_gbps"],
+                            "matmul_tflops": machine["matmul_tflops"],
+                            "time_s": sim["time_s"], "bytes": sim["bytes"],
+                            "flops": sim["flops"]}
+
+
+def build_row(name: str, runs: list[tuple[dict, float]]) -> dict:
+    """A row from its runs (worker result, wall seconds): medians, spread, first samples."""
+    good = [result for result, _ in runs if "error" not in result]
+    errors = [result["error"] for result, _ in runs if "error" in result]
+    summaries = [summarize(result) for result in good] or [summarize(runs[0][0])]
+    if not good:
+        note = f"FAILED: {errors[0]}"
+    else:
+        note = good[0]["note"]
+        if errors:
+            note += ("; " if note else "") + (f"{len(errors)} of {len(runs)} runs failed "
+                                              f"({errors[0]}); the summary is of the others")
+    row = {"milestone": name, "note": note, "wall_s": sum(wall for _, wall in runs),
+           "summary": combine_runs(summaries)}
+    if len(runs) > 1:
+        row["repeats"] = summaries
+    row["samples"] = good[0]["samples"] if good else []
+    return row
+
+
+def run_rows(args, milestones, wl, engine: dict, device: str, dtype: str, mc, model_path,
+             loader_pkg: str) -> tuple[list[dict], str | None, dict | None]:
+    """Every row, --repeat times, rounds interleaved; also the GPU name and roofline."""
+    runs: dict[str, list[tuple[dict, float]]] = {name: [] for name, _ in milestones}
+    gpu, roofline = None, None
+    total = len(milestones) * args.repeat
+    with tempfile.TemporaryDirectory(prefix="folovllm-bench-") as tmp:
+        scratch = Path(tmp)
+        if device == "cuda":
+            gpu, roofline = measure_roofline(scratch, device, dtype, mc, wl,
+                                             args.max_batch_size)
+        hf_path = str(model_path) if model_path is not None else None
+        for index in range(total):
+            name, pkg = milestones[index % len(milestones)]
+            label = f"{name} ({pkg})" if pkg else f"{name} (transformers)"
+            again = f", run {index // len(milestones) + 1} of {args.repeat}" if (
+                args.repeat > 1) else ""
+            _say(f"bench: [{index + 1}/{total}] {label}{again}")
+            spec = {"milestone": name, "package": pkg, "workload": wl.to_dict(),
+                    "engine": engine, "device": device, "dtype": dtype,
+                    "threads": args.threads, "progress": not args.no_progress}
+            if pkg is None:
+                if hf_path is None:
+                    hf_dir = scratch / "hf-model"
+                    hf_dir.mkdir()
+                    prepare_hf_folder(engine["model"], loader_pkg, dtype, args.seed, hf_dir)
+                    hf_path = str(hf_dir)
+                spec.update(kind="hf", hf_path=hf_path, hf_batch_size=args.max_batch_size)
+            else:
+                spec.update(kind="stage")
+            began = time.perf_counter()
+            result = run_worker(spec, scratch, f"{name}-{index}")
+            runs[name].append((result, time.perf_counter() - began))
+            if "error" in result:
+                _say(f"error: row {name} failed: {result['error']}")
+            else:
+                gpu = gpu or result.get("gpu")
+    return [build_row(name, runs[name]) for name, _ in milestones], gpu, roofline
+
+
+def _run(args: argparse.Namespace, argv: list[str]) -> int:
+    _check_args(args)
+    milestones = resolve_milestones(args.milestones)
     model = args.model
     if not (model == "default" or model.startswith("dummy:")):
         model = str(Path(model).expanduser().resolve())  # workers run from the repo root
@@ -402,60 +687,23 @@ def _run(args: argparse.Namespace) -> int:
               "kv_cache_memory": args.kv_cache_memory}
     engine.update(dict(args.engine_arg))
     engine = {k: v for k, v in engine.items() if v is not None}
-    start = dt.datetime.now(dt.timezone.utc)
+    start, began = dt.datetime.now(dt.timezone.utc), time.perf_counter()
     lens = [len(p) for p in wl.prompts]
-    print(f"bench: {args.workload} workload, {wl.num_prompts} prompts "
-          f"(input {min(lens)}..{max(lens)}, output {min(wl.output_lens)}.."
-          f"{max(wl.output_lens)} tokens), model {args.model}, {device} {dtype}, rows "
-          f"{', '.join(m for m, _ in milestones)}", file=sys.stderr, flush=True)
+    names = [m for m, _ in milestones]
+    _say(f"bench: {args.workload} workload, {wl.num_prompts} prompts (input {min(lens)}.."
+         f"{max(lens)}, output {min(wl.output_lens)}..{max(wl.output_lens)} tokens), model "
+         f"{args.model}, {device} {dtype}, rows {', '.join(names)}")
+    out_dir = out_dir_of(args)
+    earlier = earlier_results(args.model, device, dtype, args.workload,
+                              [out_dir, results_dir(), scratch_dir()])
+    alone = [m for m in names
+             if runs_one_at_a_time(m, wl.sequential, args.max_batch_size)]
+    for line in estimate_lines(names, args.workload, sum(wl.output_lens), args.repeat,
+                               earlier, alone):
+        _say(f"bench: {line}" if not line.startswith("WARNING") else line)
 
-    rows, gpu, roofline = [], None, None
-    with tempfile.TemporaryDirectory(prefix="folovllm-bench-") as tmp:
-        scratch = Path(tmp)
-        if device == "cuda":
-            print("bench: measuring copy bandwidth and bf16 matmul rate", file=sys.stderr,
-                  flush=True)
-            machine = run_worker({"kind": "roofline", "device": device}, scratch, "roofline")
-            if "error" in machine:
-                raise BenchError(f"cannot measure the GPU: {machine['error']}")
-            gpu = machine["gpu"]
-            from bench.roofline import model_cost, simulate
-
-            itemsize = torch.empty((), dtype=getattr(torch, dtype)).element_size()
-            bound = 1 if wl.sequential else (args.max_batch_size or wl.num_prompts)
-            sim = simulate(model_cost(mc, itemsize), lens, wl.output_lens, wl.arrival_times,
-                           bound, machine["bandwidth_gbps"] * 1e9,
-                           machine["matmul_tflops"] * 1e12, prefix_len=wl.prefix_len)
-            roofline = {"bandwidth_gbps": machine["bandwidth_gbps"],
-                        "matmul_tflops": machine["matmul_tflops"], "time_s": sim["time_s"],
-                        "bytes": sim["bytes"], "flops": sim["flops"]}
-        hf_path = str(model_path) if model_path is not None else None
-        for index, (name, pkg) in enumerate(milestones):
-            label = f"{name} ({pkg})" if pkg else f"{name} (transformers)"
-            print(f"bench: [{index + 1}/{len(milestones)}] {label}", file=sys.stderr,
-                  flush=True)
-            spec = {"milestone": name, "package": pkg, "workload": wl.to_dict(),
-                    "engine": engine, "device": device, "dtype": dtype,
-                    "threads": args.threads, "progress": not args.no_progress}
-            if pkg is None:
-                if hf_path is None:
-                    hf_dir = scratch / "hf-model"
-                    hf_dir.mkdir()
-                    prepare_hf_folder(model, loader_pkg, dtype, args.seed, hf_dir)
-                    hf_path = str(hf_dir)
-                spec.update(kind="hf", hf_path=hf_path, hf_batch_size=args.max_batch_size)
-            else:
-                spec.update(kind="stage")
-            result = run_worker(spec, scratch, name)
-            if "error" in result:
-                print(f"error: row {name} failed: {result['error']}", file=sys.stderr)
-                note = f"FAILED: {result['error']}"
-            else:
-                note = result["note"]
-                gpu = gpu or result.get("gpu")
-            rows.append({"milestone": name, "note": note, "summary": summarize(result),
-                         "samples": result.get("samples", [])})
-
+    rows, gpu, roofline = run_rows(args, milestones, wl, engine, device, dtype, mc,
+                                   model_path, loader_pkg)
     first = rows[0]["summary"]["output_tokens_per_s"]
     for row in rows:
         s = row["summary"]
@@ -464,37 +712,55 @@ def _run(args: argparse.Namespace) -> int:
         if roofline is not None and s["total_time_s"]:
             s["roofline_fraction"] = roofline["time_s"] / s["total_time_s"]
 
+    commit, dirty = git_info()
     results = {
-        "command": shlex.join(["python", "bench/compare.py", *sys.argv[1:]]),
-        "git_commit": _git_commit(),
+        "command": shlex.join(["python", "bench/compare.py", *argv]),
+        "git_commit": commit, "git_dirty": dirty, "published": bool(args.publish),
         "workload": args.workload, "model": args.model, "device": device,
         "date": start.strftime("%Y-%m-%dT%H:%M:%SZ"),
         "machine": {"gpu": gpu, "cpu": _cpu_name(), "cpu_count": os.cpu_count(),
                     "hostname": socket.gethostname()},
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "transformers": _version("transformers"), "triton": _version("triton"),
-                     "git_commit": _git_commit()},
+                     "numpy": _version("numpy")},
         "config": {"num_prompts": wl.num_prompts, "seed": args.seed,
                    "input_len": wl.input_len, "output_len": wl.output_len,
                    "request_rate": wl.request_rate,
                    "prefix_len": wl.prefix_len or None, "threads": args.threads,
+                   "repeat": args.repeat,
                    "engine": {k: v for k, v in engine.items() if k not in ("model", "device")}},
         "roofline": roofline,
         "rows": rows,
     }
-    out_dir = Path(args.out_dir)
+    write_results(results, args, out_dir, start, time.perf_counter() - began)
+    return 1 if any(r["note"].startswith("FAILED") for r in rows) else 0
+
+
+def _shown(path: Path) -> str:
+    path = path.resolve()
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
+
+
+def write_results(results: dict, args, out_dir: Path, start, seconds: float) -> None:
+    """The JSON (and PNG) files, the table with why the rows differ, where they went."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"{args.workload}-{model_slug(args.model)}-{device}-{start.strftime('%Y%m%d-%H%M%S')}"
+    stem = (f"{results['workload']}-{model_slug(results['model'])}-{results['device']}-"
+            f"{start.strftime('%Y%m%d-%H%M%S')}")
     json_path = out_dir / f"{stem}.json"
     json_path.write_text(json.dumps(results, indent=1) + "\n")
     print()
     print(report.plain_table(results))
-    print(f"\nresults: {json_path}")
+    print(f"\nbench took {fmt_duration(seconds)}")
+    print(f"results: {_shown(json_path)}")
     if not args.no_plot:
         png = plot(results, out_dir / f"{stem}.png")
         if png is not None:
-            print(f"plot:    {png}")
-    return 1 if any(r["note"].startswith("FAILED") for r in rows) else 0
+            print(f"plot:    {_shown(png)}")
+    if args.publish:
+        print("published: commit the .json and .png to show them in the docs")
+    elif not args.out_dir:
+        print("this is a scratch run (gitignored); to publish one, run the same command with "
+              "--publish (it writes to bench/results/, which the docs read)")
 
 
 if __name__ == "__main__":

@@ -1,23 +1,33 @@
-"""Read bench results files and render their tables (plain text and markdown).
+"""Read bench results files and render them: a table (plain text or markdown) and why the
+rows differ.
 
 Introduced with the bench (M1). The docs site imports this to show measured tables:
 
     from bench.report import latest_results, load_results, markdown_table
-    path = latest_results(workload="throughput", milestones=["m1", "m2"])[0]
+    path = latest_results(workload="concurrent", milestones=["m1", "m2"])[0]
     print(markdown_table(load_results(path)))
+
+The table keeps to a few columns (it fits 120 terminal columns and a docs page):
+milestone, sequences at once, TTFT and TPOT (p50 / p99), output tokens/s (with the
+min-max over repeated runs), the ratio to the first row, peak memory and, on CUDA, the
+fraction of the roofline. Times print in ms below 10 s and in seconds ("355 s") above.
+Below the table, `why_lines` says for each row how many sequences it ran at once and
+why, from the run's own facts (the KV-cache stats, the stage registry in
+bench/stages.py), so a new stage gets a line with no change here. Everything else (means,
+e2e latency, requests/s, the full KV stats, per-request samples) stays in the JSON.
 
 The results file format is described in `bench/compare.py` (one JSON file per run).
 """
 
 import json
+import re
+import textwrap
 from pathlib import Path
 
+from bench import stages
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-
-HEADERS = ["milestone", "TTFT ms (mean/p50/p99)", "TPOT ms (mean/p50/p99)",
-           "e2e s (mean/p50/p99)", "output tok/s", "req/s", "peak MiB", "KV cache",
-           "vs first"]
-
+WIDTH = 120  # plain text lines stay within this many columns
 
 def load_results(path: str | Path) -> dict:
     """One results file, as the dict compare.py wrote."""
@@ -91,14 +101,56 @@ def kv_text(kv: dict | None) -> str:
     return ", ".join(parts)
 
 
-def _triple(s: dict, name: str, unit: str) -> str:
-    values = [s.get(f"{name}_{k}_{unit}") for k in ("mean", "p50", "p99")]
-    return "/".join(fmt_number(v) for v in values)
+
+
+# -- cells ---------------------------------------------------------------------------
+def fmt_ms(ms) -> str:
+    """A time given in ms: '42.0' below 10 s, '355 s' from 10 s on; '-' when missing."""
+    if ms is None:
+        return "-"
+    return fmt_number(ms) if ms < 10_000 else f"{fmt_number(ms / 1000)} s"
+
+
+def _pair_ms(s: dict, name: str) -> str:
+    return f"{fmt_ms(s.get(f'{name}_p50_ms'))} / {fmt_ms(s.get(f'{name}_p99_ms'))}"
+
+
+def at_once(results: dict, row: dict) -> int | None:
+    """The most sequences the row ran together; older files: from their KV stats or note."""
+    s, note = row.get("summary") or {}, row.get("note") or ""
+    if note.startswith("FAILED"):
+        return None
+    if s.get("max_concurrent_seqs") is not None:
+        return s["max_concurrent_seqs"]
+    kv = s.get("kv_cache") or {}
+    if kv.get("max_concurrent_seqs") is not None:
+        return kv["max_concurrent_seqs"]
+    if results.get("workload") == "latency" or "one request at a time" in note:
+        return 1
+    batch = re.search(r"batches of up to (\d+)", note)  # an older file's hf row
+    if batch and s.get("output_tokens_per_s") is not None:
+        return min(int(batch.group(1)), (results.get("config") or {}).get("num_prompts")
+                   or int(batch.group(1)))
+    return None
+
+
+def at_once_text(n: int | None) -> str:
+    return "-" if n is None else "1 (one at a time)" if n == 1 else str(n)
+
+
+def _throughput_cell(s: dict) -> str:
+    """Output tokens/s; with repeated runs, the min-max after the median."""
+    cell = fmt_number(s.get("output_tokens_per_s"))
+    low_high = (s.get("spread") or {}).get("output_tokens_per_s")
+    if low_high and s.get("output_tokens_per_s") is not None:
+        cell += f" ({fmt_number(low_high[0])}-{fmt_number(low_high[1])})"
+    return cell
 
 
 def table_rows(results: dict) -> tuple[list[str], list[list[str]]]:
     """Header and one row of cells per milestone (the roofline column on CUDA only)."""
-    headers = list(HEADERS)
+    headers = ["milestone", "at once", "TTFT ms p50 / p99", "TPOT ms p50 / p99",
+               "output tok/s", "vs first", "peak MiB"]
     show_roofline = results.get("roofline") is not None
     if show_roofline:
         headers.append("roofline")
@@ -106,11 +158,10 @@ def table_rows(results: dict) -> tuple[list[str], list[list[str]]]:
     for row in results["rows"]:
         s = row.get("summary") or {}
         ratio = s.get("throughput_ratio")
-        cells = [row["milestone"], _triple(s, "ttft", "ms"), _triple(s, "tpot", "ms"),
-                 _triple(s, "e2e", "s"),
-                 fmt_number(s.get("output_tokens_per_s")), fmt_number(s.get("requests_per_s")),
-                 fmt_number(s.get("peak_memory_mib")), kv_text(s.get("kv_cache")),
-                 "-" if ratio is None else f"{ratio:.2f}x"]
+        cells = [row["milestone"], at_once_text(at_once(results, row)), _pair_ms(s, "ttft"),
+                 _pair_ms(s, "tpot"), _throughput_cell(s),
+                 "-" if ratio is None else f"{ratio:.2f}x",
+                 fmt_number(s.get("peak_memory_mib"))]
         if show_roofline:
             frac = s.get("roofline_fraction")
             cells.append("-" if frac is None else _pct(frac))
@@ -119,7 +170,7 @@ def table_rows(results: dict) -> tuple[list[str], list[list[str]]]:
 
 
 def caption(results: dict) -> str:
-    """One line naming the run: workload, model, machine, date."""
+    """One line naming the run: workload, model, machine, date (and repeated runs)."""
     machine = results.get("machine") or {}
     if machine.get("gpu"):
         where = machine["gpu"]
@@ -129,8 +180,10 @@ def caption(results: dict) -> str:
     cfg = results.get("config") or {}
     n = cfg.get("num_prompts")
     date = (results.get("date") or "")[:10]
+    runs = cfg.get("repeat") or 1
+    median = f"; median of {runs} runs per row" if runs > 1 else ""
     return (f"`{results.get('workload')}` workload, {n} prompts, model "
-            f"`{results.get('model')}` on {where}, {date}")
+            f"`{results.get('model')}` on {where}, {date}{median}")
 
 
 def roofline_text(results: dict) -> str | None:
@@ -144,42 +197,130 @@ def roofline_text(results: dict) -> str | None:
             f"{r['flops'] / 1e12:.3g} TFLOP)")
 
 
+# -- why the rows differ ---------------------------------------------------------------
+def _arrivals(results: dict) -> str:
+    cfg = results.get("config") or {}
+    n = cfg.get("num_prompts")
+    workload = results.get("workload")
+    if workload == "latency":
+        return f"{n} requests sent one at a time (each after the previous one finished)"
+    if workload == "online" and cfg.get("request_rate"):
+        return f"{n} requests arriving at random, {cfg['request_rate']:g} per second"
+    return f"{n} requests, all arriving at t=0"
+
+
+def why_header(results: dict) -> str:
+    return (f"Why the rows differ ({_arrivals(results)}): a decode step reads all the weights "
+            "once however many sequences it carries, so running more at once gives more "
+            "tokens/s (until compute is the limit).")
+
+
+def _kv_reason(kv: dict | None, n: int | None, num_prompts: int | None) -> str | None:
+    """What the KV cache let the row run at once, from engine.kv_cache_stats()."""
+    if not kv:
+        return None
+    kind = kv.get("kind")
+    used, capacity = kv.get("used_token_slots_peak"), kv.get("capacity_token_slots")
+    if kind == "contiguous" and kv.get("num_slots") and kv.get("max_model_len"):
+        slots = kv["num_slots"]
+        text = f"KV reserved whole at max_model_len, {slots} slots x {kv['max_model_len']} tokens"
+        if n is not None and n >= slots and (num_prompts or 0) > slots:
+            text += " (all in use: the limit)"
+        if used is not None and capacity:
+            text += f"; {_pct(used / capacity)} of it held tokens at peak"
+        return text
+    if kind == "paged" and kv.get("block_size"):
+        text = f"KV in {kv['block_size']}-token blocks taken as sequences grow"
+        peak = kv.get("reserved_token_slots_peak")
+        if peak is not None and capacity:
+            text += f"; {_pct(peak / capacity)} of {capacity} slots held at peak"
+        if kv.get("num_preemptions"):
+            text += f"; {kv['num_preemptions']} preemptions (the cache was full)"
+        return text
+    return f"KV cache: {kv_text(kv)}"
+
+
+def why_line(results: dict, row: dict) -> str:
+    """One line: how many sequences the row ran together, and what made it so (the stage
+    registry's title, the KV-cache stats, or what the stage adds when there are none)."""
+    name, note = row["milestone"], row.get("note") or ""
+    if note.startswith("FAILED"):
+        return f"{name}: no numbers, the row failed (see its note)"
+    n = at_once(results, row)
+    try:
+        stage = stages.get(name)
+        who = f"{stage.label} {stage.title}"
+    except KeyError:
+        stage = None
+        who = "transformers generate" if name == "hf" else name
+    if n == 1:
+        if results.get("workload") == "latency":
+            return f"{name}: one request at a time ({who}; the latency workload sends no more)"
+        if stage is not None and "batching" not in stage.features:
+            return f"{name}: one request at a time ({who}: no batching)"
+        return f"{name}: one sequence at a time ({who})"
+    head = f"{name}: up to {n} sequences at once" if n is not None else f"{name}: -"
+    num_prompts = (results.get("config") or {}).get("num_prompts")
+    reason = _kv_reason((row.get("summary") or {}).get("kv_cache"), n, num_prompts)
+    if reason is None and name == "hf":
+        reason = "static left-padded batches, each runs until its longest output is done"
+    if reason is None and stage is not None:
+        reason = stage.adds
+    return f"{head} ({who})" + (f": {reason}" if reason else "")
+
+
+def why_lines(results: dict) -> list[str]:
+    """The why header, then one line per row (unwrapped)."""
+    return [why_header(results)] + [why_line(results, row) for row in results["rows"]]
+
+
+# -- the two renderings ------------------------------------------------------------------
 def markdown_table(results: dict) -> str:
-    """A caption line, then one markdown table (a row per milestone), then the notes."""
+    """A caption line, one markdown table (a row per milestone), then why the rows
+    differ, the roofline and the notes as a list."""
     headers, rows = table_rows(results)
     esc = [[c.replace("|", "\\|") for c in r] for r in rows]
     lines = [caption(results), "",
              "| " + " | ".join(headers) + " |",
              "|" + "|".join("---" if i == 0 else "---:" for i in range(len(headers))) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in esc]
-    extra = []
+    header, *per_row = why_lines(results)
+    lines += ["", header, ""]
+    for row, why in zip(results["rows"], per_row):
+        lines.append(f"- **{row['milestone']}**{why[len(row['milestone']):]}")
     roof = roofline_text(results)
     if roof:
-        extra.append(f"- {roof}")
+        lines.append(f"- {roof}")
     for row in results["rows"]:
         if row.get("note"):
-            extra.append(f"- **{row['milestone']}**: {row['note']}")
-    if extra:
-        lines += [""] + extra
+            lines.append(f"- note **{row['milestone']}**: {row['note']}")
     return "\n".join(lines) + "\n"
 
 
+def _wrap(text: str, indent: str = "  ") -> list[str]:
+    return textwrap.wrap(text, WIDTH, subsequent_indent=indent, break_on_hyphens=False)
+
+
 def plain_table(results: dict) -> str:
-    """The same table as plain aligned text, for a terminal."""
+    """The same as plain text for a terminal, every line within 120 columns."""
     headers, rows = table_rows(results)
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
               for i, h in enumerate(headers)]
+    gap = 2 if sum(widths) + 2 * (len(widths) - 1) <= WIDTH else 1
 
     def line(cells):
-        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w)
-                         for i, (c, w) in enumerate(zip(cells, widths)))
-    out = [caption(results).replace("`", ""), line(headers),
-           "  ".join("-" * w for w in widths)]
+        return (" " * gap).join(c.ljust(w) if i == 0 else c.rjust(w)
+                                for i, (c, w) in enumerate(zip(cells, widths)))
+    out = _wrap(caption(results).replace("`", ""))
+    out += [line(headers), (" " * gap).join("-" * w for w in widths)]
     out += [line(r) for r in rows]
     roof = roofline_text(results)
     if roof:
-        out.append(roof)
+        out += _wrap(roof)
+    out.append("")
+    for text in why_lines(results):
+        out += _wrap(text, "    ")
     for row in results["rows"]:
         if row.get("note"):
-            out.append(f"note {row['milestone']}: {row['note']}")
+            out += _wrap(f"note {row['milestone']}: {row['note']}", "    ")
     return "\n".join(out)

@@ -2,8 +2,10 @@
 
 Introduced with the bench (M1). `bench/compare.py` writes a spec (which stage or `hf`,
 the workload, the engine settings), starts this worker with the same Python, and reads
-the result back: per-request samples, total time, peak memory, KV-cache use. A fresh
-process per row keeps one row's memory and warm caches from leaking into the next.
+the result back: per-request samples, total time, peak memory, KV-cache use and the most
+sequences the row ran at once (`max_concurrent_seqs`: the engine's KV stats, else the
+most outputs one step returned; for `hf`, its largest batch). A fresh process per row
+keeps one row's memory and warm caches from leaking into the next.
 
 - a stage row builds `LLM(config=stage.EngineConfig(**kwargs))`, keeping only the keys
   that stage's EngineConfig has, and drives `engine.add_request` / `step` /
@@ -101,6 +103,7 @@ def run_stage(spec: dict) -> dict:
     n = wl.num_prompts
     order = sorted(range(n), key=lambda i: (wl.arrival_times[i], i))
     seen_first: dict[int, float] = {}  # fallbacks for a stage without metrics
+    widest = [0]  # the most outputs one step returned: sequences run together
     finished: dict[int, object] = {}
     finish_at: dict[int, float] = {}
     arrival_at: dict[int, float] = {}
@@ -112,7 +115,9 @@ def run_stage(spec: dict) -> dict:
         engine.add_request(f"bench-{i}", wl.prompts[i], params(wl.output_lens[i]), **extra)
 
     def step() -> None:
-        for out in engine.step():
+        outputs = engine.step()
+        widest[0] = max(widest[0], len(outputs))
+        for out in outputs:
             i = int(out.request_id.rsplit("-", 1)[1])
             now = time.perf_counter()
             if out.outputs and out.outputs[0].token_ids and i not in seen_first:
@@ -161,10 +166,9 @@ def run_stage(spec: dict) -> dict:
         samples.append(_sample(len(wl.prompts[i]), num_out, ttft, tpot, e2e))
 
     kv = engine.kv_cache_stats() if hasattr(engine, "kv_cache_stats") else None
+    at_once = (kv or {}).get("max_concurrent_seqs") or widest[0]
     notes = []
     name = spec["milestone"]
-    if "max_batch_size" not in fields and not wl.sequential:
-        notes.append(f"one request at a time ({name} has no batching)")
     if wl.name == "prefix" and "enable_prefix_caching" not in fields:
         notes.append(f"no prefix cache in {name}: the shared prefix is computed for every "
                      "request")
@@ -174,7 +178,8 @@ def run_stage(spec: dict) -> dict:
         notes.append(f"{name}'s EngineConfig has no {', '.join(ignored)} (ignored)")
     return {"samples": samples, "total_time_s": total,
             "peak_memory_mib": _peak_memory_mib(device), "kv_cache": kv,
-            "note": "; ".join(notes), "gpu": _gpu_name(device)}
+            "max_concurrent_seqs": at_once, "note": "; ".join(notes),
+            "gpu": _gpu_name(device)}
 
 
 # -- transformers --------------------------------------------------------------------
@@ -256,6 +261,7 @@ def run_hf(spec: dict) -> dict:
     batch = spec.get("hf_batch_size") or n
     order = sorted(range(n), key=lambda i: (wl.arrival_times[i], i))
     samples: dict[int, dict] = {}
+    widest = 1  # the largest batch
     bar = _Progress(n, spec["milestone"], spec.get("progress", True))
     t0 = time.perf_counter()
     if wl.sequential:
@@ -272,6 +278,7 @@ def run_hf(spec: dict) -> dict:
             if not ready:
                 time.sleep(max(0.0, wl.arrival_times[pending[0]] - now))
                 continue
+            widest = max(widest, len(ready))
             taken = set(ready)
             pending = [i for i in pending if i not in taken]
             arrivals = [t0 + wl.arrival_times[i] for i in ready]
@@ -290,8 +297,8 @@ def run_hf(spec: dict) -> dict:
     total = time.perf_counter() - t0
     bar.close()
     return {"samples": [samples[i] for i in range(n)], "total_time_s": total,
-            "peak_memory_mib": _peak_memory_mib(device), "kv_cache": None, "note": note,
-            "gpu": _gpu_name(device)}
+            "peak_memory_mib": _peak_memory_mib(device), "kv_cache": None,
+            "max_concurrent_seqs": widest, "note": note, "gpu": _gpu_name(device)}
 
 
 # -- the machine ---------------------------------------------------------------------

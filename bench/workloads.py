@@ -5,6 +5,10 @@ vocabulary with a seed (for dummy and real models alike), so every stage and the
 row see exactly the same requests. Requests always run greedy with `ignore_eos`, so
 each one produces exactly its `output_len` tokens.
 
+- `concurrent` (compare.py's default): a small batch of requests all arriving at t=0
+  (16 prompts, input and output lengths uniform in [32, 128]). Small enough for a
+  laptop CPU (m1, m2 and m3 together in a few minutes on the default model), big enough
+  that batching shows: a stage that runs many sequences per step finishes far sooner.
 - `latency`: one request at a time, sequentially (default 4 prompts, 128 in, 128 out).
 - `throughput`: nano-vllm's offline workload: every prompt arrives at t=0, input and
   output lengths uniform in [100, 1024] (default 256 prompts).
@@ -21,10 +25,11 @@ prefix is `--prefix-len`).
 import random
 from dataclasses import asdict, dataclass
 
-WORKLOADS = ("latency", "throughput", "online", "prefix")
+WORKLOADS = ("concurrent", "latency", "throughput", "online", "prefix")
 
 # workload -> defaults: number of prompts, input and output length ranges (inclusive)
 DEFAULTS = {
+    "concurrent": dict(num_prompts=16, input_len=(32, 128), output_len=(32, 128)),
     "latency": dict(num_prompts=4, input_len=(128, 128), output_len=(128, 128)),
     "throughput": dict(num_prompts=256, input_len=(100, 1024), output_len=(100, 1024)),
     "online": dict(num_prompts=64, input_len=(128, 128), output_len=(128, 128)),

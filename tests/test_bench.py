@@ -1,11 +1,15 @@
-"""The bench harness: end to end on CPU with a tiny dummy model, its errors, the roofline
-schedule and the report helpers.
+"""The bench harness: end to end on CPU with a tiny dummy model (the default `concurrent`
+workload, --repeat, scratch vs --publish, the estimate, provenance), its errors, the
+roofline schedule and the report (the 120-column table, times in seconds, why the rows
+differ, the plot's panels).
 
 Introduced with the bench (M1).
 """
 
 import json
+import os
 import re
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -15,21 +19,23 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench import report  # noqa: E402
+from bench import compare, report  # noqa: E402
 from bench.compare import parse_bytes, percentile  # noqa: E402
 from bench.roofline import ModelCost, simulate  # noqa: E402
 from bench.workloads import build_workload  # noqa: E402
 
 SUMMARY_KEYS = {"ttft_mean_ms", "ttft_p50_ms", "ttft_p99_ms", "tpot_mean_ms", "tpot_p50_ms",
                 "tpot_p99_ms", "e2e_mean_s", "e2e_p50_s", "e2e_p99_s", "output_tokens_per_s",
-                "requests_per_s", "total_time_s", "peak_memory_mib", "throughput_ratio",
-                "roofline_fraction", "kv_cache"}
+                "requests_per_s", "total_time_s", "peak_memory_mib", "max_concurrent_seqs",
+                "throughput_ratio", "roofline_fraction", "kv_cache", "runs", "spread"}
 TINY_VOCAB = 512  # dummy:tiny-llama
 
 
-def run_compare(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:
+def run_compare(*args: str, timeout: int = 240, env: dict | None = None
+                ) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(REPO / "bench" / "compare.py"), *args],
-                          capture_output=True, text=True, timeout=timeout, cwd=REPO)
+                          capture_output=True, text=True, timeout=timeout, cwd=REPO,
+                          env=dict(os.environ, **(env or {})))
 
 
 @pytest.mark.parametrize("workload, output_len, extra, plot", [
@@ -57,8 +63,10 @@ def test_end_to_end_on_cpu(tmp_path, workload, output_len, extra, plot):
     assert results["device"] == "cpu" and results["roofline"] is None
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", results["date"])
     assert results["machine"]["gpu"] is None and results["machine"]["cpu_count"] >= 1
-    assert {"python", "torch", "transformers", "triton", "git_commit"} <= set(
-        results["versions"])
+    assert {"python", "torch", "transformers", "triton", "numpy"} <= set(results["versions"])
+    assert results["published"] is False and isinstance(results["git_dirty"], bool)
+    assert re.fullmatch(r"[0-9a-f]{40}", results["git_commit"])
+    assert results["command"].startswith("python bench/compare.py --milestones m1,hf")
     cfg = results["config"]
     assert cfg["num_prompts"] == 3 and cfg["seed"] == 3 and cfg["input_len"] == [8, 8]
     assert cfg["engine"]["dtype"] == "float32"
@@ -80,18 +88,22 @@ def test_end_to_end_on_cpu(tmp_path, workload, output_len, extra, plot):
     assert first["throughput_ratio"] == 1.0
     assert hf["throughput_ratio"] == pytest.approx(
         hf["output_tokens_per_s"] / first["output_tokens_per_s"])
+    assert first["max_concurrent_seqs"] == 1  # m1: no batching, or the latency workload
     if workload == "throughput":
         assert cfg["engine"]["max_batch_size"] == 2
-        assert "one request at a time" in results["rows"][0]["note"]
+        assert hf["max_concurrent_seqs"] == 2
         assert "no max_batch_size (ignored)" in results["rows"][0]["note"]
         assert "batches of up to 2 prompts" in results["rows"][1]["note"]
     else:
+        assert hf["max_concurrent_seqs"] == 1
         assert results["rows"][0]["note"] == ""
 
     out = proc.stdout
-    assert "TTFT ms (mean/p50/p99)" in out and "output tok/s" in out
-    assert re.search(r"^m1 .* 1\.00x\s*$", out, re.M)
-    assert re.search(r"^hf .*x\s*$", out, re.M)
+    assert "TTFT ms p50 / p99" in out and "output tok/s" in out
+    assert re.search(r"^m1 +1 \(one at a time\) .* 1\.00x +\d+\s*$", out, re.M)
+    assert re.search(r"^hf .*x +\d+\s*$", out, re.M)
+    assert re.search(r"^m1: one request at a time", out, re.M)
+    assert "Why the rows differ" in out
 
 
 @pytest.mark.parametrize("args, message", [
@@ -131,6 +143,159 @@ def test_help():
     proc = run_compare("--help", timeout=60)
     assert proc.returncode == 0 and "--milestones" in proc.stdout
     assert "--workload" in proc.stdout and "--kv-cache-memory" in proc.stdout
+    assert "--repeat" in proc.stdout and "--publish" in proc.stdout
+    assert "(default: concurrent)" in proc.stdout
+
+
+def test_defaults():
+    args = compare.build_parser().parse_args(["--milestones", "m1"])
+    assert args.workload == "concurrent" and args.repeat == 1
+    assert args.publish is False and args.out_dir is None
+
+
+def test_default_run_repeats_into_scratch_then_publish_estimates(tmp_path):
+    """No --workload, --repeat 2, no --out-dir: the scratch folder; then --publish: the
+    results folder, with an estimate from the first file. Neither touches the repo."""
+    scratch, published = tmp_path / "scratch", tmp_path / "results"
+    env = {"FOLOVLLM_BENCH_SCRATCH": str(scratch), "FOLOVLLM_BENCH_RESULTS": str(published)}
+    common = ["--model", "dummy:tiny-llama", "--device", "cpu", "--num-prompts", "3",
+              "--input-len", "6:10", "--output-len", "3:5", "--threads", "1", "--no-progress"]
+    proc = run_compare("--milestones", "m1,m2", "--repeat", "2", *common, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "no earlier results file" in proc.stderr
+    assert "one request at a time: m1" in proc.stderr
+    assert "run 2 of 2" in proc.stderr
+    assert not published.exists()
+    (path,) = scratch.glob("*.json")
+    assert path.name.startswith("concurrent-dummy-tiny-llama-cpu-")
+    assert path.with_suffix(".png").is_file()
+    assert "--publish" in proc.stdout and "scratch" in proc.stdout
+    results = report.load_results(path)
+    assert results["workload"] == "concurrent" and results["published"] is False
+    assert results["config"]["repeat"] == 2
+    assert results["config"]["output_len"] == [3, 5]
+    m1, m2 = results["rows"]
+    assert m1["summary"]["max_concurrent_seqs"] == 1
+    assert m2["summary"]["max_concurrent_seqs"] == 3  # all three at once
+    for row in (m1, m2):
+        s = row["summary"]
+        assert set(s) == SUMMARY_KEYS and s["runs"] == 2 and len(row["repeats"]) == 2
+        assert row["wall_s"] > s["total_time_s"] * 2
+        for key in ("output_tokens_per_s", "ttft_p50_ms", "total_time_s"):
+            runs = [r[key] for r in row["repeats"]]
+            assert s["spread"][key] == [min(runs), max(runs)]
+            assert min(runs) <= s[key] <= max(runs)
+            assert s[key] == pytest.approx(sum(runs) / 2)  # the median of two
+        assert len(row["samples"]) == 3
+    assert "Why the rows differ (3 requests, all arriving at t=0)" in proc.stdout
+    assert re.search(r"^m2: up to 3 sequences at once \(M2 batching\): KV reserved", proc.stdout,
+                     re.M)
+    tokps = m2["summary"]["spread"]["output_tokens_per_s"]
+    assert f"({report.fmt_number(tokps[0])}-{report.fmt_number(tokps[1])})" in proc.stdout
+
+    proc = run_compare("--milestones", "m2,m1", "--publish", "--no-plot", *common,
+                       env=dict(env, FOLOVLLM_GIT_COMMIT="f" * 40, FOLOVLLM_GIT_DIRTY="0"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"(from {path.name})" in proc.stderr
+    assert re.search(r"estimate: ~\d+ s for m2 ~\d+ s, m1 ~\d+ s", proc.stderr)
+    (again,) = published.glob("*.json")
+    assert len(list(scratch.glob("*.json"))) == 1
+    results = report.load_results(again)
+    assert results["published"] is True and "samples" in results["rows"][0]
+    assert results["git_commit"] == "f" * 40 and results["git_dirty"] is False
+    assert "repeats" not in results["rows"][0] and results["rows"][0]["summary"]["spread"] is None
+    assert "published" in proc.stdout
+
+
+def test_destinations(tmp_path, monkeypatch):
+    monkeypatch.setenv("FOLOVLLM_BENCH_SCRATCH", str(tmp_path / "s"))
+    monkeypatch.setenv("FOLOVLLM_BENCH_RESULTS", str(tmp_path / "r"))
+    parse = compare.build_parser().parse_args
+    assert compare.out_dir_of(parse(["--milestones", "m1"])) == tmp_path / "s"
+    assert compare.out_dir_of(parse(["--milestones", "m1", "--publish"])) == tmp_path / "r"
+    assert compare.out_dir_of(parse(["--milestones", "m1", "--publish", "--out-dir",
+                                     str(tmp_path / "o")])) == tmp_path / "o"
+    monkeypatch.delenv("FOLOVLLM_BENCH_SCRATCH")
+    monkeypatch.delenv("FOLOVLLM_BENCH_RESULTS")
+    assert compare.scratch_dir() == REPO / "bench" / "scratch"
+    assert compare.results_dir() == REPO / "bench" / "results"
+
+
+def test_git_info_overrides(monkeypatch):
+    monkeypatch.setenv("FOLOVLLM_GIT_COMMIT", "abc123")
+    monkeypatch.delenv("FOLOVLLM_GIT_DIRTY", raising=False)
+    assert compare.git_info() == ("abc123", None)
+    monkeypatch.setenv("FOLOVLLM_GIT_DIRTY", "1")
+    assert compare.git_info() == ("abc123", True)
+    monkeypatch.setenv("FOLOVLLM_GIT_COMMIT", "abc123-dirty")
+    monkeypatch.setenv("FOLOVLLM_GIT_DIRTY", "0")
+    assert compare.git_info() == ("abc123", False)
+    monkeypatch.delenv("FOLOVLLM_GIT_COMMIT")
+    monkeypatch.delenv("FOLOVLLM_GIT_DIRTY")
+    commit, dirty = compare.git_info()
+    assert re.fullmatch(r"[0-9a-f]{40}", commit) and isinstance(dirty, bool)
+
+
+def test_combine_runs_takes_medians_and_keeps_the_spread():
+    runs = []
+    for tokps, at_once in ((30.0, 4), (10.0, 4), (20.0, 5)):
+        s = dict.fromkeys(compare.SUMMARY_KEYS)
+        s.update(output_tokens_per_s=tokps, ttft_p50_ms=1000 / tokps, max_concurrent_seqs=at_once,
+                 kv_cache={"kind": "paged"})
+        runs.append(s)
+    combined = compare.combine_runs(runs)
+    assert combined["output_tokens_per_s"] == 20.0 and combined["ttft_p50_ms"] == 50.0
+    assert combined["spread"]["output_tokens_per_s"] == [10.0, 30.0]
+    assert combined["spread"]["ttft_p50_ms"] == [1000 / 30, 100.0]
+    assert combined["max_concurrent_seqs"] == 4 and combined["runs"] == 3
+    assert combined["kv_cache"] == {"kind": "paged"} and combined["tpot_p50_ms"] is None
+    one = compare.combine_runs(runs[:1])
+    assert one["runs"] == 1 and one["spread"] is None and one["output_tokens_per_s"] == 30.0
+
+
+def _earlier(tmp_path, name, workload, device="cpu", rates=None, date="2026-01-01T00:00:00Z"):
+    rows = []
+    for m, rate in (rates or {"m1": 10.0, "m2": 100.0}).items():
+        summary = dict.fromkeys(SUMMARY_KEYS)
+        summary.update(output_tokens_per_s=rate, total_time_s=5.0, runs=1)
+        rows.append({"milestone": m, "note": "", "summary": summary, "wall_s": 8.0})
+    data = {"workload": workload, "model": "default", "device": device, "date": date,
+            "config": {"engine": {"dtype": "float32"}}, "rows": rows}
+    (tmp_path / name).write_text(json.dumps(data))
+
+
+def test_estimate_from_an_earlier_file(tmp_path):
+    _earlier(tmp_path, "a.json", "latency", date="2026-03-01T00:00:00Z")
+    _earlier(tmp_path, "b.json", "concurrent", rates={"m1": 20.0})
+    _earlier(tmp_path, "c.json", "concurrent", device="cuda", date="2026-04-01T00:00:00Z")
+    path, found = compare.earlier_results("default", "cpu", "float32", "concurrent", [tmp_path])
+    assert path.name == "b.json"  # the same workload first, the same device only
+    assert compare.earlier_results("default", "cpu", "bfloat16", "concurrent",
+                                   [tmp_path]) is None
+    assert compare.earlier_results("dummy:x", "cpu", "float32", "latency", [tmp_path]) is None
+
+    # 200 tokens at 20 tok/s, plus 3 s of start-up (8 s of wall time, 5 s of work)
+    lines = compare.estimate_lines(["m1", "m3"], "concurrent", 200, 1, (path, found), ["m1"])
+    assert lines[0] == "estimate: ~13 s for m1 ~13 s (from b.json)"
+    assert "one request at a time: m1" in lines[1]
+    assert lines[2] == "  m3: not in b.json, so not in the estimate"
+    assert not any("WARNING" in line for line in lines)
+
+    path, found = compare.earlier_results("default", "cpu", "float32", "throughput", [tmp_path])
+    assert path.name == "a.json"  # no throughput file: the newest of the others
+    lines = compare.estimate_lines(["m1", "m2"], "throughput", 72_000, 2, (path, found), [])
+    assert "a latency run: rough" in lines[0] and "~4.4 h" in lines[0]
+    assert "2 runs" in lines[1] and "one request at a time: none" in lines[1]
+    assert lines[-1].startswith("WARNING: this run should take about 4.4 h, over 10 minutes")
+
+    lines = compare.estimate_lines(["m1", "hf"], "concurrent", 99, 1, None, ["m1"])
+    assert lines == ["estimate: no earlier results file of this model and device to estimate "
+                     "from; each row: 99 output tokens; one request at a time: m1"]
+    assert compare.runs_one_at_a_time("m1", False, None)
+    assert not compare.runs_one_at_a_time("m3", False, None)
+    assert compare.runs_one_at_a_time("m3", True, None)
+    assert compare.runs_one_at_a_time("hf", False, 1)
+    assert not compare.runs_one_at_a_time("hf", False, None)
 
 
 # -- workloads ------------------------------------------------------------------------
@@ -148,6 +313,12 @@ def test_workloads_are_reproducible_and_shaped():
     gaps = [y - x for x, y in zip(online.arrival_times, online.arrival_times[1:])]
     assert online.arrival_times[0] == 0.0 and min(gaps) >= 0
     assert 0.07 < sum(gaps) / len(gaps) < 0.13  # mean gap 1 / rate
+
+    concurrent = build_workload("concurrent", 1000, seed=0)
+    assert concurrent.num_prompts == 16 and set(concurrent.arrival_times) == {0.0}
+    assert not concurrent.sequential
+    assert all(32 <= len(p) <= 128 for p in concurrent.prompts)
+    assert all(32 <= n <= 128 for n in concurrent.output_lens)
 
     prefix = build_workload("prefix", 1000, seed=0, num_prompts=4)
     assert prefix.prefix_len == 512
@@ -229,11 +400,14 @@ def test_markdown_table_and_latest_results(tmp_path):
     assert "2026-02-01" in lines[0]
     table = [line for line in lines if line.startswith("|")]
     assert len(table) == 2 + 2  # header, rule, one row per milestone
+    assert table[0] == ("| milestone | at once | TTFT ms p50 / p99 | TPOT ms p50 / p99 | "
+                        "output tok/s | vs first | peak MiB |")
     assert table[2].startswith("| m1 |") and "1.00x" in table[2]
-    assert table[3].startswith("| m2 |") and "2.00x" in table[3]
-    assert "max 37 seqs, 61% of 4096 slots" in table[3]
-    assert "| 10.0/9.00/12.0 |" in table[2]
-    assert "**m2**: a note" in md
+    assert table[3].startswith("| m2 | 37 |") and "2.00x" in table[3]
+    assert "| 9.00 / 12.0 |" in table[2]
+    assert "- **m2**: up to 37 sequences at once (M2 batching): KV cache: max 37 seqs, 61% of " \
+           "4096 slots" in md
+    assert "note **m2**: a note" in md
 
 
 def test_parse_bytes_and_percentile():
@@ -259,8 +433,125 @@ def test_tables_show_the_roofline_and_failed_rows():
     m1 = next(line for line in md.splitlines() if line.startswith("| m1 |"))
     assert m1.rstrip().endswith("| 42% |")
     m2 = next(line for line in md.splitlines() if line.startswith("| m2 |"))
-    assert m2 == "| m2 | -/-/- | -/-/- | -/-/- | - | - | - | - | - | - |"
+    assert m2 == "| m2 | - | - / - | - / - | - | - | - | - |"
     assert "roofline 2.5 s (copy bandwidth 3000 GB/s" in md
     assert "FAILED: RuntimeError: out of memory" in md
     plain = report.plain_table(results)
     assert "roofline" in plain.splitlines()[1] and "42%" in plain
+    assert "m2: no numbers, the row failed" in plain
+
+
+def _row(milestone: str, **summary) -> dict:
+    s = dict.fromkeys(SUMMARY_KEYS)
+    s.update(summary)
+    return {"milestone": milestone, "note": "", "summary": s, "samples": []}
+
+
+def _five_rows() -> dict:
+    """A CUDA run with a roofline, five rows, huge times and a spread: the widest table."""
+    contiguous = {"kind": "contiguous", "num_slots": 5, "max_model_len": 4096,
+                  "capacity_token_slots": 20480, "used_token_slots_peak": 778,
+                  "max_concurrent_seqs": 5}
+    paged = {"kind": "paged", "block_size": 16, "num_blocks": 1456,
+             "capacity_token_slots": 23296, "reserved_token_slots_peak": 1957,
+             "used_token_slots_peak": 1840, "max_concurrent_seqs": 16, "num_preemptions": 2}
+    results = _fake_results("throughput", "2026-02-01T00:00:00Z", [])
+    results["config"] = {"num_prompts": 256, "repeat": 3}
+    results["roofline"] = {"bandwidth_gbps": 3000.0, "matmul_tflops": 700.0, "time_s": 2.5,
+                           "bytes": 7.5e12, "flops": 1e12}
+    spread = {"output_tokens_per_s": [1234.5, 99999.0]}
+    results["rows"] = [
+        _row("m1", ttft_p50_ms=3_550_173.0, ttft_p99_ms=7_200_000.0, tpot_p50_ms=42.0,
+             tpot_p99_ms=12_345.0, output_tokens_per_s=20.04, throughput_ratio=1.0,
+             peak_memory_mib=1326.4, roofline_fraction=0.0006, max_concurrent_seqs=1,
+             spread={"output_tokens_per_s": [19.5, 20.5]}),
+        _row("m2", ttft_p50_ms=7999.0, ttft_p99_ms=17_570.0, tpot_p50_ms=84.7, tpot_p99_ms=99.9,
+             output_tokens_per_s=55555.5, throughput_ratio=2777.8, peak_memory_mib=123456.0,
+             roofline_fraction=0.123, kv_cache=contiguous, spread=spread),
+        _row("m3", ttft_p50_ms=2206.0, ttft_p99_ms=2206.0, tpot_p50_ms=106.0, tpot_p99_ms=145.0,
+             output_tokens_per_s=69.6, throughput_ratio=3.47, peak_memory_mib=1326.0,
+             roofline_fraction=0.5, kv_cache=paged,
+             spread={"output_tokens_per_s": [60.1, 75.2]}),
+        _row("m5", output_tokens_per_s=70.0, throughput_ratio=3.5, max_concurrent_seqs=16),
+        _row("hf", ttft_p50_ms=1107.0, ttft_p99_ms=1107.0, tpot_p50_ms=81.0, tpot_p99_ms=91.4,
+             output_tokens_per_s=454.0, throughput_ratio=0.82, max_concurrent_seqs=64),
+    ]
+    return results
+
+
+def test_plain_table_fits_120_columns_and_prints_long_times_in_seconds():
+    results = _five_rows()
+    plain = report.plain_table(results)
+    assert max(len(line) for line in plain.splitlines()) <= 120, plain
+    header = next(line for line in plain.splitlines() if line.startswith("milestone"))
+    assert header.split() == ["milestone", "at", "once", "TTFT", "ms", "p50", "/", "p99", "TPOT",
+                              "ms", "p50", "/", "p99", "output", "tok/s", "vs", "first", "peak",
+                              "MiB", "roofline"]
+    m1 = next(line for line in plain.splitlines() if line.startswith("m1 "))
+    assert "1 (one at a time)" in m1 and "3550 s / 7200 s" in m1 and "42.0 / 12.3 s" in m1
+    assert "20.0 (19.5-20.5)" in m1 and "1.00x" in m1 and "0.06%" in m1
+    assert "55556 (1234-99999)" in plain
+    assert "3550173" not in plain
+    m2 = next(line for line in plain.splitlines() if line.startswith("m2 "))
+    assert " 5 " in m2 and "7999 / 17.6 s" in m2
+    assert "median of 3 runs" in plain
+    md = report.markdown_table(results)
+    header = next(line for line in md.splitlines() if line.startswith("| milestone"))
+    assert header.count("|") == 9  # eight columns with the roofline
+
+
+def test_fmt_ms():
+    assert report.fmt_ms(None) == "-"
+    assert report.fmt_ms(42.04) == "42.0"
+    assert report.fmt_ms(9999.0) == "9999"
+    assert report.fmt_ms(10_000.0) == "10.0 s"
+    assert report.fmt_ms(355_173.0) == "355 s"
+
+
+def test_why_lines_come_from_the_run():
+    results = _five_rows()
+    header, m1, m2, m3, m5, hf = report.why_lines(results)
+    assert header.startswith("Why the rows differ (256 requests, all arriving at t=0)")
+    assert m1 == "m1: one request at a time (M1 basic: no batching)"
+    assert m2 == ("m2: up to 5 sequences at once (M2 batching): KV reserved whole at "
+                  "max_model_len, 5 slots x 4096 tokens (all in use: the limit); 3.8% of it "
+                  "held tokens at peak")
+    assert m3 == ("m3: up to 16 sequences at once (M3 paged KV): KV in 16-token blocks taken "
+                  "as sequences grow; 8.4% of 23296 slots held at peak; 2 preemptions (the "
+                  "cache was full)")
+    # a later stage with no KV stats: what the registry says it adds, no code change
+    assert m5 == (f"m5: up to 16 sequences at once (M5 chunked prefill): "
+                  f"{report.stages.get('m5').adds}")
+    assert hf.startswith("hf: up to 64 sequences at once (transformers generate): static")
+    results["workload"] = "latency"
+    results["rows"][2]["summary"]["kv_cache"]["max_concurrent_seqs"] = 1
+    results["rows"][2]["summary"]["max_concurrent_seqs"] = None
+    assert report.why_lines(results)[0].startswith(
+        "Why the rows differ (256 requests sent one at a time")
+    assert report.why_lines(results)[3] == (
+        "m3: one request at a time (M3 paged KV; the latency workload sends no more)")
+
+
+def test_at_once_reads_older_files():
+    old = {"workload": "throughput", "config": {"num_prompts": 64}}
+    kv_row = _row("m2", kv_cache={"max_concurrent_seqs": 16})
+    assert report.at_once(old, kv_row) == 16
+    noted = dict(_row("m1"), note="one request at a time (m1 has no batching)")
+    assert report.at_once(old, noted) == 1
+    hf = dict(_row("hf", output_tokens_per_s=1.0), note="static batches of up to 256 prompts")
+    assert report.at_once(old, hf) == 64
+    assert report.at_once(old, _row("m3")) is None
+    assert report.at_once({"workload": "latency"}, _row("m3")) == 1
+    assert report.at_once_text(None) == "-" and report.at_once_text(1) == "1 (one at a time)"
+
+
+def test_plot_panels_say_which_way_is_better(tmp_path):
+    pytest.importorskip("matplotlib")
+    results = _five_rows()
+    titles = [title for _, title in compare.plot_panels(results)]
+    assert titles == ["output tokens/s\n(higher is better)", "TTFT p50 (s)\n(lower is better)",
+                      "TPOT p50 (ms)\n(lower is better)",
+                      "sequences at once\n(more = more batching)"]
+    path = compare.plot(results, tmp_path / "p.png")
+    width, height = struct.unpack(">II", path.read_bytes()[16:24])
+    assert 800 <= width <= 1000 and height < width

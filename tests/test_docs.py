@@ -71,8 +71,67 @@ def test_stage_diff_matches_the_files():
     for d in diffs.values():  # the +/- counts agree with the lines shown
         assert d.added == sum(1 for line in d.lines[2:] if line.startswith("+"))
         assert d.added + d.removed > 0
-    markdown = stage_diff.format_markdown("m0_init", "m1_basic", list(diffs.values()))
-    assert "`engine/llm_engine.py` (added" in markdown and "```diff" in markdown
+
+
+def _text(fragment: str) -> str:
+    """The visible text of an HTML fragment: tags removed, entities decoded."""
+    return html.unescape(re.sub(r"<[^>]+>", "", fragment))
+
+
+def test_stage_diff_html_puts_the_lesson_first():
+    stage_diff = _load_tool("stage_diff")
+    old, new = "m2_batching", "m3_paged_kv"
+    diffs = stage_diff.stage_diff(old, new)
+    lesson = stage_diff.read_lesson(new)
+    out = stage_diff.format_html(old, new, diffs, lesson)
+    assert f"<code>python tools/stage_diff.py {old} {new}</code>" in out
+    blocks = re.findall(r'<details id="([^"]+)" class="stage-diff"( open)?>', out)
+    key = [stage_diff.anchor(e.path) for e in lesson.entries if e.key]
+    rest = [stage_diff.anchor(e.path) for e in lesson.entries if not e.key]
+    # One block per changed file: the idea's files first and open, in LESSON order.
+    assert [anchor for anchor, _ in blocks] == key + rest
+    assert all(is_open for _, is_open in blocks[:len(key)])
+    assert not any(is_open for _, is_open in blocks[len(key):])
+    assert "diff-core-block_pool-py" in key
+    # The table links every block, in the same order, and says why each file changed.
+    table, blocks_html = out[:out.index("</table>")], out[out.index("</table>"):]
+    assert re.findall(r'<a href="#([^"]+)">', table) == key + rest
+    for entry in lesson.entries:  # in the table and in the file's summary line
+        why = entry.why.replace("`", "")
+        assert why in _text(table) and why in _text(blocks_html), entry.path
+    # Lines are highlighted by Pygments and escaped; the text is the CLI's diff exactly.
+    assert '<div class="highlight"><pre><code>' in out
+    assert '<span class="k">class</span>' in out and '<span class="diff-sign">+</span>' in out
+    bodies = re.findall(r'<span class="diff-lines">(.*?)</span></code></pre>', out, re.S)
+    shown = sorted(_text(body) for body in bodies)
+    assert shown == sorted("\n".join(d.lines) + "\n" for d in diffs)
+    source = (REPO_ROOT / new / "core/block_pool.py").read_text().splitlines()
+    special = [line for line in source if set(line) & set("<>&\"'")]
+    assert special and not [line for line in special if line in out]  # all escaped
+    assert all("+" + line in _text(out) for line in special)
+    cli = _run(str(STAGE_DIFF), "--html", old, new)
+    assert cli.returncode == 0 and cli.stdout == out, cli.stderr
+
+
+def test_stage_diff_html_escapes_and_falls_back_to_text(tmp_path):
+    stage_diff = _load_tool("stage_diff")
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "a" / "NOTES").write_text("x < y\n")
+    (tmp_path / "b" / "NOTES").write_text("x < y & \"z\"\n")
+    (tmp_path / "b" / "m.py").write_text('s = """<b>\n&amp;"""\n')
+    diffs = stage_diff.stage_diff("a", "b", root=tmp_path)
+    lesson = stage_diff.parse_lesson("# t\n## the idea\nm.py  # uses `<b>` & co\n")
+    out = stage_diff.format_html("a", "b", diffs, lesson, root=tmp_path)
+    assert out.index('id="diff-m-py" class="stage-diff" open') < out.index('id="diff-NOTES"')
+    assert "uses <code>&lt;b&gt;</code> &amp; co" in out
+    # The docstring spans two lines: each line is a string token, closed on its line.
+    assert '<span class="s2">&quot;&quot;&quot;&lt;b&gt;</span>' in out
+    assert '<span class="s2">&amp;amp;&quot;&quot;&quot;</span>' in out
+    assert 'class="diff-line diff-add" data-n="1"><span class="diff-sign">+</span>x &lt; y' in out
+    assert 'class="diff-line diff-del" data-n="1"><span class="diff-sign">-</span>x &lt; y\n' in out
+    assert "<code>a</code> and <code>a</code> are identical" in stage_diff.format_html(
+        "a", "a", [], lesson, root=tmp_path)
 
 
 def test_stage_diff_cli_rejects_a_missing_stage():
@@ -88,7 +147,11 @@ def _fake_results(folder: Path, workload: str, milestones: list[str], date: str)
                "output_tokens_per_s": 4321.0, "requests_per_s": 2.0, "total_time_s": 1.0,
                "peak_memory_mib": 100.0, "throughput_ratio": 1.0, "roofline_fraction": None,
                "kv_cache": None}
-    results = {"workload": workload, "model": "dummy:tiny-llama", "device": "cpu",
+    command = (f"python bench/compare.py --milestones {','.join(milestones)} --workload "
+               f"{workload} --model dummy:tiny-llama --device cpu --out-dir /tmp/x "
+               "--no-progress")
+    results = {"command": command, "git_commit": "abcdef1234" + "0" * 30, "git_dirty": False,
+               "workload": workload, "model": "dummy:tiny-llama", "device": "cpu",
                "date": date, "machine": {"gpu": None, "cpu": "test cpu", "cpu_count": 2},
                "versions": {}, "config": {"num_prompts": 2, "seed": 0}, "roofline": None,
                "rows": [{"milestone": m, "note": "", "summary": summary, "samples": []}
@@ -99,7 +162,7 @@ def _fake_results(folder: Path, workload: str, milestones: list[str], date: str)
     return folder / f"{stem}.json"
 
 
-def test_bench_markers_render_results_files(tmp_path, monkeypatch):
+def test_bench_table_shows_the_pinned_file_with_its_command(tmp_path, monkeypatch):
     hooks = _load_tool("mkdocs_hooks")
     monkeypatch.setenv("FOLOVLLM_RESULTS_DIR", str(tmp_path))
     page = SimpleNamespace(file=SimpleNamespace(src_uri="m1_basic.md"))
@@ -108,43 +171,66 @@ def test_bench_markers_render_results_files(tmp_path, monkeypatch):
     def render(text: str) -> str:
         return hooks.on_page_markdown(text, page, config, files=None)
 
-    empty = render("<!-- bench-table: workload=latency milestones=m1 -->")
-    assert "No results file yet for this workload" in empty
     older = _fake_results(tmp_path, "latency", ["m1", "hf"], "2026-01-01T00:00:00Z")
-    newer = _fake_results(tmp_path, "latency", ["m1", "hf"], "2026-02-01T00:00:00Z")
-    newest = _fake_results(tmp_path, "throughput", ["m1"], "2026-03-01T00:00:00Z")
-    table = render("<!-- bench-table: workload=latency milestones=m1 -->")
-    assert "No results file yet" not in table
-    assert "| m1 |" in table and "| hf |" in table
-    assert "4321" in table  # the number comes from the file
-    # the newest file of that workload: not the older one, not the throughput one
-    assert newer.name in table and older.name not in table and newest.name not in table
-    assert f"](bench-results/{newer.stem}.png)" in table
-    assert "No results file yet" in render(
-        "<!-- bench-table: workload=latency milestones=m2 -->")
-    every = render("<!-- bench-all -->")
-    assert every.count("| m1 |") == 3
-    assert every.index(newest.name) < every.index(newer.name) < every.index(older.name)
+    newer = _fake_results(tmp_path, "latency", ["m1", "m2", "hf"], "2026-02-01T00:00:00Z")
+    table = render(f"<!-- bench-table: file={older.name} -->")
+    # the named file, not the newer one of the same workload
+    assert older.name in table and newer.name not in table
+    assert "| m1 |" in table and "| hf |" in table and "4321" in table
+    assert f"](bench-results/{older.stem}.png)" in table
+    # where the numbers come from, and the command without the output-folder flags
+    assert "measured at commit `abcdef1234`" in table
+    assert ("python bench/compare.py --milestones m1,hf --workload latency --model "
+            "dummy:tiny-llama --device cpu\n") in table
+    assert "--out-dir" not in table and "--no-progress" not in table
+    # rows=: only those rows, the others named
+    picked = render(f"<!-- bench-table: file={newer.name} rows=m2,hf -->")
+    assert "| m2 |" in picked and "| m1 |" not in picked and "also has rows m1" in picked
+    with pytest.raises(ValueError, match="no row m7"):
+        render(f"<!-- bench-table: file={newer.name} rows=m7 -->")
+    with pytest.raises(ValueError, match="no results file"):
+        render("<!-- bench-table: file=nothing.json -->")
+    with pytest.raises(ValueError, match="file= is required"):
+        render("<!-- bench-table: rows=m1 -->")
     with pytest.raises(ValueError, match="bad option"):
-        render("<!-- bench-table: workload=latency speed=fast -->")
+        render(f"<!-- bench-table: file={older.name} workload=latency -->")
+    every = render("<!-- bench-all -->")
+    assert every.count("| m1 |") == 2 and every.index(newer.name) < every.index(older.name)
 
 
-def test_mkdocs_build_strict_shows_generated_diff(tmp_path):
-    site = tmp_path / "site"
+def test_stage_tests_marker_lists_test_files_with_what_they_check():
+    hooks = _load_tool("mkdocs_hooks")
+    page = SimpleNamespace(file=SimpleNamespace(src_uri="m3_paged_kv.md"))
+    out = hooks.on_page_markdown("<!-- stage-tests: tests/test_paged.py -->", page,
+                                 SimpleNamespace(docs_dir=str(REPO_ROOT / "docs")), None)
+    assert "- `tests/test_paged.py`: The paged KV cache" in out
+    assert "python -m pytest -q tests/test_paged.py" in out
+    with pytest.raises(ValueError, match="no test file"):
+        hooks.on_page_markdown("<!-- stage-tests: tests/test_nothing.py -->", page, None, None)
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    """The docs site, built once for the tests below, with --strict."""
+    folder = tmp_path_factory.mktemp("docs") / "site"
     env = dict(os.environ, NO_MKDOCS_2_WARNING="1")
-    result = _run("-m", "mkdocs", "build", "--strict", "--site-dir", str(site), env=env)
+    result = _run("-m", "mkdocs", "build", "--strict", "--site-dir", str(folder), env=env)
     assert result.returncode == 0, result.stdout + result.stderr
+    return folder
+
+
+def test_site_shows_generated_diffs(site):
     m1_page = _page_text(site / "m1_basic" / "index.html")
     # Lines of the M1 engine's source appear in the page, as added lines of the diff.
     engine_src = (REPO_ROOT / "m1_basic/engine/llm_engine.py").read_text().splitlines()
     for line in (engine_src[0], "class LLMEngine:", engine_src[-1]):
         assert "+" + line in m1_page, line
     assert "+++ m1_basic/worker/model_runner.py" in m1_page
-    assert 'class="mermaid"' in (site / "m1_basic" / "index.html").read_text()
     # Every later stage's page shows its own diff from the stage before it.
     for page in sorted((REPO_ROOT / "docs").glob("m[1-9]_*.md")):
         built = _page_text(site / page.stem / "index.html")
         assert f"+++ {page.stem}/" in built, page.name
+        assert 'class="stage-diff" open' in (site / page.stem / "index.html").read_text()
     # M0 has no earlier stage: its page shows its file tree instead.
     m0_page = _page_text(site / "m0_init" / "index.html")
     assert "model_executor/" in m0_page and "+++ " not in m0_page
@@ -156,15 +242,95 @@ def test_mkdocs_build_strict_shows_generated_diff(tmp_path):
     assert "Benchmarks" in _page_text(site / "benchmarks" / "index.html")
 
 
-def test_notebooks_are_committed_clean():
-    """Notebooks go in without outputs (CI executes them); each is valid nbformat 4."""
+def _pages(site: Path) -> list[Path]:
+    return sorted(p for p in site.rglob("index.html") if "404" not in p.parts)
+
+
+def test_site_works_offline(site):
+    """Diagrams draw from the copy of Mermaid served with the site; no page loads a
+    script, stylesheet or image from the network."""
+    remote = re.compile(r'<(?:script|img)[^>]*\ssrc="(?:https?:)?//|'
+                        r'<link[^>]*rel="stylesheet"[^>]*href="(?:https?:)?//')
+    for page in _pages(site):
+        text = page.read_text(encoding="utf-8")
+        assert not remote.search(text), f"{page.relative_to(site)} loads from the network"
+        if 'class="mermaid"' in text:
+            scripts = re.findall(r'<script src="([^"]*mermaid[^"]*)"', text)
+            assert scripts, f"{page.relative_to(site)} has a diagram and no Mermaid script"
+            assert (page.parent / scripts[0]).resolve().is_file(), scripts[0]
+    assert 'class="mermaid"' in (site / "m2_batching" / "index.html").read_text()
+
+
+def test_site_shows_images_that_exist(site):
+    """Each stage page that can generate shows its notebook plots and its bench plots;
+    each notebook page shows its plots (saved outputs, inline PNGs)."""
+    for stage in ("m1_basic", "m2_batching", "m3_paged_kv"):
+        page = site / stage / "index.html"
+        sources = re.findall(r'<img[^>]*\ssrc="([^"]+)"', page.read_text(encoding="utf-8"))
+        figures = [s for s in sources if "notebook-figures/" in s]
+        plots = [s for s in sources if "bench-results/" in s]
+        assert figures and plots, f"{stage}: notebook figures {figures}, bench plots {plots}"
+        for src in figures + plots:
+            assert (page.parent / src).resolve().is_file(), f"{stage}: {src} is missing"
+    for nb in (REPO_ROOT / "notebooks").glob("*.ipynb"):
+        text = (site / "notebooks" / nb.stem / "index.html").read_text(encoding="utf-8")
+        assert "data:image/png;base64," in text, f"{nb.name}: no plot shown"
+
+
+# About this many characters of table text fit side by side in the page's column at
+# 1366 px (tools/screenshot_docs.py checks the real pages in Chromium).
+TABLE_ROW_CHARS = 100
+
+
+def _table_min_width_chars(table: str) -> int:
+    """The narrowest a table can be drawn, in characters: a cell wraps at spaces, so a
+    column is as wide as its longest word; plus the padding between columns."""
+    widths: dict[int, int] = {}
+    for row in re.findall(r"<tr[^>]*>(.*?)</tr>", table, re.S):
+        for i, cell in enumerate(re.findall(r"<t[hd][^>]*>(.*?)</t[hd]>", row, re.S)):
+            words = html.unescape(re.sub(r"<[^>]+>", "", cell)).split()
+            widths[i] = max([widths.get(i, 0)] + [len(w) for w in words])
+    return sum(widths.values()) + 3 * len(widths)
+
+
+def test_bench_tables_fit_the_page(site):
+    """The bench tables and the stage map have few columns and no word that forces the
+    table wider than the page (text in a cell wraps, but only at spaces)."""
+    checked = 0
+    for page in _pages(site):
+        text = page.read_text(encoding="utf-8")
+        for table in re.findall(r"<table>(.*?)</table>", text, re.S):
+            header = re.findall(r"<th[^>]*>(.*?)</th>", table, re.S)
+            if not header or "milestone" not in header[0] and "stage" not in header[0]:
+                continue  # the diff's file tables wrap freely
+            checked += 1
+            assert len(header) <= 8, f"{page.relative_to(site)}: {len(header)} columns"
+            width = _table_min_width_chars(table)
+            assert width <= TABLE_ROW_CHARS, (
+                f"{page.relative_to(site)}: a table {width} characters wide: {header}")
+    assert checked >= 4
+
+
+def test_notebooks_are_committed_with_fresh_outputs():
+    """Notebooks go in with the outputs the docs show, saved by tools/run_notebooks.py
+    after the last edit of any cell (the hash of the cells matches), with no errors,
+    and every cell tagged figure:NAME holds its plot."""
     import nbformat
 
+    run_notebooks = _load_tool("run_notebooks")
     notebooks = sorted((REPO_ROOT / "notebooks").glob("*.ipynb"))
     assert {nb.stem for nb in notebooks} >= {"m0_init", "m1_basic"}
     for path in notebooks:
         nb = nbformat.read(path, as_version=4)
         nbformat.validate(nb)
-        for cell in nb.cells:
-            if cell.cell_type == "code":
-                assert not cell.outputs and cell.execution_count is None, path.name
+        saved = nb.metadata.get("folovllm", {})
+        assert saved.get("source_sha256") == run_notebooks.source_sha256(nb), (
+            f"{path.name}: cells changed since the outputs were saved; run "
+            f"python tools/run_notebooks.py {path.relative_to(REPO_ROOT)}")
+        code = [cell for cell in nb.cells if cell.cell_type == "code"]
+        assert [cell.execution_count for cell in code] == list(range(1, len(code) + 1))
+        for cell in code:
+            assert not [o for o in cell.outputs if o.output_type == "error"], path.name
+            if any(t.startswith("figure:") for t in cell.metadata.get("tags", [])):
+                assert any("image/png" in o.get("data", {}) for o in cell.outputs), (
+                    f"{path.name}: cell tagged {cell.metadata['tags']} drew no plot")

@@ -1,8 +1,16 @@
 """Each stage's LESSON names exactly the files its idea changes from the stage before.
 
-A `LESSON` file sits in every stage folder: a first `# ` line saying the idea, then one
-path per line (relative to the stage folder), `#` comments allowed, also after a path.
-The first stage (m0_init) lists no files: nothing comes before it.
+A `LESSON` file sits in every stage folder: a first `# ` line saying the idea, then the
+changed files, one path per line (relative to the stage folder), each followed by a `#`
+comment saying why it changed. The paths sit in two sections, each opened by its line:
+
+    ## the idea     the files that carry the idea, in the order to read them
+    ## around it    the files that follow from it (docstrings, config, demo, packages)
+
+Other `#` lines are comments. The docs page of a stage shows the idea's files first and
+open, the others collapsed, each with its why (`tools/stage_diff.py`, which also holds
+the parser, `read_lesson`). The first stage (m0_init) lists no files: nothing comes
+before it. Every later stage has at least one file under `## the idea`.
 
 For each pair of neighbouring stages present (bench/stages.py), the files that differ
 (modified, added or removed; as `tools/stage_diff.py` and the docs see them, so without
@@ -28,33 +36,42 @@ STAGES = [s.package for s in present_stages()]
 PAIRS = list(zip(STAGES, STAGES[1:]))
 
 
-def read_lesson(stage: str) -> tuple[str, list[str]]:
-    """(the first line, the listed paths) of a stage's LESSON."""
-    lines = (REPO_ROOT / stage / "LESSON").read_text(encoding="utf-8").splitlines()
-    paths = [line.split("#", 1)[0].strip() for line in lines]
-    return (lines[0] if lines else ""), [p for p in paths if p]
-
-
 @pytest.mark.parametrize("stage", STAGES)
 def test_lesson_is_well_formed(stage):
     assert (REPO_ROOT / stage / "LESSON").is_file(), f"{stage}/LESSON is missing"
-    first, paths = read_lesson(stage)
-    assert first.startswith("# ") and len(first) > 2, \
-        f"{stage}/LESSON: the first line must be a `# ` comment saying the stage's idea"
+    lesson = stage_diff.read_lesson(stage)  # raises on a bad first line or section
+    paths = [e.path for e in lesson.entries]
     duplicates = sorted({p for p in paths if paths.count(p) > 1})
     assert not duplicates, f"{stage}/LESSON lists these twice: {duplicates}"
     bad = [p for p in paths if p.startswith("/") or ".." in p.split("/") or "\\" in p]
     assert not bad, f"{stage}/LESSON: paths must be relative to {stage}/ with '/': {bad}"
+    no_why = [e.path for e in lesson.entries if not e.why]
+    assert not no_why, f"{stage}/LESSON: say why each file changed, in a `#` comment: {no_why}"
     if stage == STAGES[0]:
         assert not paths, (f"{stage}/LESSON: the first stage has no stage before it, so it "
                            f"lists no files; remove {paths}")
+    else:
+        assert any(e.key for e in lesson.entries), \
+            f"{stage}/LESSON: list the files that carry the idea under `## the idea`"
+
+
+def test_lesson_parser_sorts_files_into_sections():
+    text = ("# M9 · demo: an idea\n# a comment\n## the idea\na.py  # why a\n\n"
+            "## around it\nb/c.py # why c, with a # inside\nd.py\n")
+    lesson = stage_diff.parse_lesson(text)
+    assert lesson.title == "M9 · demo: an idea"
+    assert [(e.path, e.why, e.key) for e in lesson.entries] == [
+        ("a.py", "why a", True), ("b/c.py", "why c, with a # inside", False), ("d.py", "", False)]
+    for bad in ("no title\n", "# t\nx.py  # before any section\n", "# t\n## the ideas\n"):
+        with pytest.raises(ValueError):
+            stage_diff.parse_lesson(bad)
 
 
 @pytest.mark.parametrize("old, new", PAIRS, ids=[f"{a}-{b}" for a, b in PAIRS])
 def test_neighbouring_stages_differ_only_in_lesson_files(old, new):
     changed = {d.path: f"{d.status}, +{d.added} -{d.removed}"
                for d in stage_diff.stage_diff(old, new)}
-    listed = set(read_lesson(new)[1])
+    listed = {e.path for e in stage_diff.read_lesson(new).entries}
     unlisted = sorted(set(changed) - listed)
     stale = sorted(listed - set(changed))
     message = [f"{old} -> {new}: {new}/LESSON does not match the diff "

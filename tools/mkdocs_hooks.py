@@ -1,29 +1,43 @@
-"""MkDocs hooks: fill the docs pages from the code and the bench results at build time.
+"""MkDocs hooks: fill the docs pages from the code, the notebooks and the bench results.
 
 Docs tooling, introduced with M1. Registered in `mkdocs.yml` under `hooks:`. A page
-holds markers (HTML comments) that this hook replaces before the Markdown is rendered:
+holds markers (HTML comments) that this hook replaces when the site is built:
 
-- `<!-- stage-diff: m0_init m1_basic -->`: the diff between two stages, one collapsible
-  block per changed file (from `tools/stage_diff.py`).
+- `<!-- stage-diff: m0_init m1_basic -->`: the diff between two stages as highlighted
+  HTML: a table of the changed files (why each changed, from the later stage's LESSON),
+  then one collapsible block per file, the files that carry the idea first and open
+  (`tools/stage_diff.py`).
 - `<!-- stage-tree: m0_init -->`: a stage's file tree with line counts.
 - `<!-- stage-map -->`: the table of all stages (`bench/stages.py`), linking the ones
   that have a page.
-- `<!-- bench-table: workload=latency milestones=m1 [device=cpu] [model=NAME] -->`: the
-  table of the newest results file for that workload that has those milestones (through
-  `bench/report.py`), with its plot when one exists.
-- `<!-- bench-all -->`: every results file, newest first, each with table and plot.
+- `<!-- stage-tests: tests/test_paged.py ... -->`: the test files that check a stage's
+  idea, each with the first paragraph of its docstring, and the command that runs them.
+- `<!-- bench-table: file=NAME.json [rows=m1,hf] -->`: the table of one committed
+  results file of `bench/results/` (through `bench/report.py`), only the named rows if
+  `rows=` is given (the ratio column then against the first of them), with the commit
+  and command that produced it, and its plot. Pinned by name, so a new run never
+  silently replaces it.
+- `<!-- bench-all -->`: every committed results file, newest first.
+- `<!-- notebook-figure: m2_batching timeline Caption text -->`: the plot that the cell
+  tagged `figure:timeline` of `notebooks/m2_batching.ipynb` drew, from the outputs
+  committed in the notebook (`tools/run_notebooks.py` saves them).
 
-It also adds files that live outside `docs/` to the site without copying or linking
-them into `docs/`: the notebooks (`notebooks/*.ipynb`, rendered by mkdocs-jupyter) and
-the bench plots (`bench/results/*.png`, served under `bench-results/`). Set
-`FOLOVLLM_RESULTS_DIR` to read results from another folder (e.g. `bench/scratch`).
+It also adds files that live outside `docs/` to the site without copying them into
+`docs/`: the notebooks (`notebooks/*.ipynb`, rendered with their outputs by
+mkdocs-jupyter), the bench plots (`bench/results/*.png`, served under `bench-results/`)
+and the tagged notebook plots (under `notebook-figures/`). Set `FOLOVLLM_RESULTS_DIR`
+to read results from another folder (e.g. `bench/scratch`, to preview a local run).
 """
 
 from __future__ import annotations
 
+import ast
+import base64
+import copy
 import importlib
 import os
 import re
+import shlex
 import sys
 from pathlib import Path
 
@@ -37,9 +51,12 @@ import stage_diff  # noqa: E402  (tools/stage_diff.py, next to this file)
 from bench.stages import ALL_STAGES  # noqa: E402  (the one list of stages)
 
 PLOTS_URI = "bench-results"  # where the bench plots appear in the site
+FIGURES_URI = "notebook-figures"  # where the tagged notebook plots appear
+FIGURE_TAG = "figure:"  # a notebook cell tagged figure:NAME is a figure of the site
 
-_MARKER = re.compile(r"<!--\s*(stage-diff|stage-tree|stage-map|bench-table|bench-all)"
-                     r"\s*:?\s*(.*?)\s*-->")
+_MARKER = re.compile(r"<!--\s*(stage-diff|stage-tree|stage-map|stage-tests|bench-table|"
+                     r"bench-all|notebook-figure)\s*:?\s*(.*?)\s*-->")
+_HTML_SLOT = "FOLOVLLM-HTML-{}"  # a paragraph the rendered HTML replaces (on_page_content)
 
 
 # -- files from outside docs/ ---------------------------------------------------------
@@ -53,30 +70,54 @@ def on_files(files, config):
                           use_directory_urls=config.use_directory_urls))
     for png in sorted(results_dir().glob("*.png")):
         files.append(File.generated(config, f"{PLOTS_URI}/{png.name}", abs_src_path=str(png)))
+    for (stem, name), data in sorted(notebook_figures().items()):
+        files.append(File.generated(config, f"{FIGURES_URI}/{stem}-{name}.png", content=data))
     return files
 
 
 # -- markers --------------------------------------------------------------------------
+_rendered_html: dict[str, list[str]] = {}  # page src_uri -> HTML for its slots
+
+
 def on_page_markdown(markdown, page, config, files):
+    slots = _rendered_html.setdefault(page.file.src_uri, [])
+    slots.clear()
+
     def replace(match: re.Match) -> str:
         kind, args = match.group(1), match.group(2)
         where = f"{page.file.src_uri}: <!-- {kind} {args} -->"
         try:
             if kind == "stage-diff":
                 old, new = _words(args, 2, where)
-                return stage_diff.format_markdown(old, new, stage_diff.stage_diff(old, new))
+                diffs = stage_diff.stage_diff(old, new)
+                slots.append(stage_diff.format_html(old, new, diffs, stage_diff.read_lesson(new)))
+                return f"\n{_HTML_SLOT.format(len(slots) - 1)}\n"
             if kind == "stage-tree":
                 (stage,) = _words(args, 1, where)
                 return f"```text\n{stage_diff.format_tree(stage)}```\n"
             if kind == "stage-map":
                 return _stage_map(config)
+            if kind == "stage-tests":
+                return _stage_tests(args.split(), where)
             if kind == "bench-table":
-                return _bench_table(_options(args, where), page)
+                return _bench_table(_options(args, where), page, where)
+            if kind == "notebook-figure":
+                return _notebook_figure(args, where)
             return _bench_all(page)
         except FileNotFoundError as exc:
             raise ValueError(f"{where}: {exc}") from exc
 
     return _MARKER.sub(replace, markdown)
+
+
+def on_page_content(html_text, page, config, files):
+    """Put the HTML that must not go through Markdown (the stage diffs) in its slots."""
+    for n, fragment in enumerate(_rendered_html.get(page.file.src_uri, [])):
+        slot = f"<p>{_HTML_SLOT.format(n)}</p>"
+        if slot not in html_text:
+            raise ValueError(f"{page.file.src_uri}: lost the place of generated block {n}")
+        html_text = html_text.replace(slot, fragment)
+    return html_text
 
 
 def _words(args: str, n: int, where: str) -> list[str]:
@@ -90,12 +131,13 @@ def _options(args: str, where: str) -> dict[str, str]:
     options = {}
     for word in args.split():
         key, sep, value = word.partition("=")
-        if not sep or key not in ("workload", "milestones", "device", "model"):
-            raise ValueError(f"{where}: bad option {word!r} "
-                             "(use workload=, milestones=, device=, model=)")
+        if not sep or key not in ("file", "rows"):
+            raise ValueError(f"{where}: bad option {word!r} (use file=NAME.json, a results "
+                             "file committed in bench/results/, and rows=m1,hf to show "
+                             "only some of its rows)")
         options[key] = value
-    if "workload" not in options:
-        raise ValueError(f"{where}: workload= is required")
+    if "file" not in options:
+        raise ValueError(f"{where}: file= is required: name the committed results file")
     return options
 
 
@@ -111,6 +153,58 @@ def _stage_map(config) -> str:
         notebook = f"[{nb.name}](notebooks/{nb.name})" if nb.is_file() else ""
         rows.append(f"| {s.label} | {name} | {s.adds} | {notebook} |")
     return "\n".join(rows) + "\n"
+
+
+def _stage_tests(paths: list[str], where: str) -> str:
+    """Each test file with the first paragraph of its docstring, and how to run them."""
+    if not paths:
+        raise ValueError(f"{where}: name at least one test file")
+    lines = []
+    for rel in paths:
+        path = REPO_ROOT / rel
+        if not path.is_file() or not rel.startswith("tests/"):
+            raise FileNotFoundError(f"no test file {rel}")
+        doc = ast.get_docstring(ast.parse(path.read_text(encoding="utf-8"))) or ""
+        summary = " ".join(doc.split("\n\n")[0].split())
+        if not summary:
+            raise ValueError(f"{where}: {rel} has no docstring to say what it checks")
+        lines.append(f"- `{rel}`: {summary}")
+    lines += ["", "```bash", f"python -m pytest -q {' '.join(paths)}", "```"]
+    return "\n".join(lines) + "\n"
+
+
+# -- notebook figures -----------------------------------------------------------------
+def notebook_figures() -> dict[tuple[str, str], bytes]:
+    """(notebook stem, figure name) -> PNG bytes, for every cell tagged figure:NAME that
+    has a saved image output."""
+    import nbformat
+
+    figures = {}
+    for path in sorted((REPO_ROOT / "notebooks").glob("*.ipynb")):
+        for cell in nbformat.read(path, as_version=4).cells:
+            names = [t[len(FIGURE_TAG):] for t in cell.get("metadata", {}).get("tags", [])
+                     if t.startswith(FIGURE_TAG)]
+            images = [out["data"]["image/png"] for out in cell.get("outputs", [])
+                      if "image/png" in out.get("data", {})]
+            for name in names:
+                if images:
+                    figures[(path.stem, name)] = base64.b64decode(images[0])
+    return figures
+
+
+def _notebook_figure(args: str, where: str) -> str:
+    words = args.split(maxsplit=2)
+    if len(words) < 3:
+        raise ValueError(f"{where}: use <!-- notebook-figure: NOTEBOOK NAME Caption -->")
+    stem, name, caption = words
+    if not (REPO_ROOT / "notebooks" / f"{stem}.ipynb").is_file():
+        raise FileNotFoundError(f"no notebook notebooks/{stem}.ipynb")
+    if (stem, name) not in notebook_figures():
+        raise ValueError(f"{where}: notebooks/{stem}.ipynb has no saved plot in a cell tagged "
+                         f"{FIGURE_TAG}{name} (run python tools/run_notebooks.py)")
+    return (f"![{caption}]({FIGURES_URI}/{stem}-{name}.png)\n\n"
+            f"<small>{caption} From the notebook "
+            f"[{stem}.ipynb](notebooks/{stem}.ipynb), as saved with its outputs.</small>\n")
 
 
 # -- bench results --------------------------------------------------------------------
@@ -144,31 +238,75 @@ def _shown_path(path: Path) -> str:
     return path.relative_to(REPO_ROOT).as_posix() if path.is_relative_to(REPO_ROOT) else path.name
 
 
-def _matches(results: dict, options: dict[str, str], milestones: list[str]) -> bool:
-    have = {row.get("milestone") for row in results.get("rows", [])}
-    if not set(milestones) <= have:
-        return False
-    if "device" in options and results.get("device") != options["device"]:
-        return False
-    return "model" not in options or results.get("model") == options["model"]
+_NOT_RESULTS = {"--out-dir": 1, "--no-progress": 0, "--no-plot": 0, "--publish": 0}
 
 
-def _bench_table(options: dict[str, str], page) -> str:
-    workload = options["workload"]
-    milestones = [m for m in options.get("milestones", "").split(",") if m]
-    empty = f"*No results file yet for this workload (`{workload}`"
-    empty += f", milestones {', '.join(milestones)})*\n" if milestones else ")*\n"
+def reproduce_command(results: dict) -> str | None:
+    """The recorded command without the flags that only say where the files go."""
+    command = results.get("command")
+    if not command:
+        return None
+    words, kept = shlex.split(command), []
+    skip = 0
+    for word in words:
+        if skip:
+            skip -= 1
+            continue
+        flag = word.split("=", 1)[0]
+        if flag in _NOT_RESULTS:
+            skip = _NOT_RESULTS[flag] if "=" not in word else 0
+            continue
+        kept.append(word)
+    return shlex.join(kept)
+
+
+def provenance(results: dict, path: Path) -> str:
+    """Where the numbers come from: the file, the commit, and how to run it again."""
+    commit = results.get("git_commit") or "an unrecorded commit"
+    commit = commit[:10] if re.fullmatch(r"[0-9a-f]{40}", commit) else commit
+    dirty = " (with uncommitted changes)" if results.get("git_dirty") else ""
+    out = [f"<small>From `{_shown_path(path)}`, measured at commit `{commit}`{dirty}.</small>"]
+    command = reproduce_command(results)
+    if command:
+        out += ["", "Run it again (on the same kind of machine):", "", "```bash", command, "```"]
+    else:
+        out += ["", "<small>This file did not record its command line.</small>"]
+    return "\n".join(out) + "\n"
+
+
+def _bench_table(options: dict[str, str], page, where: str) -> str:
     report = _report()
     if report is None:
-        return empty
-    for path in report.latest_results(workload=workload, milestones=milestones or None,
-                                      results_dir=results_dir()):
-        path = Path(path)
-        results = report.load_results(path)
-        if _matches(results, options, milestones):
-            return (f"{report.markdown_table(results)}\n"
-                    f"<small>From `{_shown_path(path)}`.</small>\n{_plot_links(path, page)}")
-    return empty
+        raise ValueError(f"{where}: bench/report.py is missing")
+    path = results_dir() / options["file"]
+    if not path.is_file():
+        raise FileNotFoundError(f"no results file {options['file']} in {_shown_path(results_dir())}")
+    results = report.load_results(path)
+    shown, hidden = _pick_rows(results, options.get("rows"), where)
+    left_out = (f"<small>The file also has rows {', '.join(hidden)}: see "
+                f"[Benchmarks](benchmarks.md).</small>\n\n" if hidden else "")
+    return (f"{report.markdown_table(shown)}\n{left_out}{provenance(results, path)}"
+            f"{_plot_links(path, page)}")
+
+
+def _pick_rows(results: dict, rows: str | None, where: str) -> tuple[dict, list[str]]:
+    """The results with only the named rows (in the file's order), the ratio column
+    taken against the first row shown; and the names of the rows left out."""
+    have = [row["milestone"] for row in results["rows"]]
+    if rows is None:
+        return results, []
+    wanted = [name for name in rows.split(",") if name]
+    missing = [name for name in wanted if name not in have]
+    if missing:
+        raise ValueError(f"{where}: the file has no row {', '.join(missing)} "
+                         f"(it has {', '.join(have)})")
+    picked = [copy.deepcopy(row) for row in results["rows"] if row["milestone"] in wanted]
+    first = (picked[0].get("summary") or {}).get("output_tokens_per_s")
+    for row in picked:
+        summary = row.get("summary") or {}
+        rate = summary.get("output_tokens_per_s")
+        summary["throughput_ratio"] = rate / first if rate is not None and first else None
+    return dict(results, rows=picked), [name for name in have if name not in wanted]
 
 
 def _bench_all(page) -> str:
@@ -176,12 +314,12 @@ def _bench_all(page) -> str:
     paths = ([Path(p) for p in report.latest_results(results_dir=results_dir())]
              if report is not None else [])
     if not paths:
-        return "*No results files yet: run `python bench/compare.py` and commit its output.*\n"
+        return "*No results files yet: run `python bench/compare.py --publish` and commit its output.*\n"
     out = []
     for path in paths:
         results = report.load_results(path)
         out.append(f"## {results.get('workload')} · {results.get('model')} · "
                    f"{results.get('device')} · {(results.get('date') or '')[:10]}\n")
         out.append(report.markdown_table(results))
-        out.append(f"<small>From `{_shown_path(path)}`.</small>\n{_plot_links(path, page)}")
+        out.append(f"{provenance(results, path)}{_plot_links(path, page)}")
     return "\n".join(out)
