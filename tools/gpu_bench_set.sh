@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The published GPU bench set: the runs whose tables the docs pages show, on the lent
-# H100/H200 machine, all on dummy:qwen2.5-0.5b in bf16 with --publish (bench/results/).
+# H100/H200 machine, all on dummy:qwen2.5-0.5b in bf16 with --publish. The files go to
+# $WORK/results (FOLOVLLM_BENCH_RESULTS), outside the tree: each device call syncs the
+# working tree again, which removes files the session's own tree does not have.
 #   concurrent (the default workload) and latency, 3 repeats each; online; throughput
 #   with 64 prompts and a 768 MiB KV budget for every stage (m1 serves its 64 long
 #   requests one at a time: about 15 minutes on an H100).
@@ -15,10 +17,9 @@ WORK=/tmp/bench-set
 WAIT=${WAIT:-560}
 ONLY=${ONLY:-"concurrent latency online throughput"}
 if [ ! -d "$WORK" ]; then
-  mkdir -p "$WORK"
-  touch "$WORK/start"
+  mkdir -p "$WORK/results"
   setsid nohup bash -c '
-    export PYTHONUNBUFFERED=1
+    export PYTHONUNBUFFERED=1 FOLOVLLM_BENCH_RESULTS="'"$WORK"'/results"
     cd "'"$PWD"'"
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
     common="--model dummy:qwen2.5-0.5b --device cuda --publish --no-progress"
@@ -38,9 +39,7 @@ if [ ! -d "$WORK" ]; then
   echo "started the bench set in the background"
 fi
 while [ ! -f "$WORK/DONE" ] && [ "$SECONDS" -lt "$WAIT" ]; do sleep 5; done
-cp "$WORK/log" "$WORK/bench-set.log"
-( cd bench/results && find . -maxdepth 1 -newer "$WORK/start" \( -name '*.json' -o -name '*.png' \) \
-    -printf '%f\n' ) > "$WORK/new-files"
-tar -cf "$OUT/bench-set.tar" -C bench/results $(cat "$WORK/new-files") -C "$WORK" bench-set.log
+cp "$WORK/log" "$WORK/results/bench-set.log"
+tar -cf "$OUT/bench-set.tar" -C "$WORK/results" .
 [ -f "$WORK/DONE" ] && echo DONE || echo "STILL RUNNING after ${SECONDS}s"
 tail -c 5000 "$WORK/log"
