@@ -180,8 +180,8 @@ def test_bench_table_shows_the_pinned_file_with_its_command(tmp_path, monkeypatc
     assert f"](bench-results/{older.stem}.png)" in table
     # where the numbers come from, and the command without the output-folder flags
     assert "measured at commit `abcdef1234`" in table
-    assert ("python bench/compare.py --milestones m1,hf --workload latency --model "
-            "dummy:tiny-llama --device cpu\n") in table
+    assert ("python bench/compare.py --milestones m1,hf --workload latency \\\n"
+            "    --model dummy:tiny-llama --device cpu\n") in table
     assert "--out-dir" not in table and "--no-progress" not in table
     # rows=: only those rows, the others named
     picked = render(f"<!-- bench-table: file={newer.name} rows=m2,hf -->")

@@ -34,6 +34,7 @@ from __future__ import annotations
 import ast
 import base64
 import copy
+import html
 import importlib
 import os
 import re
@@ -111,7 +112,10 @@ def on_page_markdown(markdown, page, config, files):
 
 
 def on_page_content(html_text, page, config, files):
-    """Put the HTML that must not go through Markdown (the stage diffs) in its slots."""
+    """Put the HTML that must not go through Markdown (the stage diffs) in its slots; on
+    a notebook's page, say where its saved outputs come from."""
+    if page.file.src_uri.startswith("notebooks/") and page.file.src_uri.endswith(".ipynb"):
+        html_text = _notebook_provenance(REPO_ROOT / page.file.src_uri) + html_text
     for n, fragment in enumerate(_rendered_html.get(page.file.src_uri, [])):
         slot = f"<p>{_HTML_SLOT.format(n)}</p>"
         if slot not in html_text:
@@ -192,6 +196,21 @@ def notebook_figures() -> dict[tuple[str, str], bytes]:
     return figures
 
 
+def _notebook_provenance(path: Path) -> str:
+    """One line above a notebook: the machine, commit and date of its saved outputs."""
+    import nbformat
+
+    run = nbformat.read(path, as_version=4).metadata.get("folovllm", {}).get("executed")
+    if not run:
+        return "<p><small>This notebook was saved without outputs.</small></p>\n"
+    return (f"<p><small>The outputs below are those of a run on a CPU "
+            f"({html.escape(str(run.get('cpu')))}, {run.get('cpu_count')} cores) at commit "
+            f"<code>{html.escape(str(run.get('git_commit')))}</code> on "
+            f"{html.escape(str(run.get('date', ''))[:10])}, saved by "
+            f"<code>python tools/run_notebooks.py</code>; run the notebook to see your "
+            f"machine's.</small></p>\n")
+
+
 def _notebook_figure(args: str, where: str) -> str:
     words = args.split(maxsplit=2)
     if len(words) < 3:
@@ -257,7 +276,27 @@ def reproduce_command(results: dict) -> str | None:
             skip = _NOT_RESULTS[flag] if "=" not in word else 0
             continue
         kept.append(word)
-    return shlex.join(kept)
+    return _wrap_command(kept)
+
+
+def _wrap_command(words: list[str], width: int = 76) -> str:
+    """A shell command over several lines (ending in ` \\`), each option with its value."""
+    groups: list[str] = []
+    for word in words:
+        quoted = shlex.quote(word)
+        if groups and not word.startswith("--") and groups[-1].startswith("--") \
+                and " " not in groups[-1]:
+            groups[-1] += " " + quoted  # an option's value stays with it
+        else:
+            groups.append(quoted)
+    lines, line = [], ""
+    for group in groups:
+        if line and len(line) + 1 + len(group) > width:
+            lines.append(line)
+            line = "    " + group
+        else:
+            line = f"{line} {group}" if line else group
+    return " \\\n".join(lines + [line])
 
 
 def provenance(results: dict, path: Path) -> str:
