@@ -481,7 +481,8 @@ def plot_panels(results: dict) -> list[tuple[list, str]]:
 
 def plot(results: dict, path: Path) -> Path | None:
     """Bar charts of throughput, TTFT, TPOT and sequences at once, one bar per row; a row
-    that ran one request at a time is hatched. ~900 px wide. None without matplotlib."""
+    that ran one request at a time is hatched. Four panels in a 2 x 2 grid, 900 px wide,
+    so the text stays readable in a docs page's column. None without matplotlib."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -497,8 +498,8 @@ def plot(results: dict, path: Path) -> Path | None:
     spread = [(s.get("spread") or {}).get("output_tokens_per_s") for s in summaries]
     colors = ["#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#da8bc3",
               "#8c8c8c", "#ccb974"]
-    fig, axes = plt.subplots(1, len(panels), figsize=(10, 3.6))
-    for index, (ax, (values, label)) in enumerate(zip(axes, panels)):
+    fig, axes = plt.subplots(2, 2, figsize=(9, 6.4))
+    for index, (ax, (values, label)) in enumerate(zip(axes.flat, panels)):
         bars = ax.bar(names, [v or 0 for v in values],
                       color=[colors[i % len(colors)] for i in range(len(names))],
                       hatch=["//" if n == 1 else "" for n in at_once], edgecolor="white")
@@ -514,18 +515,18 @@ def plot(results: dict, path: Path) -> Path | None:
             text = report.at_once_text(v).split()[0] if counts else report.fmt_number(v)
             ax.annotate(text, (bar.get_x() + bar.get_width() / 2,
                                lh[1] if lh else bar.get_height()),
-                        ha="center", va="bottom", fontsize=8)
-        ax.set_title(label, fontsize=9)
-        ax.tick_params(labelsize=8)
+                        ha="center", va="bottom", fontsize=10)
+        ax.set_title(label, fontsize=11)
+        ax.tick_params(labelsize=10)
         if values is at_once:
             ax.yaxis.set_major_locator(MaxNLocator(integer=True))
         ax.margins(y=0.18)
     runs = (results.get("config") or {}).get("repeat") or 1
     legend = "hatched: one request at a time" + (
         f"; median of {runs} runs, error bars: min-max" if runs > 1 else "")
-    fig.suptitle(report.caption(results).replace("`", "") + "\n" + legend, fontsize=8)
+    fig.suptitle(report.caption(results).replace("`", "") + "\n" + legend, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
 
@@ -688,6 +689,7 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     engine.update(dict(args.engine_arg))
     engine = {k: v for k, v in engine.items() if v is not None}
     start, began = dt.datetime.now(dt.timezone.utc), time.perf_counter()
+    commit, dirty = git_info()  # the code as it was when the rows started
     lens = [len(p) for p in wl.prompts]
     names = [m for m, _ in milestones]
     _say(f"bench: {args.workload} workload, {wl.num_prompts} prompts (input {min(lens)}.."
@@ -712,7 +714,6 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
         if roofline is not None and s["total_time_s"]:
             s["roofline_fraction"] = roofline["time_s"] / s["total_time_s"]
 
-    commit, dirty = git_info()
     results = {
         "command": shlex.join(["python", "bench/compare.py", *argv]),
         "git_commit": commit, "git_dirty": dirty, "published": bool(args.publish),

@@ -104,15 +104,22 @@ def kv_text(kv: dict | None) -> str:
 
 
 # -- cells ---------------------------------------------------------------------------
-def fmt_ms(ms) -> str:
-    """A time given in ms: '42.0' below 10 s, '355 s' from 10 s on; '-' when missing."""
+def time_unit(results: dict, name: str) -> str:
+    """One unit for a whole time column: "s" when any row's value reaches 10 s, else "ms"."""
+    values = [(row.get("summary") or {}).get(f"{name}_{q}_ms")
+              for row in results["rows"] for q in ("p50", "p99")]
+    return "s" if any(v is not None and v >= 10_000 for v in values) else "ms"
+
+
+def fmt_time(ms, unit: str) -> str:
+    """A time given in ms, shown in `unit` ("ms" or "s"); '-' when missing."""
     if ms is None:
         return "-"
-    return fmt_number(ms) if ms < 10_000 else f"{fmt_number(ms / 1000)} s"
+    return fmt_number(ms / 1000 if unit == "s" else ms)
 
 
-def _pair_ms(s: dict, name: str) -> str:
-    return f"{fmt_ms(s.get(f'{name}_p50_ms'))} / {fmt_ms(s.get(f'{name}_p99_ms'))}"
+def _pair(s: dict, name: str, unit: str) -> str:
+    return f"{fmt_time(s.get(f'{name}_p50_ms'), unit)}/{fmt_time(s.get(f'{name}_p99_ms'), unit)}"
 
 
 def at_once(results: dict, row: dict) -> int | None:
@@ -148,8 +155,10 @@ def _throughput_cell(s: dict) -> str:
 
 
 def table_rows(results: dict) -> tuple[list[str], list[list[str]]]:
-    """Header and one row of cells per milestone (the roofline column on CUDA only)."""
-    headers = ["milestone", "at once", "TTFT ms p50 / p99", "TPOT ms p50 / p99",
+    """Header and one row of cells per milestone (the roofline column on CUDA only).
+    Each time column has one unit, seconds once any of its values reaches 10 s."""
+    ttft, tpot = time_unit(results, "ttft"), time_unit(results, "tpot")
+    headers = ["milestone", "at once", f"TTFT {ttft} p50/p99", f"TPOT {tpot} p50/p99",
                "output tok/s", "vs first", "peak MiB"]
     show_roofline = results.get("roofline") is not None
     if show_roofline:
@@ -158,8 +167,8 @@ def table_rows(results: dict) -> tuple[list[str], list[list[str]]]:
     for row in results["rows"]:
         s = row.get("summary") or {}
         ratio = s.get("throughput_ratio")
-        cells = [row["milestone"], at_once_text(at_once(results, row)), _pair_ms(s, "ttft"),
-                 _pair_ms(s, "tpot"), _throughput_cell(s),
+        cells = [row["milestone"], at_once_text(at_once(results, row)),
+                 _pair(s, "ttft", ttft), _pair(s, "tpot", tpot), _throughput_cell(s),
                  "-" if ratio is None else f"{ratio:.2f}x",
                  fmt_number(s.get("peak_memory_mib"))]
         if show_roofline:
@@ -210,6 +219,10 @@ def _arrivals(results: dict) -> str:
 
 
 def why_header(results: dict) -> str:
+    if results.get("workload") == "latency":
+        return (f"Why the rows differ ({_arrivals(results)}): every row runs one sequence at "
+                "a time here, so batching cannot help; the rows differ only in what one "
+                "step of one sequence costs.")
     return (f"Why the rows differ ({_arrivals(results)}): a decode step reads all the weights "
             "once however many sequences it carries, so running more at once gives more "
             "tokens/s (until compute is the limit).")

@@ -99,7 +99,7 @@ def test_end_to_end_on_cpu(tmp_path, workload, output_len, extra, plot):
         assert results["rows"][0]["note"] == ""
 
     out = proc.stdout
-    assert "TTFT ms p50 / p99" in out and "output tok/s" in out
+    assert "TTFT ms p50/p99" in out and "output tok/s" in out
     assert re.search(r"^m1 +1 \(one at a time\) .* 1\.00x +\d+\s*$", out, re.M)
     assert re.search(r"^hf .*x +\d+\s*$", out, re.M)
     assert re.search(r"^m1: one request at a time", out, re.M)
@@ -400,11 +400,11 @@ def test_markdown_table_and_latest_results(tmp_path):
     assert "2026-02-01" in lines[0]
     table = [line for line in lines if line.startswith("|")]
     assert len(table) == 2 + 2  # header, rule, one row per milestone
-    assert table[0] == ("| milestone | at once | TTFT ms p50 / p99 | TPOT ms p50 / p99 | "
+    assert table[0] == ("| milestone | at once | TTFT ms p50/p99 | TPOT ms p50/p99 | "
                         "output tok/s | vs first | peak MiB |")
     assert table[2].startswith("| m1 |") and "1.00x" in table[2]
     assert table[3].startswith("| m2 | 37 |") and "2.00x" in table[3]
-    assert "| 9.00 / 12.0 |" in table[2]
+    assert "| 9.00/12.0 |" in table[2]
     assert "- **m2**: up to 37 sequences at once (M2 batching): KV cache: max 37 seqs, 61% of " \
            "4096 slots" in md
     assert "note **m2**: a note" in md
@@ -433,7 +433,7 @@ def test_tables_show_the_roofline_and_failed_rows():
     m1 = next(line for line in md.splitlines() if line.startswith("| m1 |"))
     assert m1.rstrip().endswith("| 42% |")
     m2 = next(line for line in md.splitlines() if line.startswith("| m2 |"))
-    assert m2 == "| m2 | - | - / - | - / - | - | - | - | - |"
+    assert m2 == "| m2 | - | -/- | -/- | - | - | - | - |"
     assert "roofline 2.5 s (copy bandwidth 3000 GB/s" in md
     assert "FAILED: RuntimeError: out of memory" in md
     plain = report.plain_table(results)
@@ -484,28 +484,33 @@ def test_plain_table_fits_120_columns_and_prints_long_times_in_seconds():
     plain = report.plain_table(results)
     assert max(len(line) for line in plain.splitlines()) <= 120, plain
     header = next(line for line in plain.splitlines() if line.startswith("milestone"))
-    assert header.split() == ["milestone", "at", "once", "TTFT", "ms", "p50", "/", "p99", "TPOT",
-                              "ms", "p50", "/", "p99", "output", "tok/s", "vs", "first", "peak",
-                              "MiB", "roofline"]
+    # one unit per time column: seconds, since some TTFT and TPOT values reach 10 s
+    assert header.split() == ["milestone", "at", "once", "TTFT", "s", "p50/p99", "TPOT", "s",
+                              "p50/p99", "output", "tok/s", "vs", "first", "peak", "MiB",
+                              "roofline"]
     m1 = next(line for line in plain.splitlines() if line.startswith("m1 "))
-    assert "1 (one at a time)" in m1 and "3550 s / 7200 s" in m1 and "42.0 / 12.3 s" in m1
+    assert "1 (one at a time)" in m1 and "3550/7200" in m1 and "0.042/12.3" in m1
     assert "20.0 (19.5-20.5)" in m1 and "1.00x" in m1 and "0.06%" in m1
     assert "55556 (1234-99999)" in plain
     assert "3550173" not in plain
     m2 = next(line for line in plain.splitlines() if line.startswith("m2 "))
-    assert " 5 " in m2 and "7999 / 17.6 s" in m2
+    assert " 5 " in m2 and "8.00/17.6" in m2
     assert "median of 3 runs" in plain
     md = report.markdown_table(results)
     header = next(line for line in md.splitlines() if line.startswith("| milestone"))
     assert header.count("|") == 9  # eight columns with the roofline
 
 
-def test_fmt_ms():
-    assert report.fmt_ms(None) == "-"
-    assert report.fmt_ms(42.04) == "42.0"
-    assert report.fmt_ms(9999.0) == "9999"
-    assert report.fmt_ms(10_000.0) == "10.0 s"
-    assert report.fmt_ms(355_173.0) == "355 s"
+def test_time_columns_have_one_unit():
+    results = _five_rows()
+    assert report.time_unit(results, "ttft") == "s"  # m1's TTFT is over 10 s
+    results["rows"] = [r for r in results["rows"] if r["milestone"] in ("m3", "hf")]
+    assert report.time_unit(results, "ttft") == "ms"  # every value under 10 s
+    assert report.fmt_time(None, "ms") == "-"
+    assert report.fmt_time(42.04, "ms") == "42.0"
+    assert report.fmt_time(9999.0, "ms") == "9999"
+    assert report.fmt_time(355_173.0, "s") == "355"
+    assert report.fmt_time(42.0, "s") == "0.042"
 
 
 def test_why_lines_come_from_the_run():

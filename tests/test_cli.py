@@ -1,4 +1,4 @@
-"""Each stage's demo CLI runs on a tiny dummy model and prints what the issue asks for.
+"""Each stage's demo CLI runs on a tiny dummy model and prints what it promises.
 
 Introduced in M1 (issue 2). M0 (`forward` only) prints the resolved config, a model
 summary and the top-10 next tokens; stages that generate print a TTFT / TPOT /

@@ -106,7 +106,7 @@ def test_stage_diff_html_puts_the_lesson_first():
     shown = sorted(_text(body) for body in bodies)
     assert shown == sorted("\n".join(d.lines) + "\n" for d in diffs)
     source = (REPO_ROOT / new / "core/block_pool.py").read_text().splitlines()
-    special = [line for line in source if set(line) & set("<>&\"'")]
+    special = [line for line in source if set(line) & set("<>&")]
     assert special and not [line for line in special if line in out]  # all escaped
     assert all("+" + line in _text(out) for line in special)
     cli = _run(str(STAGE_DIFF), "--html", old, new)
@@ -126,8 +126,9 @@ def test_stage_diff_html_escapes_and_falls_back_to_text(tmp_path):
     assert out.index('id="diff-m-py" class="stage-diff" open') < out.index('id="diff-NOTES"')
     assert "uses <code>&lt;b&gt;</code> &amp; co" in out
     # The docstring spans two lines: each line is a string token, closed on its line.
-    assert '<span class="s2">&quot;&quot;&quot;&lt;b&gt;</span>' in out
-    assert '<span class="s2">&amp;amp;&quot;&quot;&quot;</span>' in out
+    # (Pygments escapes quotes as &quot; before 2.21, not from 2.21 on: both are HTML)
+    assert re.search(r'<span class="s2">(&quot;|"){3}&lt;b&gt;</span>', out)
+    assert re.search(r'<span class="s2">&amp;amp;(&quot;|"){3}</span>', out)
     assert 'class="diff-line diff-add" data-n="1"><span class="diff-sign">+</span>x &lt; y' in out
     assert 'class="diff-line diff-del" data-n="1"><span class="diff-sign">-</span>x &lt; y\n' in out
     assert "<code>a</code> and <code>a</code> are identical" in stage_diff.format_html(
@@ -270,6 +271,8 @@ def test_site_shows_images_that_exist(site):
         figures = [s for s in sources if "notebook-figures/" in s]
         plots = [s for s in sources if "bench-results/" in s]
         assert figures and plots, f"{stage}: notebook figures {figures}, bench plots {plots}"
+        if stage == "m1_basic":  # a table of some rows of a file: its plot has those rows
+            assert any(s.endswith("-m1-hf.png") for s in plots), plots
         for src in figures + plots:
             assert (page.parent / src).resolve().is_file(), f"{stage}: {src} is missing"
     for nb in (REPO_ROOT / "notebooks").glob("*.ipynb"):
@@ -296,9 +299,15 @@ def _table_min_width_chars(table: str) -> int:
 def test_bench_tables_fit_the_page(site):
     """The bench tables and the stage map have few columns and no word that forces the
     table wider than the page (text in a cell wraps, but only at spaces)."""
+    # The theme gives every cell a minimum width (5rem): eight columns of it would not fit
+    # at 1366 px, so the site's stylesheet lifts it.
+    css = (site / "assets" / "stylesheets" / "site.css").read_text()
+    assert re.search(r"table:not\(\[class\]\) td \{[^}]*min-width: 0;", css)
     checked = 0
     for page in _pages(site):
         text = page.read_text(encoding="utf-8")
+        if "<table>" in text:
+            assert "assets/stylesheets/site.css" in text, page
         for table in re.findall(r"<table>(.*?)</table>", text, re.S):
             header = re.findall(r"<th[^>]*>(.*?)</th>", table, re.S)
             if not header or "milestone" not in header[0] and "stage" not in header[0]:

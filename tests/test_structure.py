@@ -1,4 +1,4 @@
-"""The boundaries inside a stage, checked on its source (introduced with issue 7).
+"""The boundaries inside a stage, checked on its source: who may import whom.
 
 - The worker never imports the scheduler's side (`core/`): it gets plain ints.
 - The scheduler's side never touches tensors (no torch import).

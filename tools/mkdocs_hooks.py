@@ -24,8 +24,9 @@ holds markers (HTML comments) that this hook replaces when the site is built:
 
 It also adds files that live outside `docs/` to the site without copying them into
 `docs/`: the notebooks (`notebooks/*.ipynb`, rendered with their outputs by
-mkdocs-jupyter), the bench plots (`bench/results/*.png`, served under `bench-results/`)
-and the tagged notebook plots (under `notebook-figures/`). Set `FOLOVLLM_RESULTS_DIR`
+mkdocs-jupyter), the bench plots (drawn from the results files at build time, only the
+rows a table shows, under `bench-results/`) and the tagged notebook plots (under
+`notebook-figures/`). Set `FOLOVLLM_RESULTS_DIR`
 to read results from another folder (e.g. `bench/scratch`, to preview a local run).
 """
 
@@ -40,6 +41,7 @@ import os
 import re
 import shlex
 import sys
+import tempfile
 from pathlib import Path
 
 from mkdocs.plugins import event_priority
@@ -69,8 +71,8 @@ def on_files(files, config):
         files.append(File(f"notebooks/{nb.name}", src_dir=str(REPO_ROOT),
                           dest_dir=config.site_dir,
                           use_directory_urls=config.use_directory_urls))
-    for png in sorted(results_dir().glob("*.png")):
-        files.append(File.generated(config, f"{PLOTS_URI}/{png.name}", abs_src_path=str(png)))
+    for name, data in sorted(bench_plots(Path(config.docs_dir)).items()):
+        files.append(File.generated(config, f"{PLOTS_URI}/{name}", content=data))
     for (stem, name), data in sorted(notebook_figures().items()):
         files.append(File.generated(config, f"{FIGURES_URI}/{stem}-{name}.png", content=data))
     return files
@@ -243,13 +245,42 @@ def _report():
         raise
 
 
-def _plot_links(result_path: Path, page) -> str:
-    """Markdown images for the plots written next to a results file."""
-    stem = result_path.stem
-    pngs = sorted(results_dir().glob(f"{stem}*.png"))
-    depth = page.file.src_uri.count("/")
-    prefix = "../" * depth
-    return "".join(f"\n![{p.stem}]({prefix}{PLOTS_URI}/{p.name})\n" for p in pngs)
+def _plot_name(path: Path, rows: str | None) -> str:
+    return f"{path.stem}-{rows.replace(',', '-')}.png" if rows else f"{path.stem}.png"
+
+
+def _plot_link(path: Path, rows: str | None, page) -> str:
+    """A Markdown image of the plot drawn for these rows of a results file."""
+    prefix = "../" * page.file.src_uri.count("/")
+    name = _plot_name(path, rows)
+    return f"\n![{name[:-4]}]({prefix}{PLOTS_URI}/{name})\n"
+
+
+def bench_plots(docs_dir: Path) -> dict[str, bytes]:
+    """File name -> PNG of every plot the pages show, drawn from the results files when
+    the site is built (`bench/compare.py`'s plot): one per committed file, and one for
+    each `rows=` choice of a bench-table marker, so a plot shows what its table shows."""
+    report = _report()
+    if report is None:
+        return {}
+    from bench.compare import plot  # matplotlib, only when the site is built
+
+    wanted = {(Path(p), None) for p in report.latest_results(results_dir=results_dir())}
+    for page in docs_dir.rglob("*.md"):
+        for match in _MARKER.finditer(page.read_text(encoding="utf-8")):
+            if match.group(1) == "bench-table":
+                options = _options(match.group(2), f"{page.name}: {match.group(0)}")
+                wanted.add((results_dir() / options["file"], options.get("rows")))
+    plots = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for path, rows in sorted(wanted, key=lambda item: (item[0].name, item[1] or "")):
+            if not path.is_file():
+                continue  # the marker itself reports the missing file
+            shown, _ = _pick_rows(report.load_results(path), rows, path.name)
+            png = Path(tmp) / "plot.png"
+            if plot(shown, png) is not None:
+                plots[_plot_name(path, rows)] = png.read_bytes()
+    return plots
 
 
 def _shown_path(path: Path) -> str:
@@ -325,7 +356,7 @@ def _bench_table(options: dict[str, str], page, where: str) -> str:
     left_out = (f"<small>The file also has rows {', '.join(hidden)}: see "
                 f"[Benchmarks](benchmarks.md).</small>\n\n" if hidden else "")
     return (f"{report.markdown_table(shown)}\n{left_out}{provenance(results, path)}"
-            f"{_plot_links(path, page)}")
+            f"{_plot_link(path, options.get('rows'), page)}")
 
 
 def _pick_rows(results: dict, rows: str | None, where: str) -> tuple[dict, list[str]]:
@@ -360,5 +391,5 @@ def _bench_all(page) -> str:
         out.append(f"## {results.get('workload')} · {results.get('model')} · "
                    f"{results.get('device')} · {(results.get('date') or '')[:10]}\n")
         out.append(report.markdown_table(results))
-        out.append(f"{provenance(results, path)}{_plot_links(path, page)}")
+        out.append(f"{provenance(results, path)}{_plot_link(path, None, page)}")
     return "\n".join(out)

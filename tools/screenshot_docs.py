@@ -39,9 +39,11 @@ _CHECKS_JS = """() => {
   const diagrams = [...document.querySelectorAll('.mermaid')];
   const images = [...document.querySelectorAll('article img')];
   const tables = [...document.querySelectorAll('article table')];
+  // the theme wraps a table in a box that scrolls sideways when the table is too wide
   const wide = tables.filter(t => {
-    const box = t.closest('.md-typeset__table') || t.parentElement;
-    return t.scrollWidth > box.clientWidth + 1 || box.scrollWidth > box.clientWidth + 1;
+    const box = t.closest('.md-typeset__scrollwrap') || t.parentElement;
+    return box.scrollWidth > box.clientWidth + 1 || t.getBoundingClientRect().right >
+           document.querySelector('article').getBoundingClientRect().right + 1;
   });
   return {
     diagrams: diagrams.length,
