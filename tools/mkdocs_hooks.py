@@ -199,18 +199,21 @@ def notebook_figures() -> dict[tuple[str, str], bytes]:
 
 
 def _notebook_provenance(path: Path) -> str:
-    """One line above a notebook: the machine, commit and date of its saved outputs."""
+    """A note above a notebook: the machine, commit and date of its saved outputs."""
     import nbformat
 
     run = nbformat.read(path, as_version=4).metadata.get("folovllm", {}).get("executed")
     if not run:
-        return "<p><small>This notebook was saved without outputs.</small></p>\n"
-    return (f"<p><small>The outputs below are those of a run on a CPU "
-            f"({html.escape(str(run.get('cpu')))}, {run.get('cpu_count')} cores) at commit "
-            f"<code>{html.escape(str(run.get('git_commit')))}</code> on "
-            f"{html.escape(str(run.get('date', ''))[:10])}, saved by "
-            f"<code>python tools/run_notebooks.py</code>; run the notebook to see your "
-            f"machine's.</small></p>\n")
+        return ('<div class="admonition note"><p class="admonition-title">No saved outputs'
+                '</p><p>Run the notebook to see them.</p></div>\n')
+    dirty = " (with uncommitted changes to the code)" if run.get("code_dirty") else ""
+    return ('<div class="admonition info"><p class="admonition-title">Saved outputs</p><p>'
+            f"The outputs below come from a run on a CPU "
+            f"({html.escape(str(run.get('cpu')))}, {run.get('cpu_count')} cores) on "
+            f"{html.escape(str(run.get('date', ''))[:10])}, at commit "
+            f"<code>{html.escape(str(run.get('git_commit')))}</code>{dirty}, saved by "
+            f"<code>python tools/run_notebooks.py</code>. Run the notebook to see your "
+            f"machine's.</p></div>\n")
 
 
 def _notebook_figure(args: str, where: str) -> str:

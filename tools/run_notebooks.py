@@ -9,7 +9,8 @@ under `folovllm`:
 - `source_sha256`: a hash of the code and Markdown cells; tests/test_docs.py checks it
   against the cells, so a notebook edited without being run again fails the tests;
 - `executed`: the date (UTC), the machine (CPU, cores), Python and torch versions, the
-  git commit, and the seconds the run took.
+  git commit and whether the code (anything but the notebooks) had uncommitted changes,
+  and the seconds the run took.
 
     python tools/run_notebooks.py                      # every notebook in notebooks/
     python tools/run_notebooks.py notebooks/m2_batching.ipynb
@@ -43,13 +44,21 @@ def source_sha256(nb) -> str:
     return hashlib.sha256(json.dumps(cells).encode("utf-8")).hexdigest()
 
 
-def _git_commit() -> str | None:
+def _git(*args: str) -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT,
-                             capture_output=True, text=True, timeout=10)
+        out = subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True,
+                             timeout=10)
     except (OSError, subprocess.SubprocessError):
         return None
-    return out.stdout.strip() or None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def _git_commit() -> tuple[str | None, bool | None]:
+    """HEAD, and whether files other than the notebooks differ from it (the code the
+    notebooks ran; the notebooks themselves are pinned by `source_sha256`)."""
+    head = _git("rev-parse", "--short", "HEAD")
+    status = _git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!notebooks")
+    return head, None if status is None else bool(status)
 
 
 def _cpu_name() -> str:
@@ -86,11 +95,12 @@ def execute(path: Path) -> float:
     NotebookClient(nb, timeout=TIMEOUT_S, kernel_name="python3",
                    resources={"metadata": {"path": str(path.parent)}}).execute()
     seconds = time.perf_counter() - start
+    commit, dirty = _git_commit()
     nb.metadata["folovllm"] = {
         "source_sha256": source_sha256(nb),
         "executed": {"date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
                      "cpu": _cpu_name(), "cpu_count": os.cpu_count(),
-                     "git_commit": _git_commit(), "seconds": round(seconds, 1),
+                     "git_commit": commit, "code_dirty": dirty, "seconds": round(seconds, 1),
                      **_versions()},
         "how": "python tools/run_notebooks.py",
     }
