@@ -400,7 +400,8 @@ def _version(dist: str) -> str | None:
         return None
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
+    """The CPU's model name (Linux: /proc/cpuinfo), else what platform says."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -719,7 +720,7 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
         "git_commit": commit, "git_dirty": dirty, "published": bool(args.publish),
         "workload": args.workload, "model": args.model, "device": device,
         "date": start.strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "machine": {"gpu": gpu, "cpu": _cpu_name(), "cpu_count": os.cpu_count(),
+        "machine": {"gpu": gpu, "cpu": cpu_name(), "cpu_count": os.cpu_count(),
                     "hostname": socket.gethostname()},
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "transformers": _version("transformers"), "triton": _version("triton"),

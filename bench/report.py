@@ -101,8 +101,6 @@ def kv_text(kv: dict | None) -> str:
     return ", ".join(parts)
 
 
-
-
 # -- cells ---------------------------------------------------------------------------
 def time_unit(results: dict, name: str) -> str:
     """One unit for a whole time column: "s" when any row's value reaches 10 s, else "ms"."""

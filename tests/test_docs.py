@@ -35,9 +35,14 @@ def _load_tool(name: str):
     return module
 
 
+def _text(fragment: str) -> str:
+    """The visible text of an HTML fragment: tags removed, entities decoded."""
+    return html.unescape(re.sub(r"<[^>]+>", "", fragment))
+
+
 def _page_text(path: Path) -> str:
-    """The visible text of a built page: tags removed, entities decoded."""
-    return html.unescape(re.sub(r"<[^>]+>", "", path.read_text(encoding="utf-8")))
+    """The visible text of a built page."""
+    return _text(path.read_text(encoding="utf-8"))
 
 
 def test_stage_diff_cli_prints_real_hunks():
@@ -71,11 +76,6 @@ def test_stage_diff_matches_the_files():
     for d in diffs.values():  # the +/- counts agree with the lines shown
         assert d.added == sum(1 for line in d.lines[2:] if line.startswith("+"))
         assert d.added + d.removed > 0
-
-
-def _text(fragment: str) -> str:
-    """The visible text of an HTML fragment: tags removed, entities decoded."""
-    return html.unescape(re.sub(r"<[^>]+>", "", fragment))
 
 
 def test_stage_diff_html_puts_the_lesson_first():

@@ -34,6 +34,9 @@ import time
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+from bench.compare import cpu_name  # noqa: E402  (the bench names machines the same way)
+
 NOTEBOOKS = REPO_ROOT / "notebooks"
 TIMEOUT_S = 600  # per cell
 
@@ -59,16 +62,6 @@ def _git_commit() -> tuple[str | None, bool | None]:
     head = _git("rev-parse", "--short", "HEAD")
     status = _git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!notebooks")
     return head, None if status is None else bool(status)
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _versions() -> dict:
@@ -99,7 +92,7 @@ def execute(path: Path) -> float:
     nb.metadata["folovllm"] = {
         "source_sha256": source_sha256(nb),
         "executed": {"date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-                     "cpu": _cpu_name(), "cpu_count": os.cpu_count(),
+                     "cpu": cpu_name(), "cpu_count": os.cpu_count(),
                      "git_commit": commit, "code_dirty": dirty, "seconds": round(seconds, 1),
                      **_versions()},
         "how": "python tools/run_notebooks.py",
