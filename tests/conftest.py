@@ -13,6 +13,11 @@ import sys
 import pytest
 import torch
 
+# Without a GPU, M4's Triton kernels run under Triton's interpreter: that must be chosen
+# before any kernel is defined (when a stage's ops module is imported).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench import stages as _registry  # noqa: E402
 from bench.stages import stages_with  # noqa: E402,F401

@@ -283,10 +283,16 @@ def fake_token(request_id: str, index: int) -> int:
     return 3 + zlib.crc32(f"{request_id}/{index}".encode()) % 250
 
 
-def check_scheduler_output(out) -> None:
-    """The worker's input is plain ints that say exactly what each sequence computes."""
+def check_scheduler_output(out, tables: dict | None = None) -> None:
+    """The worker's input is plain ints that say exactly what each sequence computes.
+
+    From M4 the scheduler sends a running sequence only its new blocks: `tables` plays
+    the worker, keeping each sequence's table from those messages, which must always
+    equal the blocks the sequence holds."""
     assert len(out.scheduled) == len(out.seqs)
     assert out.num_batched_tokens == sum(len(s.new_token_ids) for s in out.scheduled)
+    for request_id in getattr(out, "freed_request_ids", []):  # M4 on
+        tables.pop(request_id, None)
     for seq, s in zip(out.seqs, out.scheduled):
         assert s.request_id == seq.request_id
         assert s.num_computed_tokens == seq.num_computed_tokens
@@ -294,7 +300,14 @@ def check_scheduler_output(out) -> None:
         assert s.new_token_ids, "a scheduled sequence computes at least one token"
         held = ([b.block_id for b in seq.kv_blocks] if hasattr(seq, "kv_blocks")
                 else [seq.kv_slot])
-        assert s.block_ids == held and all(isinstance(b, int) for b in s.block_ids)
+        if hasattr(s, "new_block_ids"):  # M4 on: the worker keeps the tables
+            assert s.is_new == (s.request_id not in tables or s.num_computed_tokens == 0)
+            table = [] if s.is_new else tables[s.request_id]
+            tables[s.request_id] = table + s.new_block_ids
+            assert tables[s.request_id] == held
+            assert all(isinstance(b, int) for b in s.new_block_ids)
+        else:
+            assert s.block_ids == held and all(isinstance(b, int) for b in s.block_ids)
 
 
 def install_fake_forward(engine, check_step) -> None:
@@ -302,8 +315,10 @@ def install_fake_forward(engine, check_step) -> None:
     stage = type(engine).__module__.split(".")[0]
     ModelRunnerOutput = load_stage(stage).worker.model_runner.ModelRunnerOutput
 
+    tables = {}  # what a worker would keep, from the scheduler's messages (M4 on)
+
     def execute_model(scheduler_output, sampling_rows):
-        check_scheduler_output(scheduler_output)
+        check_scheduler_output(scheduler_output, tables)
         seqs = scheduler_output.seqs
         check_step(seqs, all(s.num_computed_tokens == 0 for s in scheduler_output.scheduled))
         assert len(sampling_rows) == len(seqs)

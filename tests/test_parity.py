@@ -216,3 +216,22 @@ def test_tiny_model_prefill_logits_match_transformers(stage, tiny_model):
         ref = hf_logits(hf_model, ids)
         diff = (ours - ref).abs().max().item()
         assert diff < LOGITS_ATOL, f"{stage}/{name}: max |logit diff| {diff:.2e}"
+
+
+NUM_TOKENS_FLASH = 8  # the Triton interpreter is slow: a short greedy run
+
+
+@pytest.mark.parametrize("stage", stages_with("flash_attn"))
+def test_tiny_model_greedy_matches_transformers_with_the_triton_kernels(stage, tiny_model):
+    """M4's `flash` backend (on the CPU: the same Triton kernels under the interpreter)."""
+    name, folder, _, expected = tiny_model
+    with pytest.warns(UserWarning, match="no tokenizer files"):
+        llm = load_stage(stage).LLM(model=str(folder), device="cpu", attention_backend="flash")
+    assert llm.engine.model_runner.attention_backend == "flash"
+    SamplingParams = load_stage(stage).SamplingParams
+    params = SamplingParams(temperature=0, max_tokens=NUM_TOKENS_FLASH,
+                            min_tokens=NUM_TOKENS_FLASH)
+    outputs = llm.generate(TINY_PROMPTS, params, use_tqdm=False)
+    for ids, out, ref in zip(TINY_PROMPTS, outputs, expected):
+        assert out.token_ids == ref[:NUM_TOKENS_FLASH], \
+            f"{stage}/{name}: diverges on a {len(ids)}-token prompt"
