@@ -3,7 +3,8 @@
 Introduced in M0. A `Request` is what the user asked for; a `Sequence` is the tokens the
 engine is producing for it, with a status. M1 adds what generation tracks: how many
 tokens the KV cache holds, the text so far, and the timing metrics. M2 gives each
-running sequence a slot of the KV cache; M3 replaces it with a list of KV blocks.
+running sequence a slot of the KV cache; M3 replaces it with a list of KV blocks. M4
+keeps the generated tokens in a list of their own, so no step copies them out.
 """
 
 import enum
@@ -53,15 +54,17 @@ class Sequence:
     generator: object = None  # torch.Generator when the request has a seed
     output_logprobs: list = field(default_factory=list)  # per output token, if asked for
     prompt_logprobs: list | None = None  # per prompt token, if asked for
+    output_token_ids: list[int] = field(default_factory=list)  # the generated ones (M4)
 
     def __post_init__(self) -> None:
         self.num_prompt_tokens = len(self.token_ids)
         self.read_offset = self.num_prompt_tokens
         self.prefix_offset = max(0, self.num_prompt_tokens - 5)
 
-    @property
-    def output_token_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens:]
+    def append_token(self, token: int) -> None:
+        """A generated token joins both lists (M4: no step slices the output off)."""
+        self.token_ids.append(token)
+        self.output_token_ids.append(token)
 
     @property
     def num_output_tokens(self) -> int:

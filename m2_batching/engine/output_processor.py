@@ -19,8 +19,10 @@ def detokenize_step(seq: Sequence, tokenizer) -> str:
     ids = seq.token_ids
     before = tokenizer.decode(ids[seq.prefix_offset:seq.read_offset], skip_special_tokens=True)
     after = tokenizer.decode(ids[seq.prefix_offset:], skip_special_tokens=True)
-    if len(after) <= len(before) or after.endswith("\ufffd"):
-        return ""
+    if len(after) < len(before) or after.endswith("\ufffd"):
+        return ""  # wait: the next tokens complete the character
+    # A token that adds no text at all (a skipped special one) moves the window on too,
+    # so the text decoded per step stays a few tokens long.
     seq.prefix_offset, seq.read_offset = seq.read_offset, len(ids)
     return after[len(before):]
 

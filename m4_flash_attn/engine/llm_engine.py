@@ -7,7 +7,7 @@ pass, samples one token per sequence, applies the stop rules, and returns one ou
 sequence that ran. A finished request leaves at once and frees its KV blocks for a
 waiting one; new requests may be added between any two steps. A prompt that could not
 fit in the whole KV cache is refused at `add_request`, and no sequence grows past what
-the cache holds.
+the cache holds. M4 keeps each sequence's sampling row from step to step.
 """
 
 import itertools
@@ -51,6 +51,7 @@ class LLMEngine:
                           f"max_model_len={config.max_model_len}: longer sequences stop there")
         self.requests: dict[str, Request] = {}
         self.sequences: dict[str, Sequence] = {}
+        self.sampling_rows: dict[str, SamplingRow] = {}  # per running sequence (M4)
         self.undelivered: dict[str, RequestOutput] = {}  # see `hold_outputs`
         self._seq_ids = itertools.count()
 
@@ -147,10 +148,16 @@ class LLMEngine:
             self.undelivered[output.request_id] = output
 
     def _sampling_row(self, seq: Sequence) -> SamplingRow:
-        params = self.requests[seq.request_id].sampling_params
-        blocked = [] if params.min_tokens == 0 else self.eos_token_ids + params.stop_token_ids
-        return SamplingRow(params, self.requests[seq.request_id].prompt_token_ids,
-                           seq.output_token_ids, seq.generator, blocked)
+        """Made once per sequence (M4): it holds the sequence's own output list, which
+        grows as tokens come, so no step builds or copies anything for it."""
+        row = self.sampling_rows.get(seq.request_id)
+        if row is None:
+            params = self.requests[seq.request_id].sampling_params
+            blocked = [] if params.min_tokens == 0 else self.eos_token_ids + params.stop_token_ids
+            row = self.sampling_rows[seq.request_id] = SamplingRow(
+                params, self.requests[seq.request_id].prompt_token_ids, seq.output_token_ids,
+                seq.generator, blocked)
+        return row
 
     def _record_logprobs(self, seq: Sequence, prompt_logprobs, logprobs) -> None:
         if prompt_logprobs is not None and seq.prompt_logprobs is None:  # once, not on recompute
@@ -162,3 +169,4 @@ class LLMEngine:
     def _finish(self, seq: Sequence) -> None:
         self.scheduler.finish(seq)
         del self.requests[seq.request_id], self.sequences[seq.request_id]
+        self.sampling_rows.pop(seq.request_id, None)

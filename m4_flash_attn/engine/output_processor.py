@@ -19,8 +19,10 @@ def detokenize_step(seq: Sequence, tokenizer) -> str:
     ids = seq.token_ids
     before = tokenizer.decode(ids[seq.prefix_offset:seq.read_offset], skip_special_tokens=True)
     after = tokenizer.decode(ids[seq.prefix_offset:], skip_special_tokens=True)
-    if len(after) <= len(before) or after.endswith("\ufffd"):
-        return ""
+    if len(after) < len(before) or after.endswith("\ufffd"):
+        return ""  # wait: the next tokens complete the character
+    # A token that adds no text at all (a skipped special one) moves the window on too,
+    # so the text decoded per step stays a few tokens long.
     seq.prefix_offset, seq.read_offset = seq.read_offset, len(ids)
     return after[len(before):]
 
@@ -65,7 +67,7 @@ def process_token(seq: Sequence, request: Request, token: int, tokenizer,
                   eos_token_ids: list[int], max_model_len: int) -> None:
     """Append a sampled token and update text, status and metrics."""
     now = time.perf_counter()
-    seq.token_ids.append(token)
+    seq.append_token(token)
     if seq.metrics.first_token_time is None:
         seq.metrics.first_token_time = now
     new_text = detokenize_step(seq, tokenizer)
@@ -100,7 +102,7 @@ def make_output(seq: Sequence, request: Request) -> RequestOutput:
     finished = seq.status.is_finished
     completion = CompletionOutput(
         index=0, text=visible_text(seq, request.sampling_params),
-        token_ids=list(seq.output_token_ids),
+        token_ids=seq.output_token_ids.copy(),  # a snapshot: the sequence goes on
         finish_reason=seq.status.value if finished else None, stop_reason=seq.stop_reason,
         logprobs=None if request.sampling_params.logprobs is None else list(seq.output_logprobs))
     return RequestOutput(request_id=request.request_id, prompt=request.prompt,
