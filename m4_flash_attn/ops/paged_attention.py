@@ -106,7 +106,9 @@ def _online_softmax_step(q, k, v, running_max, running_sum, acc, visible, qk_sca
     return new_max, running_sum, acc
 
 
-@triton.jit
+# tiles_per_seq changes from step to step: compiling a variant per value class (Triton
+# specializes integers that are 1 or multiples of 16) would stall a step for a compile.
+@triton.jit(do_not_specialize=["tiles_per_seq"])
 def _paged_attention_kernel(
         q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
         query_start_ptr, seq_lens_ptr, block_tables_ptr,
