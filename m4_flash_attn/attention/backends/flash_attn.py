@@ -15,20 +15,14 @@ worker's persistent buffers) and follow each sequence's block table themselves.
   softmax over its key blocks, causal by position.
 
 On a machine without CUDA the same kernels run under Triton's interpreter (slow, exact
-in fp32): that is how the CPU tests check them. The interpreter is chosen when a kernel
-is defined, so this module sets it before importing them.
+in fp32; `ops/__init__.py` chooses it): that is how the CPU tests check them.
 """
-
-import os
 
 import torch
 
-if not torch.cuda.is_available():  # no GPU: the kernels run under Triton's interpreter
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-from ...ops.paged_attention import (decode_num_splits, paged_attention,  # noqa: E402
+from ...ops.paged_attention import (decode_num_splits, paged_attention,
                                     paged_decode_attention, write_kv_cache)
-from ..metadata import AttentionMetadata  # noqa: E402
+from ..metadata import AttentionMetadata
 
 
 def multiprocessor_count(device: torch.device) -> int:
