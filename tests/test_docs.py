@@ -199,6 +199,124 @@ def test_bench_table_shows_the_pinned_file_with_its_command(tmp_path, monkeypatc
     assert every.count("| m1 |") == 2 and every.index(newer.name) < every.index(older.name)
 
 
+def _provenance_fields(command: str) -> dict:
+    return {"command": command, "git_commit": "fedcba9876" + "0" * 30, "git_dirty": True,
+            "date": "2026-03-04T05:06:07Z",
+            "machine": {"gpu": "Test GPU 80GB", "sm_count": 132, "cpu": "test cpu",
+                        "cpu_count": 16},
+            "versions": {"torch": "2.11.0", "triton": "3.6.0", "cuda": "13.0"}}
+
+
+def _fake_profile(folder: Path) -> Path:
+    def row(stage, setting, batch, wall, cpu, gpu, kernels, graphs, **extra):
+        return {"row": stage + (f":{setting}" if setting else ""), "stage": stage,
+                "setting": setting, "batch": batch, "wall_ms": wall, "cpu_ms": cpu,
+                "gpu_ms": gpu, "gpu_busy": gpu / wall, "kernels_per_step": kernels,
+                "graph_launches_per_step": graphs,
+                "gpu_time_source": "profiler: sum of kernel durations", "top_kernels": [],
+                **extra}
+    results = _provenance_fields("python3 tools/profile_step.py --m4-eager --out /tmp/p.json")
+    results.update(device="cuda", model="dummy:tiny-llama", prompt_len=200, steps=20, rows=[
+        row("m3_paged_kv", None, 1, 37.25, 37.0, 3.5, 1351.0, 0.0),
+        row("m4_flash_attn", None, 64, 2.75, 1.125, 1.5, 367.0, 1.0,
+            gpu_time_source="cuda_events: the step's span"),
+        row("m4_flash_attn", "eager", 64, 14.5, 14.25, 1.625, 368.0, 0.0),
+        {"row": "m4_flash_attn:graphs", "stage": "m4_flash_attn", "setting": "graphs",
+         "batch": 256, "wall_ms": None, "error": "RuntimeError: out of memory"}])
+    path = folder / "profile-dummy-tiny-llama-cuda-test.json"
+    path.write_text(json.dumps(results))
+    return path
+
+
+def _fake_kernels(folder: Path) -> Path:
+    shape = {"model": "qwen-test", "heads": 14, "kv_heads": 2, "head_dim": 64, "block_size": 16}
+    results = _provenance_fields("python3 bench/kernels.py --out /tmp/k.json")
+    results.update(
+        device="cuda", dtype="bfloat16", timings_meaningful=True, block_size=16,
+        copy_bandwidth_gbps=2976.9, matmul_tflops=791.6,
+        goals={"decode_copy_fraction": {"target": 0.6, "rows": "decode, batch 64",
+                                        "min": 0.4415, "met": False},
+               "prefill_vs_sdpa": {"target": 0.7, "rows": "every prefill row",
+                                   "min": 0.2137, "met": False}},
+        rows=[{**shape, "kind": "decode", "batch": 64, "context": 1024, "ok": True,
+               "num_splits": 3, "kernel_us": 25.53, "gbps": 1314.5, "copy_fraction": 0.4415,
+               "m3_us": 128.04, "m3_ok": True},
+              {**shape, "kind": "decode", "batch": 256, "context": 4096, "ok": False,
+               "num_splits": 1, "kernel_us": 215.0, "gbps": 2497.0, "copy_fraction": 0.84,
+               "m3_us": 1550.1, "m3_ok": True},
+              {**shape, "kind": "prefill", "prompts": 4, "prompt_len": 512, "ok": True,
+               "kernel_us": 67.88, "tflops": 27.74, "sdpa_us": 19.97, "sdpa_tflops": 94.26,
+               "sdpa_ok": True, "ratio_vs_sdpa": 0.2137}])
+    path = folder / "kernels-test.json"
+    path.write_text(json.dumps(results))
+    return path
+
+
+def _render_in(folder: Path, monkeypatch):
+    hooks = _load_tool("mkdocs_hooks")
+    monkeypatch.setenv("FOLOVLLM_RESULTS_DIR", str(folder))
+    page = SimpleNamespace(file=SimpleNamespace(src_uri="m4_flash_attn.md"))
+    return lambda text: hooks.on_page_markdown(text, page, None, files=None)
+
+
+def test_profile_table_shows_the_pinned_profile_with_its_provenance(tmp_path, monkeypatch):
+    render = _render_in(tmp_path, monkeypatch)
+    path = _fake_profile(tmp_path)
+    out = render(f"<!-- profile-table: file={path.name} -->")
+    assert "| stage | batch | wall ms/step | CPU ms | GPU ms | GPU busy | kernels/step |" in out
+    # M3 as it is; an M4 row says whether it replayed CUDA graphs (from the launches seen)
+    assert "| `m3_paged_kv` | 1 | 37.2 | 37.0 | 3.50 | 9.4% | 1351 |" in out
+    assert "| `m4_flash_attn` (CUDA graphs) | 64 | 2.75 | 1.12 | 1.50* | 55% | 367 |" in out
+    assert "| `m4_flash_attn` (eager) | 64 | 14.5 | 14.2 | 1.62 | 11% | 368 |" in out
+    assert "| `m4_flash_attn` (CUDA graphs) | 256 | failed |" in out
+    assert "* GPU ms from CUDA events" in out  # the row whose GPU time is not the kernels'
+    # the machine, the date, the commit (dirty) and the command without --out
+    assert "Test GPU 80GB (132 SMs; host: 16 CPU cores)" in out and "2026-03-04" in out
+    assert "measured at commit `fedcba9876` (with uncommitted changes)" in out
+    assert "```bash\npython3 tools/profile_step.py --m4-eager\n```" in out
+    with pytest.raises(ValueError, match="no results file nothing.json"):
+        render("<!-- profile-table: file=nothing.json -->")
+    with pytest.raises(ValueError, match="file= is required"):
+        render("<!-- profile-table: -->")
+    with pytest.raises(ValueError, match="bad option 'rows=m3'"):
+        render(f"<!-- profile-table: file={path.name} rows=m3 -->")
+    compare_file = _fake_results(tmp_path, "latency", ["m1"], "2026-01-01T00:00:00Z")
+    with pytest.raises(ValueError, match="not a results file of tools/profile_step.py"):
+        render(f"<!-- profile-table: file={compare_file.name} -->")
+
+
+def test_kernel_table_shows_decode_and_prefill_with_their_goals(tmp_path, monkeypatch):
+    render = _render_in(tmp_path, monkeypatch)
+    path = _fake_kernels(tmp_path)
+    decode = render(f"<!-- kernel-table: file={path.name} part=decode -->")
+    assert ("| model | batch | context | splits | µs | GB/s | % of copy | M3 path µs |"
+            in decode)
+    assert "| qwen-test | 64 | 1024 | 3 | 25.5 | 1314 | 44% | 128.0 |" in decode
+    assert "| qwen-test | 256 | 4096 | 1 | WRONG | - | - | 1550.1 |" in decode  # not a number
+    assert "copy bandwidth of this GPU (2977 GB/s" in decode
+    assert "Goal for decode, batch 64: a share of the copy bandwidth of at least 60%; " \
+           "the lowest there is 44%: not met." in decode
+    assert "`qwen-test`: 14 query heads, 2 KV heads, head_dim 64" in decode
+    assert "prompts × length" not in decode
+    assert "```bash\npython3 bench/kernels.py\n```" in decode
+    assert "measured at commit `fedcba9876` (with uncommitted changes)" in decode
+    prefill = render(f"<!-- kernel-table: file={path.name} part=prefill -->")
+    assert "| model | prompts × length | µs | TFLOP/s | SDPA flash TFLOP/s | ratio |" in prefill
+    assert "| qwen-test | 4 × 512 | 67.9 | 27.7 | 94.3 | 0.21 |" in prefill
+    assert "a ratio of at least 0.70; the lowest there is 0.21: not met." in prefill
+    assert "| splits |" not in prefill
+    both = render(f"<!-- kernel-table: file={path.name} -->")
+    assert "| 25.5 |" in both and "| 0.21 |" in both
+    with pytest.raises(ValueError, match="no results file nothing.json"):
+        render("<!-- kernel-table: file=nothing.json -->")
+    with pytest.raises(ValueError, match="part= is decode or prefill"):
+        render(f"<!-- kernel-table: file={path.name} part=both -->")
+    with pytest.raises(ValueError, match="bad option"):
+        render(f"<!-- kernel-table: file={path.name} model=qwen-test -->")
+    with pytest.raises(ValueError, match="not a results file of bench/kernels.py"):
+        render(f"<!-- kernel-table: file={_fake_profile(tmp_path).name} -->")
+
+
 def test_stage_tests_marker_lists_test_files_with_what_they_check():
     hooks = _load_tool("mkdocs_hooks")
     page = SimpleNamespace(file=SimpleNamespace(src_uri="m3_paged_kv.md"))
@@ -265,7 +383,7 @@ def test_site_works_offline(site):
 def test_site_shows_images_that_exist(site):
     """Each stage page that can generate shows its notebook plots and its bench plots;
     each notebook page shows its plots (saved outputs, inline PNGs)."""
-    for stage in ("m1_basic", "m2_batching", "m3_paged_kv"):
+    for stage in ("m1_basic", "m2_batching", "m3_paged_kv", "m4_flash_attn"):
         page = site / stage / "index.html"
         sources = re.findall(r'<img[^>]*\ssrc="([^"]+)"', page.read_text(encoding="utf-8"))
         figures = [s for s in sources if "notebook-figures/" in s]
@@ -278,6 +396,70 @@ def test_site_shows_images_that_exist(site):
     for nb in (REPO_ROOT / "notebooks").glob("*.ipynb"):
         text = (site / "notebooks" / nb.stem / "index.html").read_text(encoding="utf-8")
         assert "data:image/png;base64," in text, f"{nb.name}: no plot shown"
+
+
+def _table_rows(page: Path) -> list[list[str]]:
+    """The cells' text of every row of every table of a built page."""
+    rows = []
+    for row in re.findall(r"<tr[^>]*>(.*?)</tr>", page.read_text(encoding="utf-8"), re.S):
+        rows.append([_text(c).strip() for c in re.findall(r"<t[hd][^>]*>(.*?)</t[hd]>", row, re.S)])
+    return rows
+
+
+def _markers(doc: str, kind: str) -> list[dict[str, str]]:
+    """The options of each `kind` marker of a docs page."""
+    text = (REPO_ROOT / "docs" / doc).read_text(encoding="utf-8")
+    return [dict(word.split("=", 1) for word in args.split())
+            for args in re.findall(rf"<!--\s*{kind}:\s*(.*?)\s*-->", text)]
+
+
+def test_site_shows_profile_and_kernel_numbers_from_their_files(site):
+    """The M4 page's profile and kernel tables hold the numbers of the pinned files."""
+    from bench.report import fmt_number
+
+    page = site / "m4_flash_attn" / "index.html"
+    rows, text = _table_rows(page), _page_text(page)
+    profiles = _markers("m4_flash_attn.md", "profile-table")
+    kernels = _markers("m4_flash_attn.md", "kernel-table")
+    assert profiles and kernels
+    for options in profiles:
+        results = json.loads((REPO_ROOT / "bench" / "results" / options["file"]).read_text())
+        assert options["file"] in text and results["git_commit"][:10] in text
+        for want in results["rows"]:
+            cells = [str(want["batch"]), fmt_number(want["wall_ms"]), fmt_number(want["cpu_ms"]),
+                     f"{want['kernels_per_step']:.0f}"]
+            assert any(row[1:4] + row[-1:] == cells and row[0].startswith(want["stage"])
+                       for row in rows), f"{options['file']}: no row {cells}"
+    for options in kernels:
+        results = json.loads((REPO_ROOT / "bench" / "results" / options["file"]).read_text())
+        assert options["file"] in text and results["git_commit"][:10] in text
+        for want in results["rows"]:
+            if options.get("part", want["kind"]) != want["kind"] or not want.get("ok"):
+                continue
+            if want["kind"] == "decode":
+                cells = [want["model"], str(want["batch"]), str(want["context"]),
+                         str(want["num_splits"]), f"{want['kernel_us']:.1f}"]
+            else:
+                cells = [want["model"], f"{want['prompts']} × {want['prompt_len']}",
+                         f"{want['kernel_us']:.1f}", f"{want['tflops']:.1f}"]
+            assert any(row[:len(cells)] == cells for row in rows), (
+                f"{options['file']}: no row {cells}")
+
+
+def test_build_fails_on_a_missing_profile_file(tmp_path):
+    """A profile-table marker whose file is not in the results folder stops the build and
+    names the file."""
+    (profile,) = _markers("m4_flash_attn.md", "profile-table")
+    results = tmp_path / "results"
+    results.mkdir()
+    for path in (REPO_ROOT / "bench" / "results").glob("*.json"):
+        if path.name != profile["file"]:
+            (results / path.name).write_bytes(path.read_bytes())
+    env = dict(os.environ, NO_MKDOCS_2_WARNING="1", FOLOVLLM_RESULTS_DIR=str(results))
+    built = _run("-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site"),
+                 env=env)
+    assert built.returncode != 0
+    assert f"no results file {profile['file']}" in built.stdout + built.stderr
 
 
 # About this many characters of table text fit side by side in the page's column at
@@ -297,8 +479,9 @@ def _table_min_width_chars(table: str) -> int:
 
 
 def test_bench_tables_fit_the_page(site):
-    """The bench tables and the stage map have few columns and no word that forces the
-    table wider than the page (text in a cell wraps, but only at spaces)."""
+    """The bench, profile and kernel tables and the stage map have few columns and no
+    word that forces the table wider than the page (text in a cell wraps, but only at
+    spaces)."""
     # The theme gives every cell a minimum width (5rem): eight columns of it would not fit
     # at 1366 px, so the site's stylesheet lifts it.
     css = (site / "assets" / "stylesheets" / "site.css").read_text()
@@ -310,7 +493,8 @@ def test_bench_tables_fit_the_page(site):
             assert "assets/stylesheets/site.css" in text, page
         for table in re.findall(r"<table>(.*?)</table>", text, re.S):
             header = re.findall(r"<th[^>]*>(.*?)</th>", table, re.S)
-            if not header or "milestone" not in header[0] and "stage" not in header[0]:
+            if not header or not any(word in header[0] for word in ("milestone", "stage",
+                                                                    "model")):
                 continue  # the diff's file tables wrap freely
             checked += 1
             assert len(header) <= 8, f"{page.relative_to(site)}: {len(header)} columns"

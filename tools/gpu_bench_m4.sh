@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# M4's published GPU results in one device call (about 7 minutes on an H100), all bf16:
+# M4's published GPU results (about 10 minutes on an H100 or H200; two calls), all bf16:
 #   throughput, dummy:qwen2.5-0.5b, 64 prompts, 768 MiB of KV cache: m3, m4
 #   throughput, dummy:qwen3-0.6b, 256 prompts (nano-vllm's offline workload): m3, m4
 #   latency, dummy:qwen2.5-0.5b, 128 in / 128 out, 3 repeats: m3, m4, hf
@@ -16,6 +16,7 @@ export PYTHONUNBUFFERED=1 FOLOVLLM_BENCH_RESULTS="$RESULTS"
 parts=${*:-"throughput nano latency kernels profile"}
 common="--device cuda --publish --no-progress"
 day=$(date -u +%Y%m%d)
+gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | grep -o 'H[0-9]*' | tr 'H' 'h')
 {
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 for part in $parts; do
@@ -27,12 +28,12 @@ for part in $parts; do
         --model dummy:qwen3-0.6b $common;;
     latency) python3 bench/compare.py --milestones m3,m4,hf --workload latency \
         --input-len 128 --output-len 128 --repeat 3 --model dummy:qwen2.5-0.5b $common;;
-    kernels) python3 bench/kernels.py --out "$RESULTS/kernels-h100-$day.json";;
+    kernels) python3 bench/kernels.py --out "$RESULTS/kernels-${gpu:-gpu}-$day.json";;
     profile) python3 tools/profile_step.py --stages m3_paged_kv,m4_flash_attn --m4-eager \
         --batches 1,64,256 --model dummy:qwen2.5-0.5b \
-        --out "$RESULTS/profile-dummy-qwen2.5-0.5b-cuda-h100-$day.json";;
+        --out "$RESULTS/profile-dummy-qwen2.5-0.5b-cuda-${gpu:-gpu}-$day.json";;
   esac
 done 2>&1 | grep -v Warn
 echo "== end $(date -u +%H:%M:%S)"
-} 2>&1 | tee "$RESULTS/gpu-bench-m4-$day.log"
+} 2>&1 | tee "$RESULTS/gpu-bench-m4-${gpu:-gpu}-$day.log"
 tar -C "$RESULTS" -cf "$OUT/m4-results.tar" .

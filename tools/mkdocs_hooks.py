@@ -18,6 +18,16 @@ holds markers (HTML comments) that this hook replaces when the site is built:
   and command that produced it, and its plot. Pinned by name, so a new run never
   silently replaces it.
 - `<!-- bench-all -->`: every committed results file, newest first.
+- `<!-- profile-table: file=NAME.json -->`: the per-step profile that
+  `tools/profile_step.py` wrote (a file of `bench/results/`): per stage and batch size,
+  wall, CPU and GPU ms per decode step, GPU busy %, kernels per step; an M4+ row says
+  whether it ran eager or as CUDA graphs. With the machine, the date, the commit and the
+  command that produced it.
+- `<!-- kernel-table: file=NAME.json [part=decode|prefill] -->`: the attention kernels
+  measured by `bench/kernels.py` (a file of `bench/results/`): decode rows (time, KV
+  bytes read per second and that as a share of the copy bandwidth, M3's path beside) and
+  prefill rows (TFLOP/s beside torch's flash SDPA); both tables without `part=`. With
+  the same provenance, and the goals the file records.
 - `<!-- notebook-figure: m2_batching timeline Caption text -->`: the plot that the cell
   tagged `figure:timeline` of `notebooks/m2_batching.ipynb` drew, from the outputs
   committed in the notebook (`tools/run_notebooks.py` saves them).
@@ -37,6 +47,7 @@ import base64
 import copy
 import html
 import importlib
+import json
 import os
 import re
 import shlex
@@ -58,7 +69,7 @@ FIGURES_URI = "notebook-figures"  # where the tagged notebook plots appear
 FIGURE_TAG = "figure:"  # a notebook cell tagged figure:NAME is a figure of the site
 
 _MARKER = re.compile(r"<!--\s*(stage-diff|stage-tree|stage-map|stage-tests|bench-table|"
-                     r"bench-all|notebook-figure)\s*:?\s*(.*?)\s*-->")
+                     r"bench-all|notebook-figure|profile-table|kernel-table)\s*:?\s*(.*?)\s*-->")
 _HTML_SLOT = "FOLOVLLM-HTML-{}"  # a paragraph the rendered HTML replaces (on_page_content)
 
 
@@ -106,6 +117,10 @@ def on_page_markdown(markdown, page, config, files):
                 return _bench_table(_options(args, where), page, where)
             if kind == "notebook-figure":
                 return _notebook_figure(args, where)
+            if kind == "profile-table":
+                return _profile_table(_options(args, where, allowed=("file",)), where)
+            if kind == "kernel-table":
+                return _kernel_table(_options(args, where, allowed=("file", "part")), where)
             return _bench_all(page)
         except FileNotFoundError as exc:
             raise ValueError(f"{where}: {exc}") from exc
@@ -133,14 +148,19 @@ def _words(args: str, n: int, where: str) -> list[str]:
     return words
 
 
-def _options(args: str, where: str) -> dict[str, str]:
+_OPTION_HELP = {"file": "file=NAME.json, a results file committed in bench/results/",
+                "rows": "rows=m1,hf to show only some of its rows",
+                "part": "part=decode or part=prefill to show one of its tables"}
+
+
+def _options(args: str, where: str, allowed: tuple[str, ...] = ("file", "rows")
+             ) -> dict[str, str]:
     options = {}
     for word in args.split():
         key, sep, value = word.partition("=")
-        if not sep or key not in ("file", "rows"):
-            raise ValueError(f"{where}: bad option {word!r} (use file=NAME.json, a results "
-                             "file committed in bench/results/, and rows=m1,hf to show "
-                             "only some of its rows)")
+        if not sep or key not in allowed:
+            raise ValueError(f"{where}: bad option {word!r} (use "
+                             f"{', and '.join(_OPTION_HELP[k] for k in allowed)})")
         options[key] = value
     if "file" not in options:
         raise ValueError(f"{where}: file= is required: name the committed results file")
@@ -291,7 +311,8 @@ def _shown_path(path: Path) -> str:
     return path.relative_to(REPO_ROOT).as_posix() if path.is_relative_to(REPO_ROOT) else path.name
 
 
-_NOT_RESULTS = {"--out-dir": 1, "--no-progress": 0, "--no-plot": 0, "--publish": 0}
+# compare.py's --out-dir, and the --out FILE.json of bench/kernels.py and profile_step.py
+_NOT_RESULTS = {"--out-dir": 1, "--out": 1, "--no-progress": 0, "--no-plot": 0, "--publish": 0}
 
 
 def reproduce_command(results: dict) -> str | None:
@@ -396,3 +417,198 @@ def _bench_all(page) -> str:
         out.append(report.markdown_table(results))
         out.append(f"{provenance(results, path)}{_plot_link(path, None, page)}")
     return "\n".join(out)
+
+
+# -- step profiles and kernel benchmarks ----------------------------------------------
+def _tool_results(options: dict[str, str], where: str, tool: str, row_key: str
+                  ) -> tuple[dict, Path]:
+    """A results file of `tool` (its rows all have `row_key`), and its path."""
+    if "file" not in options:
+        raise ValueError(f"{where}: file= is required: name the committed results file")
+    path = results_dir() / options["file"]
+    if not path.is_file():
+        raise FileNotFoundError(f"no results file {options['file']} in "
+                                f"{_shown_path(results_dir())}")
+    try:
+        results = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise ValueError(f"{where}: {options['file']} is not JSON: {exc}") from exc
+    rows = results.get("rows") if isinstance(results, dict) else None
+    if not rows or not all(isinstance(row, dict) and row_key in row for row in rows):
+        raise ValueError(f"{where}: {options['file']} is not a results file of {tool} "
+                         f"(it needs rows that each have {row_key!r})")
+    return results, path
+
+
+def _machine_text(results: dict) -> str:
+    """Where and when, e.g. "NVIDIA H100 80GB HBM3 (132 SMs; host: 16 CPU cores), torch
+    2.11.0+cu130, Triton 3.6.0, CUDA 13.0, 2026-11-26"."""
+    machine, versions = results.get("machine") or {}, results.get("versions") or {}
+    host = f"{machine['cpu_count']} CPU cores" if machine.get("cpu_count") else "CPU"
+    if machine.get("gpu"):
+        sms = f"{machine['sm_count']} SMs; " if machine.get("sm_count") else ""
+        where = f"{machine['gpu']} ({sms}host: {host})"
+    else:
+        where = f"CPU {machine.get('cpu') or 'unknown'} ({host})"
+    soft = ", ".join(f"{name} {versions[key]}" for key, name in
+                     (("torch", "torch"), ("triton", "Triton"), ("cuda", "CUDA"))
+                     if versions.get(key))
+    date = (results.get("date") or "an unrecorded date")[:10]
+    return f"{where}, {soft + ', ' if soft else ''}{date}"
+
+
+def _md_table(headers: list[str], rows: list[list[str]], right_from: int = 1) -> str:
+    align = ["---" if i < right_from else "---:" for i in range(len(headers))]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(align) + "|"]
+    lines += ["| " + " | ".join(cells) + " |" for cells in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _num(x, fmt: str | None = None) -> str:
+    if x is None:
+        return "-"
+    return format(x, fmt) if fmt else _report().fmt_number(x)
+
+
+def _share(x) -> str:
+    """0.085 -> "8.5%", 0.6 -> "60%"."""
+    if x is None:
+        return "-"
+    p = 100 * x
+    return f"{p:.0f}%" if p >= 9.95 else f"{p:.1f}%"
+
+
+def _profile_stage(row: dict) -> str:
+    """The stage, and for a stage that can replay CUDA graphs, whether this row did."""
+    stage = next((s for s in ALL_STAGES if s.package == row.get("stage")), None)
+    name = f"`{row.get('stage') or row.get('row')}`"
+    graphs_possible = stage is not None and "flash_attn" in stage.features
+    if row.get("setting") is None and not graphs_possible:
+        return name
+    launches = row.get("graph_launches_per_step")
+    if launches is None:  # a row that failed: what it was asked to run
+        if row.get("setting") is None:
+            return name
+        return name + (" (CUDA graphs)" if row["setting"] == "graphs" else " (eager)")
+    return name + (" (CUDA graphs)" if launches > 0 else " (eager)")
+
+
+def _profile_table(options: dict[str, str], where: str) -> str:
+    results, path = _tool_results(options, where, "tools/profile_step.py", "wall_ms")
+    headers = ["stage", "batch", "wall ms/step", "CPU ms", "GPU ms", "GPU busy", "kernels/step"]
+    body, events = [], False
+    for row in results["rows"]:
+        if row.get("error"):
+            body.append([_profile_stage(row), str(row.get("batch")), "failed", "-", "-", "-", "-"])
+            continue
+        gpu = _num(row.get("gpu_ms"))
+        if row.get("gpu_ms") is not None and \
+                not str(row.get("gpu_time_source", "profiler")).startswith("profiler"):
+            gpu, events = gpu + "*", True
+        body.append([_profile_stage(row), str(row.get("batch")), _num(row.get("wall_ms")),
+                     _num(row.get("cpu_ms")), gpu, _share(row.get("gpu_busy")),
+                     _num(row.get("kernels_per_step"), ".0f")])
+    steps = (f", the median of {results['steps']} decode steps" if results.get("steps") else "")
+    prompt = (f" after {results['prompt_len']}-token prompts" if results.get("prompt_len") else "")
+    caption = (f"Decode steps of `{results.get('model')}`{prompt}{steps}, on "
+               f"{_machine_text(results)}.")
+    lines = [caption, "", _md_table(headers, body, right_from=1)]
+    if events:
+        lines.append("<small>* GPU ms from CUDA events around the step (the profiler did not "
+                     "see the kernels inside the graph): it includes idle gaps.</small>\n")
+    return "\n".join(lines) + "\n" + provenance(results, path)
+
+
+def _kernel_status(row: dict) -> str | None:
+    """None for a row that ran and was right; else what went wrong."""
+    if row.get("skipped"):
+        return "skipped"
+    if row.get("error"):
+        return "failed"
+    return None if row.get("ok") else "WRONG"
+
+
+def _kernel_shapes(rows: list[dict]) -> str:
+    shapes = {}
+    for row in rows:
+        if row.get("heads") is not None:
+            shapes.setdefault(row["model"],
+                              (row["heads"], row.get("kv_heads"), row.get("head_dim")))
+    return "; ".join(f"`{m}`: {h} query heads, {kv} KV heads, head_dim {d}"
+                     for m, (h, kv, d) in shapes.items())
+
+
+def _goal_line(goal: dict | None, what: str, fmt) -> str:
+    """The file's goal for a table: the target, over which rows, the lowest measured."""
+    if not goal or goal.get("min") is None:
+        return ""
+    met = "met" if goal.get("met") else "not met"
+    return (f"<small>Goal for {goal.get('rows')}: {what} at least {fmt(goal['target'])}; "
+            f"the lowest there is {fmt(goal['min'])}: {met}.</small>\n")
+
+
+def _decode_part(results: dict) -> str:
+    rows = [r for r in results["rows"] if r["kind"] == "decode"]
+    with_m3 = any(r.get("m3_us") is not None for r in rows)
+    headers = ["model", "batch", "context", "splits", "µs", "GB/s", "% of copy"]
+    headers += ["M3 path µs"] if with_m3 else []
+    body = []
+    for r in rows:
+        bad = _kernel_status(r)
+        cells = [r["model"], str(r.get("batch")), str(r.get("context")),
+                 _num(r.get("num_splits"), "d"),
+                 bad or _num(r.get("kernel_us"), ".1f"), "-" if bad else _num(r.get("gbps"), ".0f"),
+                 "-" if bad else _share(r.get("copy_fraction"))]
+        if with_m3:
+            m3_bad = r.get("m3_ok") is False
+            cells.append("WRONG" if m3_bad else _num(r.get("m3_us"), ".1f"))
+        body.append(cells)
+    bandwidth = results.get("copy_bandwidth_gbps")
+    copy = (f"; % of copy: the KV bytes read per second over the copy bandwidth of this GPU "
+            f"({bandwidth:.0f} GB/s, a device-to-device copy)" if bandwidth else "")
+    m3 = ("; M3 path: gather the keys through the block table, then torch's SDPA, eager "
+          "(its metadata build not counted)" if with_m3 else "")
+    return (f"**Decode** (`paged_decode_attention`, one query per sequence, in "
+            f"{results.get('dtype') or 'an unrecorded dtype'}){copy}{m3}.\n\n"
+            + _md_table(headers, body, right_from=1) + "\n"
+            + _goal_line((results.get("goals") or {}).get("decode_copy_fraction"),
+                         "a share of the copy bandwidth of", _share))
+
+
+def _prefill_part(results: dict) -> str:
+    rows = [r for r in results["rows"] if r["kind"] == "prefill"]
+    headers = ["model", "prompts × length", "µs", "TFLOP/s", "SDPA flash TFLOP/s", "ratio"]
+    body = []
+    for r in rows:
+        bad = _kernel_status(r)
+        body.append([r["model"], f"{r.get('prompts')} × {r.get('prompt_len')}",
+                     bad or _num(r.get("kernel_us"), ".1f"),
+                     "-" if bad else _num(r.get("tflops"), ".1f"),
+                     "WRONG" if r.get("sdpa_ok") is False else _num(r.get("sdpa_tflops"), ".1f"),
+                     "-" if bad else _num(r.get("ratio_vs_sdpa"), ".2f")])
+    return ("**Prefill** (`paged_attention`, causal prompts read from the paged cache) beside "
+            "torch's flash SDPA on the same queries, keys and values laid out contiguously; "
+            "ratio: our TFLOP/s over SDPA's.\n\n" + _md_table(headers, body, right_from=2) + "\n"
+            + _goal_line((results.get("goals") or {}).get("prefill_vs_sdpa"), "a ratio of",
+                         lambda x: f"{x:.2f}"))
+
+
+def _kernel_table(options: dict[str, str], where: str) -> str:
+    part = options.get("part")
+    if part not in (None, "decode", "prefill"):
+        raise ValueError(f"{where}: part= is decode or prefill, not {part!r}")
+    results, path = _tool_results(options, where, "bench/kernels.py", "kind")
+    parts = [part] if part else ["decode", "prefill"]
+    missing = [p for p in parts if not any(r["kind"] == p for r in results["rows"])]
+    if missing:
+        raise ValueError(f"{where}: {options['file']} has no {' or '.join(missing)} rows")
+    caption = (f"Attention kernels alone, on {_machine_text(results)}; "
+               f"{_kernel_shapes(results['rows'])}; blocks of {results.get('block_size')} "
+               "tokens scattered through the pool.")
+    lines = [caption, ""]
+    if not results.get("timings_meaningful", True):
+        lines += [("<small>These timings mean nothing: the kernels ran under the Triton "
+                   "interpreter on a CPU.</small>"), ""]
+    for p in parts:
+        lines.append(_decode_part(results) if p == "decode" else _prefill_part(results))
+    return "\n".join(lines) + "\n" + provenance(results, path)
