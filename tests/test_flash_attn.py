@@ -6,6 +6,8 @@ are tested against their references in tests/test_triton_kernels.py and
 tests/test_fused_ops.py; HF parity with the flash backend is in tests/test_parity.py.
 """
 
+import weakref
+
 import pytest
 import torch
 
@@ -146,7 +148,30 @@ def test_cuda_graph_replay_gives_the_tokens_of_eager_mode(stage, capsys):
         tokens[eager] = [[o.token_ids for o in llm.generate(prompts[:n], params,
                                                             use_tqdm=False)]
                          for n in (1, 5, 20)]
+        alive = weakref.ref(runner)
         del llm, runner
+        # no reference cycle keeps the engine (and its KV cache and graphs) alive
+        assert alive() is None
         torch.cuda.empty_cache()
     assert tokens[False] == tokens[True]
     assert "Capturing CUDA graphs" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_rows_of_requests_aborted_between_steps_come_back(stage):
+    """Freed requests reach the worker even when the step after them runs nothing."""
+    mod = load_stage(stage)
+    llm = mod.LLM("dummy:tiny-llama", device="cpu", max_batch_size=2)
+    engine, batch = llm.engine, llm.engine.model_runner.input_batch
+    params = mod.SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    for cycle in range(3):
+        for i in range(2):
+            engine.add_request(f"c{cycle}-{i}", [5, 6, 7], params)
+        engine.step()
+        assert len(batch.rows) == 2
+        for i in range(2):
+            engine.abort_request(f"c{cycle}-{i}")
+        engine.step()  # nothing to run
+    engine.add_request("last", [5, 6, 7], params)
+    engine.step()  # the worker forgets the aborted ones first, then takes a row
+    assert list(batch.rows) == ["last"] and len(batch.free_rows) == 1

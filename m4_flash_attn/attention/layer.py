@@ -23,17 +23,16 @@ __all__ = ["Attention", "AttentionMetadata", "set_attention_backend"]
 def make_backend(name: str, num_heads: int, num_kv_heads: int, head_dim: int, scale: float):
     if name == "torch":
         return TorchRefAttention(num_heads, num_kv_heads, head_dim, scale)
-    from .backends.flash_attn import FlashAttention  # imports Triton only when used
+    from .backends.flash_attn import FlashAttention  # the attention kernels, when asked for
     return FlashAttention(num_heads, num_kv_heads, head_dim, scale)
 
 
 class Attention(nn.Module):
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
-                 backend: str = "torch") -> None:
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.scale = scale
-        self.backend = make_backend(backend, num_heads, num_kv_heads, head_dim, scale)
+        self.backend = make_backend("torch", num_heads, num_kv_heads, head_dim, scale)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 kv_cache: tuple[torch.Tensor, torch.Tensor],

@@ -32,6 +32,7 @@ import torch
 from ..attention.metadata import AttentionMetadata
 from ..model_executor.layers.sampler import SamplingTensors
 from ..sampling_params import SamplingParams
+from ..utils import cdiv
 
 
 @dataclass
@@ -82,7 +83,6 @@ class InputBatch:
         self.max_num_seqs, self.max_num_tokens = max_num_seqs, max_num_tokens
         # Per running sequence (a row each), kept from step to step.
         self.block_table = np.zeros((max_num_seqs, max_blocks_per_seq), dtype=np.int64)
-        self.num_blocks = np.zeros(max_num_seqs, dtype=np.int64)
         self.sampling_table = np.zeros((max_num_seqs, 5), dtype=np.float32)
         self.rows: dict[str, int] = {}  # request id -> its row
         self.free_rows = list(range(max_num_seqs - 1, -1, -1))
@@ -102,16 +102,19 @@ class InputBatch:
     def _update_row(self, scheduled, params: SamplingParams) -> int:
         """The sequence's row, with its block table brought up to date."""
         row = self.rows.get(scheduled.request_id)
-        if row is None or scheduled.is_new:
+        if scheduled.is_new:
             if row is None:
                 row = self.rows[scheduled.request_id] = self.free_rows.pop()
-            self.num_blocks[row] = 0
             self.sampling_table[row] = (params.temperature or 1.0, params.top_k,
                                         params.top_p, params.min_p, params.greedy)
-        new, start = scheduled.new_block_ids, self.num_blocks[row]
-        if new:
-            self.block_table[row, start:start + len(new)] = new
-            self.num_blocks[row] = start + len(new)
+        elif row is None:
+            raise RuntimeError(f"request {scheduled.request_id!r}: no block table kept for it "
+                               "(its first step never reached the worker)")
+        # The new blocks follow those that hold the tokens already computed (the same rule
+        # as the scheduler's), so a step sent again after a failed one writes the same.
+        start = 0 if scheduled.is_new else cdiv(scheduled.num_computed_tokens, self.block_size)
+        new = scheduled.new_block_ids
+        self.block_table[row, start:start + len(new)] = new
         return row
 
     # -- one step -------------------------------------------------------------------------

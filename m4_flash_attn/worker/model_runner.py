@@ -6,7 +6,7 @@ forward pass; M3 pages the KV cache. The cache is allocated once, at start: per 
 memory budget: `kv_cache_memory` bytes if given, else on CUDA what
 `gpu_memory_utilization` of the card leaves after the weights and a profiling forward
 pass, and 1 GiB on the CPU. Each step, `execute_model` takes the scheduler's output
-(per sequence: its new tokens, where they start, its block ids), lets
+(per sequence: its new tokens, where they start, its new block ids), lets
 `worker/input_batch.py` flatten it into one batch, runs the model once, and samples one
 token per sequence from the logits of its last new token. It never sees the scheduler's
 books: only plain ints come in.
@@ -34,7 +34,7 @@ from ..model_executor.layers.sampler import Sampler, SamplingRow, token_logprobs
 from ..model_executor.model_loader import load_model
 from ..sampling_params import SamplingParams
 from ..utils import cdiv
-from .cuda_graph import DecodeGraphs, graph_batch_sizes
+from .cuda_graph import DecodeGraphs, graph_batch_sizes, padded_batch_size
 from .input_batch import InputBatch, ModelInputs, prepare_inputs
 
 DEFAULT_CPU_KV_CACHE_MEMORY = 2**30  # bytes, when kv_cache_memory is None on a CPU
@@ -100,15 +100,18 @@ class ModelRunner:
                                       max(config.max_num_batched_tokens, config.max_model_len),
                                       cdiv(config.max_model_len, self.block_size),
                                       self.block_size, self.device)
-        # CUDA graphs need a GPU, and attention that reads its metadata on the device.
-        use_graphs = (self.device.type == "cuda" and not config.enforce_eager
-                      and self.attention_backend == "flash")
-        self.graphs = DecodeGraphs(self._run_decode, graph_batch_sizes(config.max_batch_size)
-                                   ) if use_graphs else None
+        # On CUDA with the kernels, a batch of decodes is padded to one of a few sizes, and
+        # each size is captured as a CUDA graph (unless enforce_eager): graphs need a GPU,
+        # and attention that reads its metadata on the device.
+        on_gpu_kernels = self.device.type == "cuda" and self.attention_backend == "flash"
+        self.decode_sizes = graph_batch_sizes(config.max_batch_size) if on_gpu_kernels else []
+        self.graphs = DecodeGraphs(self.decode_sizes) if on_gpu_kernels \
+            and not config.enforce_eager else None
         self.num_kv_blocks = self._count_kv_blocks()
         self.kv_caches = self.allocate_kv_cache(self.num_kv_blocks)
         if self.graphs is not None:
-            self.graphs.capture()
+            self._empty_decode_buffers()
+            self.graphs.capture(self._run_decode)
 
     def _count_kv_blocks(self) -> int:
         """As many blocks as the memory budget holds."""
@@ -166,14 +169,18 @@ class ModelRunner:
     def _profile_decode(self) -> int:
         """Peak memory of a decode step of the largest graph's batch size: the graphs'
         pool keeps that much for good (eager steps cannot reuse it)."""
-        self.input_batch.gpu.slot_mapping.fill_(-1)  # written nowhere, no keys read
-        self.input_batch.gpu.seq_lens.zero_()
+        self._empty_decode_buffers()
         torch.cuda.synchronize(self.device)
         start = torch.cuda.memory_allocated(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
-        self._run_decode(max(self.graphs.batch_sizes))
+        self._run_decode(max(self.decode_sizes))
         torch.cuda.synchronize(self.device)
         return torch.cuda.max_memory_allocated(self.device) - start
+
+    def _empty_decode_buffers(self) -> None:
+        """Buffers that make a decode step harmless: it writes nowhere and reads no keys."""
+        self.input_batch.gpu.slot_mapping.fill_(-1)
+        self.input_batch.gpu.seq_lens.zero_()
 
     def allocate_kv_cache(self, num_blocks: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """One (K, V) pair per layer, [num_blocks, block_size, kv_heads, head_dim] each.
@@ -202,30 +209,32 @@ class ModelRunner:
         return self.model(inputs.input_ids, inputs.positions, self.kv_caches, attn_metadata)
 
     def _run_decode(self, batch_size: int) -> torch.Tensor:
-        """Logits [batch_size, vocab] of a decode step read from the device buffers as
-        they are: what a CUDA graph records and replays."""
+        """Hidden states [batch_size, hidden] of a decode step read from the device
+        buffers as they are: what a CUDA graph records and replays."""
         g = self.input_batch.gpu
         metadata = AttentionMetadata(
             query_start_loc=g.query_start_loc[:batch_size + 1], seq_lens=g.seq_lens[:batch_size],
             block_tables=g.block_tables[:batch_size], slot_mapping=g.slot_mapping[:batch_size],
             max_query_len=1, max_seq_len=self.config.max_model_len)
-        hidden = self.model(g.input_ids[:batch_size], g.positions[:batch_size], self.kv_caches,
-                            metadata)
-        return self.model.compute_logits(hidden)
+        return self.model(g.input_ids[:batch_size], g.positions[:batch_size], self.kv_caches,
+                          metadata)
 
-    def _forward(self, scheduled, sampling_rows: list[SamplingRow]
-                 ) -> tuple[torch.Tensor, torch.Tensor | None, ModelInputs]:
+    def _logits_for_step(self, scheduled, sampling_rows: list[SamplingRow]
+                         ) -> tuple[torch.Tensor, torch.Tensor, ModelInputs]:
         """(logits [B, vocab] of each sequence's last new token, hidden states of the
-        whole batch (None when a graph ran), the inputs)."""
+        whole batch, the inputs). A batch of decodes is padded to a captured size and
+        replays its CUDA graph (or, eager, runs the same padded shapes)."""
         params = [row.params for row in sampling_rows]
         decodes = all(len(s.new_token_ids) == 1 and s.num_computed_tokens > 0
                       for s in scheduled)
-        size = self.graphs.padded_size(len(scheduled)) if self.graphs and decodes else None
+        size = padded_batch_size(self.decode_sizes, len(scheduled)) if decodes else None
         inputs = self.input_batch.prepare(scheduled, params, pad_to=size)
-        if size is not None:
-            return self.graphs.replay(size)[:len(scheduled)], None, inputs
-        hidden = self._run_model(inputs)
-        return self.model.compute_logits(hidden[inputs.logits_indices]), hidden, inputs
+        if size is not None and self.graphs is not None:
+            hidden = self.graphs.replay(size)
+        else:
+            hidden = self._run_model(inputs)
+        logits = self.model.compute_logits(hidden[inputs.logits_indices])
+        return logits[:len(scheduled)], hidden, inputs
 
     @torch.inference_mode()
     def execute_model(self, scheduler_output, sampling_rows: list[SamplingRow]
@@ -233,7 +242,7 @@ class ModelRunner:
         """Run one step in one forward pass, then sample one token for each sequence."""
         scheduled = scheduler_output.scheduled
         self.input_batch.forget(scheduler_output.freed_request_ids)
-        logits, hidden, inputs = self._forward(scheduled, sampling_rows)
+        logits, hidden, inputs = self._logits_for_step(scheduled, sampling_rows)
         wants_logprobs = [row.params.logprobs is not None for row in sampling_rows]
         raw_logits = logits.clone() if any(wants_logprobs) else None  # the sampler edits
         tokens = self.sampler(logits, sampling_rows, self.input_batch.sampling_tensors())
@@ -243,7 +252,7 @@ class ModelRunner:
         return ModelRunnerOutput(tokens.tolist(), logprobs,
                                  self._prompt_logprobs(hidden, inputs, scheduled, sampling_rows))
 
-    def _prompt_logprobs(self, hidden: torch.Tensor | None, inputs: ModelInputs, scheduled,
+    def _prompt_logprobs(self, hidden: torch.Tensor, inputs: ModelInputs, scheduled,
                          sampling_rows: list[SamplingRow]) -> list:
         """For a sequence whose prompt starts in this step and whose parameters ask for
         prompt_logprobs: how likely each of its new tokens after the first was."""
@@ -252,7 +261,7 @@ class ModelRunner:
                                            initial=0))  # on the host: no copy back
         for i, (s, row) in enumerate(zip(scheduled, sampling_rows)):
             num_top = row.params.prompt_logprobs
-            if num_top is None or s.num_computed_tokens != 0:  # (then no graph ran)
+            if num_top is None or s.num_computed_tokens != 0:
                 result.append(None)
                 continue
             logits = self.model.compute_logits(hidden[starts[i]:starts[i + 1] - 1])

@@ -93,10 +93,12 @@ class Scheduler:
             is_new = True  # (re)starting sequences: the worker gets their whole tables
         else:
             admitted, is_new = self._schedule_running(), False
+        # The freed requests go with the next step that runs (a step with nothing to run
+        # never reaches the worker).
+        freed, self.freed_request_ids = (self.freed_request_ids, []) if admitted \
+            else ([], self.freed_request_ids)
         out = SchedulerOutput([self._scheduled(seq, is_new) for seq in admitted], admitted,
-                              sum(num_new_tokens(seq) for seq in admitted),
-                              self.freed_request_ids)
-        self.freed_request_ids = []
+                              sum(num_new_tokens(seq) for seq in admitted), freed)
         self._record_usage(out)
         return out
 

@@ -10,7 +10,7 @@ model's raw distribution (before penalties, temperature and the masks).
 
 M4: the per-row parameters come in as `SamplingTensors`, which the worker keeps per
 running sequence and gathers for a step, instead of tensors built from the rows at
-every step; a batch that is all greedy (and has no penalties) is one argmax.
+every step; whether a batch is all greedy is known on the host without a loop.
 """
 
 from dataclasses import dataclass
