@@ -16,7 +16,7 @@ export PYTHONUNBUFFERED=1 FOLOVLLM_BENCH_RESULTS="$RESULTS"
 parts=${*:-"throughput nano latency kernels profile"}
 common="--device cuda --publish --no-progress"
 day=$(date -u +%Y%m%d)
-gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | grep -o 'H[0-9]*' | tr 'H' 'h')
+gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | grep -o 'H[0-9][0-9]*' | head -1 | tr 'H' 'h')
 {
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 for part in $parts; do
