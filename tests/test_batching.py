@@ -301,7 +301,8 @@ def check_scheduler_output(out, tables: dict | None = None) -> None:
         held = ([b.block_id for b in seq.kv_blocks] if hasattr(seq, "kv_blocks")
                 else [seq.kv_slot])
         if hasattr(s, "new_block_ids"):  # M4 on: the worker keeps the tables
-            assert s.is_new == (s.request_id not in tables or s.num_computed_tokens == 0)
+            assert s.is_new == (s.num_computed_tokens == 0)
+            assert s.is_new or s.request_id in tables
             table = [] if s.is_new else tables[s.request_id]
             tables[s.request_id] = table + s.new_block_ids
             assert tables[s.request_id] == held

@@ -26,7 +26,7 @@ class ScheduledSequence:
     # Its block table's new entries, in order: all of them when the sequence (re)starts
     # (`is_new`), else the blocks it got since the last step (usually none).
     new_block_ids: list[int]
-    is_new: bool  # the worker has no table for it yet: a new or recomputed sequence
+    is_new: bool  # nothing computed yet (new, recomputed, or retried): a whole table
 
 
 @dataclass

@@ -90,14 +90,13 @@ class Scheduler:
             num_tokens += num_new
         if admitted:
             self.running.extend(admitted)
-            is_new = True  # (re)starting sequences: the worker gets their whole tables
         else:
-            admitted, is_new = self._schedule_running(), False
+            admitted = self._schedule_running()
         # The freed requests go with the next step that runs (a step with nothing to run
         # never reaches the worker).
         freed, self.freed_request_ids = (self.freed_request_ids, []) if admitted \
             else ([], self.freed_request_ids)
-        out = SchedulerOutput([self._scheduled(seq, is_new) for seq in admitted], admitted,
+        out = SchedulerOutput([self._scheduled(seq) for seq in admitted], admitted,
                               sum(num_new_tokens(seq) for seq in admitted), freed)
         self._record_usage(out)
         return out
@@ -121,11 +120,13 @@ class Scheduler:
         self.running.extend(scheduled)
         return scheduled
 
-    def _scheduled(self, seq: Sequence, is_new: bool) -> ScheduledSequence:
-        """A new sequence sends its whole block table; a running one the blocks that
-        hold its tokens from `num_computed_tokens` on and that it did not have before
-        (those the worker has seen cover its first num_computed_tokens tokens)."""
+    def _scheduled(self, seq: Sequence) -> ScheduledSequence:
+        """A sequence with nothing computed yet (new, restarted after a preemption, or
+        retried after a failed first step) sends its whole block table; a running one the
+        blocks past those that hold its first num_computed_tokens tokens, which the
+        worker has."""
         start = seq.num_computed_tokens
+        is_new = start == 0
         seen = 0 if is_new else cdiv(start, self.kv_cache_manager.block_size)
         return ScheduledSequence(seq.request_id, seq.token_ids[start:], start,
                                  self.kv_cache_manager.block_table(seq, seen), is_new)
