@@ -186,14 +186,13 @@ class InputBatch:
         """The last step's sampling parameters, gathered from the kept table."""
         table = self.sampling_table[self.step_rows]  # [B, 5]
         num_seqs = len(self.step_rows)
-        all_greedy = bool(table[:, GREEDY].all())
-        if not all_greedy:
-            self.host.sampling.numpy()[:, :num_seqs] = table.T
-            self.gpu.sampling[:, :num_seqs].copy_(self.host.sampling[:, :num_seqs],
-                                                  non_blocking=True)
         columns = self.gpu.sampling[:, :num_seqs]
+        if table[:, GREEDY].all():  # one argmax: no parameter is read, none is copied
+            return SamplingTensors(*columns, all_greedy=True)
+        self.host.sampling.numpy()[:, :num_seqs] = table.T
+        columns.copy_(self.host.sampling[:, :num_seqs], non_blocking=True)
         return SamplingTensors(columns[TEMPERATURE], columns[TOP_K].long(), columns[TOP_P],
-                               columns[MIN_P], columns[GREEDY].bool(), all_greedy)
+                               columns[MIN_P], columns[GREEDY].bool(), all_greedy=False)
 
 
 @dataclass
