@@ -28,16 +28,31 @@ FOLOVLLM_GIT_DIRTY=0/1 name them for a copy of the tree whose .git is stale, e.g
 GPU machine), published, workload, model, device, date (UTC), machine (gpu, cpu,
 cpu_count, hostname), versions (python, torch, transformers, triton, numpy), config
 (workload and engine settings, repeat), roofline (null off CUDA), and one row per
-milestone: its note (how it ran the workload), wall_s (the row's processes, load
-included), summary (ttft/tpot in ms, e2e in s, tokens/s, requests/s, total time, peak
-MiB, max_concurrent_seqs, throughput ratio, roofline fraction, kv_cache, runs, and
-spread: {metric: [min, max]} over the runs, null for one run), repeats (each run's
-summary, when more than one) and the first run's per-request samples. Older files may
-lack some of these keys; bench/report.py reads them all.
+milestone: its name (`milestone`, the spec as given), overrides (its own EngineConfig
+settings, {} for none; not on the hf row), note (how it ran the workload), wall_s (the
+row's processes, load included), summary (ttft/tpot in ms, e2e in s, tokens/s,
+requests/s, total time, peak MiB, max_concurrent_seqs, throughput ratio, roofline
+fraction, kv_cache, the inter-token latency, runs, and spread: {metric: [min, max]} over
+the runs, null for one run), repeats (each run's summary, when more than one) and the
+first run's per-request samples (prompt_len, output_len, ttft_s, tpot_s, e2e_s, and
+itl_mean_s / itl_max_s). Older files may lack some of these keys; bench/report.py reads
+them all.
+
+Inter-token latency (ITL): the time between two consecutive output tokens of one request
+(the first token's time is its TTFT, not a gap). The summary pools the gaps of all
+requests: itl_mean_ms, itl_p50_ms, itl_p99_ms, itl_max_ms, itl_quantiles_ms (the 0th to
+100th percentiles, 101 values, for a CDF: `python -m bench.report --itl-cdf FILE.json`)
+and itl_gaps (how many gaps). The gaps themselves are not stored. They are null for a row
+that could not time each token. Over repeated runs: the median of each, element by
+element for the quantiles.
 
 Milestones: m1..m7 are the stage packages present in this checkout (m0 cannot generate);
 `hf` is transformers `generate` on the same weights (for dummy models, the stage's dummy
-weights are saved to a temporary Hugging Face folder first).
+weights are saved to a temporary Hugging Face folder first). `NAME:KEY=VALUE[:KEY=VALUE]`
+runs stage NAME with those EngineConfig settings on top of the common ones (VALUE read as
+--engine-arg reads it), so one file can compare a stage with its idea on and off:
+
+    python bench/compare.py --milestones m4,m5,m5:enable_chunked_prefill=false
 """
 
 import argparse
@@ -58,6 +73,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # run as a script: make the stages and `bench` importable
@@ -139,7 +155,11 @@ def build_parser() -> argparse.ArgumentParser:
                "prefix + 32-token questions, 64 out; 32 prompts).")
     p.add_argument("--milestones", required=True,
                    help="comma-separated rows: m1..m7 (the stages present) and hf "
-                        "(transformers), e.g. m1,m2,m3")
+                        "(transformers), e.g. m1,m2,m3; a stage row may change its own "
+                        "EngineConfig settings as NAME:KEY=VALUE[:KEY=VALUE...] (VALUE "
+                        "read as --engine-arg reads it), e.g. "
+                        "m4,m5,m5:enable_chunked_prefill=false; the row is named by the "
+                        "whole spec")
     p.add_argument("--workload", default="concurrent", choices=WORKLOADS,
                    help="(default: concurrent)")
     p.add_argument("--repeat", type=int, default=1, metavar="N",
@@ -188,20 +208,84 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def resolve_milestones(text: str) -> list[tuple[str, str | None]]:
-    """'m1,hf' -> [('m1', 'm1_basic'), ('hf', None)]; BenchError for a bad name."""
-    names = [n.strip().lower() for n in text.split(",") if n.strip()]
-    if not names:
+class Milestone(NamedTuple):
+    """One row to run: its name (the spec as given), the stage package (None for hf) and
+    the EngineConfig settings it changes."""
+    name: str
+    package: str | None
+    overrides: dict
+
+    @property
+    def stage(self) -> str:
+        """The stage or peer it runs: "m5" for "m5:enable_chunked_prefill=false"."""
+        return base_name(self.name)
+
+
+def base_name(name: str) -> str:
+    """The stage (or peer) of a row name: the part before the first ':'."""
+    return name.partition(":")[0]
+
+
+def parse_overrides(spec: str) -> tuple[str, dict]:
+    """'m5:enable_chunked_prefill=false:block_size=32' -> ('m5', {...}); BenchError for
+    a spec that does not parse. Each VALUE is read as --engine-arg reads it."""
+    name, *parts = spec.split(":")
+    overrides: dict = {}
+    for part in parts:
+        try:
+            key, value = parse_engine_arg(part)
+        except argparse.ArgumentTypeError:
+            raise BenchError(f"milestone {spec!r}: {part!r} is not KEY=VALUE (use "
+                             "NAME:KEY=VALUE[:KEY=VALUE...], e.g. "
+                             "m5:enable_chunked_prefill=false)") from None
+        if key in overrides:
+            raise BenchError(f"milestone {spec!r}: {key} is set twice")
+        overrides[key] = value
+    return name, overrides
+
+
+def check_overrides(spec: str, name: str, package: str, overrides: dict) -> None:
+    """BenchError unless the stage's EngineConfig has every key and takes the values."""
+    import dataclasses
+
+    config = importlib.import_module(f"{package}.config").EngineConfig
+    fields = [f.name for f in dataclasses.fields(config)]
+    unknown = [key for key in overrides if key not in fields]
+    if unknown:
+        raise BenchError(f"milestone {spec!r}: {name} ({package}) has no EngineConfig "
+                         f"setting {', '.join(unknown)}; it has {', '.join(fields)}")
+    try:
+        config(**overrides)
+    except (TypeError, ValueError) as exc:
+        raise BenchError(f"milestone {spec!r}: {name}'s EngineConfig rejects it: "
+                         f"{exc}") from None
+
+
+def resolve_milestones(text: str) -> list[Milestone]:
+    """'m1,hf,m3:block_size=32' -> [Milestone('m1', 'm1_basic', {}), Milestone('hf',
+    None, {}), Milestone('m3:block_size=32', 'm3_paged_kv', {'block_size': 32})];
+    BenchError for a bad name, a bad spec, an unknown setting or a row listed twice."""
+    specs = [n.strip() for n in text.split(",") if n.strip()]
+    if not specs:
         raise BenchError("--milestones: give at least one, e.g. m1,hf")
     present = [m for m, pkg in STAGES.items() if "generate" in stages.get(m).features
                and (REPO / pkg / "engine" / "llm_engine.py").is_file()]
     choices = ", ".join(present + list(PEERS))
-    out = []
-    for name in names:
-        if name in (m for m, _ in out):
-            raise BenchError(f"milestone {name!r} is listed twice")
+    out: list[Milestone] = []
+    seen: list[tuple[str, dict]] = []
+    for spec in specs:
+        name, overrides = parse_overrides(spec)
+        name = name.lower()
+        spec = name + spec[len(name):]  # "M5:..." is "m5:..."
+        if (name, overrides) in seen:
+            raise BenchError(f"milestone {spec!r} is listed twice")
+        seen.append((name, overrides))
         if name in PEERS:
-            out.append((name, None))
+            if overrides:
+                raise BenchError(f"milestone {spec!r}: {name} has no EngineConfig to "
+                                 "change; settings go after a stage name, e.g. "
+                                 "m5:enable_chunked_prefill=false")
+            out.append(Milestone(name, None, {}))
         elif name in STAGES and "generate" not in stages.get(name).features:
             raise BenchError(f"milestone {name!r} ({STAGES[name]}) cannot generate (it runs "
                              f"one forward pass and has no engine); choose from {choices}")
@@ -213,7 +297,9 @@ def resolve_milestones(text: str) -> list[tuple[str, str | None]]:
             if name not in present:
                 raise BenchError(f"milestone {name!r} ({pkg}) has no engine "
                                  f"(engine/llm_engine.py); choose from {choices}")
-            out.append((name, pkg))
+            if overrides:
+                check_overrides(spec, name, pkg, overrides)
+            out.append(Milestone(spec, pkg, overrides))
         else:
             raise BenchError(f"unknown milestone {name!r}; choose from {choices}")
     return out
@@ -229,21 +315,59 @@ def model_slug(model: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", name)
 
 
-def percentile(values: list[float], q: float) -> float | None:
-    """Linear interpolation between the closest ranks (numpy's default)."""
-    if not values:
-        return None
-    ordered = sorted(values)
+def _at(ordered: list[float], q: float) -> float:
+    """The q-th percentile of sorted values, interpolated between the closest ranks."""
     pos = (len(ordered) - 1) * q / 100
     lo = int(pos)
     hi = min(lo + 1, len(ordered) - 1)
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
 
 
+def percentile(values: list[float], q: float) -> float | None:
+    """Linear interpolation between the closest ranks (numpy's default)."""
+    return _at(sorted(values), q) if values else None
+
+
+ITL_KEYS = ["itl_mean_ms", "itl_p50_ms", "itl_p99_ms", "itl_max_ms", "itl_quantiles_ms",
+            "itl_gaps"]
 SUMMARY_KEYS = ["ttft_mean_ms", "ttft_p50_ms", "ttft_p99_ms", "tpot_mean_ms", "tpot_p50_ms",
                 "tpot_p99_ms", "e2e_mean_s", "e2e_p50_s", "e2e_p99_s", "output_tokens_per_s",
                 "requests_per_s", "total_time_s", "peak_memory_mib", "max_concurrent_seqs",
-                "throughput_ratio", "roofline_fraction", "kv_cache"]
+                "throughput_ratio", "roofline_fraction", "kv_cache", *ITL_KEYS]
+
+
+def itl_gaps(times: list[float] | None) -> list[float] | None:
+    """One request's inter-token gaps (seconds) from its token times: n tokens, n - 1
+    gaps (the first token's time is its TTFT, not a gap). None stays None (untimed)."""
+    if times is None:
+        return None
+    return [b - a for a, b in zip(times, times[1:])]
+
+
+def itl_summary(token_times: list[list[float] | None] | None) -> dict:
+    """The ITL keys of a run's summary, the gaps of all requests pooled: mean, p50, p99
+    and max in ms, the 0th..100th percentiles (101 values) and how many gaps. All None
+    when a request was not timed token by token, or when no request had two tokens."""
+    summary = dict.fromkeys(ITL_KEYS)
+    gaps = [itl_gaps(times) for times in token_times or [None]]
+    if any(g is None for g in gaps):
+        return summary
+    pooled = sorted(1e3 * gap for g in gaps for gap in g)
+    summary["itl_gaps"] = len(pooled)
+    if not pooled:
+        return summary
+    summary.update(itl_mean_ms=sum(pooled) / len(pooled), itl_p50_ms=_at(pooled, 50),
+                   itl_p99_ms=_at(pooled, 99), itl_max_ms=pooled[-1],
+                   itl_quantiles_ms=[_at(pooled, q) for q in range(101)])
+    return summary
+
+
+def itl_per_request(times: list[float] | None) -> dict:
+    """A sample's own ITL (seconds): the mean and the largest of its gaps, None without."""
+    gaps = itl_gaps(times)
+    if not gaps:
+        return {"itl_mean_s": None, "itl_max_s": None}
+    return {"itl_mean_s": sum(gaps) / len(gaps), "itl_max_s": max(gaps)}
 
 
 def summarize(result: dict) -> dict:
@@ -265,14 +389,27 @@ def summarize(result: dict) -> dict:
     summary["peak_memory_mib"] = result["peak_memory_mib"]
     summary["max_concurrent_seqs"] = result.get("max_concurrent_seqs")
     summary["kv_cache"] = result.get("kv_cache")
+    summary.update(itl_summary(result.get("token_times_s")))
     return summary
+
+
+def _median_curve(curves: list) -> list[float] | None:
+    """The element-wise median of equally long lists (still sorted if each one is); None
+    unless every run has one."""
+    if not curves or any(not isinstance(c, list) or len(c) != len(curves[0]) for c in curves):
+        return None
+    return [statistics.median(values) for values in zip(*curves)]
 
 
 def combine_runs(summaries: list[dict]) -> dict:
     """One row's summary over its runs: the median of each number, the first run's KV
-    stats, `runs`, and `spread` ({metric: [min, max]}, None for a single run)."""
+    stats, the element-wise median of the ITL quantiles, `runs`, and `spread` ({metric:
+    [min, max]}, None for a single run)."""
     combined = dict(summaries[0])
     spread = {}
+    if len(summaries) > 1:
+        combined["itl_quantiles_ms"] = _median_curve([s.get("itl_quantiles_ms")
+                                                      for s in summaries])
     for key in SUMMARY_KEYS:
         values = [s[key] for s in summaries if isinstance(s.get(key), (int, float))]
         if key == "kv_cache" or len(values) < len(summaries):
@@ -342,12 +479,13 @@ def earlier_results(model: str, device: str, dtype: str, workload: str,
 
 
 def runs_one_at_a_time(name: str, sequential: bool, hf_batch: int | None) -> bool:
-    """Known before the run: the latency workload, a stage without batching, hf batch 1."""
+    """Known before the run: the latency workload, a stage without batching, hf batch 1.
+    `name` may be a row with settings ("m5:enable_chunked_prefill=false")."""
     if sequential:
         return True
-    if name in PEERS:
+    if base_name(name) in PEERS:
         return hf_batch == 1
-    return "batching" not in stages.get(name).features
+    return "batching" not in stages.get(base_name(name)).features
 
 
 def _row_seconds(row: dict | None, out_tokens: int) -> float | None:
@@ -373,8 +511,8 @@ def estimate_lines(names: list[str], workload: str, out_tokens: int, repeat: int
     path, results = earlier
     rows = {row["milestone"]: row for row in results.get("rows", [])}
     parts, missing, total = [], [], 0.0
-    for name in names:
-        seconds = _row_seconds(rows.get(name), out_tokens)
+    for name in names:  # a row with settings: its own earlier row, else its stage's
+        seconds = _row_seconds(rows.get(name, rows.get(base_name(name))), out_tokens)
         if seconds is None:
             missing.append(name)
             continue
@@ -468,22 +606,33 @@ def _time_panel(values: list, label: str) -> tuple[list, str]:
 
 
 def plot_panels(results: dict) -> list[tuple[list, str]]:
-    """(one value per row, title) for each panel: throughput, TTFT, TPOT, at once."""
+    """(one value per row, title) for each panel: throughput, TTFT, TPOT, ITL p99 (only
+    when some row has it: older files do not) and, last, sequences at once."""
     summaries = [row.get("summary") or {} for row in results["rows"]]
     ttft, ttft_label = _time_panel([s.get("ttft_p50_ms") for s in summaries], "TTFT p50")
     tpot, tpot_label = _time_panel([s.get("tpot_p50_ms") for s in summaries], "TPOT p50")
-    return [([s.get("output_tokens_per_s") for s in summaries],
-             "output tokens/s\n(higher is better)"),
-            (ttft, f"{ttft_label}\n(lower is better)"),
-            (tpot, f"{tpot_label}\n(lower is better)"),
-            ([report.at_once(results, row) for row in results["rows"]],
-             "sequences at once\n(more = more batching)")]
+    panels = [([s.get("output_tokens_per_s") for s in summaries],
+               "output tokens/s\n(higher is better)"),
+              (ttft, f"{ttft_label}\n(lower is better)"),
+              (tpot, f"{tpot_label}\n(lower is better)")]
+    itl = [s.get("itl_p99_ms") for s in summaries]
+    if any(v is not None for v in itl):
+        itl, itl_label = _time_panel(itl, "ITL p99")
+        panels.append((itl, f"{itl_label}\n(lower is better)"))
+    return panels + [([report.at_once(results, row) for row in results["rows"]],
+                      "sequences at once\n(more = more batching)")]
+
+
+def tick_label(name: str) -> str:
+    """A row's name under its bar: a row with settings on two lines, the stage above."""
+    return name.replace(":", "\n", 1).replace(":", " ")
 
 
 def plot(results: dict, path: Path) -> Path | None:
-    """Bar charts of throughput, TTFT, TPOT and sequences at once, one bar per row; a row
-    that ran one request at a time is hatched. Four panels in a 2 x 2 grid, 900 px wide,
-    so the text stays readable in a docs page's column. None without matplotlib."""
+    """Bar charts of throughput, TTFT, TPOT, ITL p99 (when the file has it) and sequences
+    at once, one bar per row; a row that ran one request at a time is hatched. Four
+    panels in a 2 x 2 grid (five in 3 x 2), 900 px wide, so the text stays readable in a
+    docs page's column. None without matplotlib."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -497,11 +646,15 @@ def plot(results: dict, path: Path) -> Path | None:
     panels = plot_panels(results)
     at_once = panels[-1][0]
     spread = [(s.get("spread") or {}).get("output_tokens_per_s") for s in summaries]
-    colors = ["#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#da8bc3",
-              "#8c8c8c", "#ccb974"]
-    fig, axes = plt.subplots(2, 2, figsize=(9, 6.4))
+    colors = report.COLORS
+    grid = (len(panels) + 1) // 2
+    fig, axes = plt.subplots(grid, 2, figsize=(9, 6.4 if grid == 2 else 8.8))
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    labels = [tick_label(n) for n in names]
+    small = max(len(line) for n in labels for line in n.split("\n")) > 12
     for index, (ax, (values, label)) in enumerate(zip(axes.flat, panels)):
-        bars = ax.bar(names, [v or 0 for v in values],
+        bars = ax.bar(range(len(labels)), [v or 0 for v in values], tick_label=labels,
                       color=[colors[i % len(colors)] for i in range(len(names))],
                       hatch=["//" if n == 1 else "" for n in at_once], edgecolor="white")
         if index == 0 and any(spread):
@@ -519,6 +672,8 @@ def plot(results: dict, path: Path) -> Path | None:
                         ha="center", va="bottom", fontsize=10)
         ax.set_title(label, fontsize=11)
         ax.tick_params(labelsize=10)
+        if small:  # long row names (rows with settings) share the width
+            ax.tick_params(axis="x", labelsize=8)
         if values is at_once:
             ax.yaxis.set_major_locator(MaxNLocator(integer=True))
         ax.margins(y=0.18)
@@ -588,8 +743,9 @@ def measure_roofline(scratch: Path, device: str, dtype: str, mc, wl, max_batch_s
                             "flops": sim["flops"]}
 
 
-def build_row(name: str, runs: list[tuple[dict, float]]) -> dict:
-    """A row from its runs (worker result, wall seconds): medians, spread, first samples."""
+def build_row(milestone: Milestone, runs: list[tuple[dict, float]]) -> dict:
+    """A row from its runs (worker result, wall seconds): its overrides, medians, spread,
+    the first good run's samples, each with its own ITL mean and max."""
     good = [result for result, _ in runs if "error" not in result]
     errors = [result["error"] for result, _ in runs if "error" in result]
     summaries = [summarize(result) for result in good] or [summarize(runs[0][0])]
@@ -600,18 +756,25 @@ def build_row(name: str, runs: list[tuple[dict, float]]) -> dict:
         if errors:
             note += ("; " if note else "") + (f"{len(errors)} of {len(runs)} runs failed "
                                               f"({errors[0]}); the summary is of the others")
-    row = {"milestone": name, "note": note, "wall_s": sum(wall for _, wall in runs),
-           "summary": combine_runs(summaries)}
+    row: dict = {"milestone": milestone.name}
+    if milestone.package is not None:
+        row["overrides"] = milestone.overrides
+    row.update(note=note, wall_s=sum(wall for _, wall in runs),
+               summary=combine_runs(summaries))
     if len(runs) > 1:
         row["repeats"] = summaries
-    row["samples"] = good[0]["samples"] if good else []
+    row["samples"] = []
+    if good:
+        times = good[0].get("token_times_s") or [None] * len(good[0]["samples"])
+        row["samples"] = [dict(sample, **itl_per_request(t))
+                          for sample, t in zip(good[0]["samples"], times)]
     return row
 
 
 def run_rows(args, milestones, wl, engine: dict, device: str, dtype: str, mc, model_path,
              loader_pkg: str) -> tuple[list[dict], str | None, dict | None]:
     """Every row, --repeat times, rounds interleaved; also the GPU name and roofline."""
-    runs: dict[str, list[tuple[dict, float]]] = {name: [] for name, _ in milestones}
+    runs: dict[str, list[tuple[dict, float]]] = {m.name: [] for m in milestones}
     gpu, roofline = None, None
     total = len(milestones) * args.repeat
     with tempfile.TemporaryDirectory(prefix="folovllm-bench-") as tmp:
@@ -621,7 +784,8 @@ def run_rows(args, milestones, wl, engine: dict, device: str, dtype: str, mc, mo
                                              args.max_batch_size)
         hf_path = str(model_path) if model_path is not None else None
         for index in range(total):
-            name, pkg = milestones[index % len(milestones)]
+            milestone = milestones[index % len(milestones)]
+            name, pkg = milestone.name, milestone.package
             label = f"{name} ({pkg})" if pkg else f"{name} (transformers)"
             again = f", run {index // len(milestones) + 1} of {args.repeat}" if (
                 args.repeat > 1) else ""
@@ -637,7 +801,7 @@ def run_rows(args, milestones, wl, engine: dict, device: str, dtype: str, mc, mo
                     hf_path = str(hf_dir)
                 spec.update(kind="hf", hf_path=hf_path, hf_batch_size=args.max_batch_size)
             else:
-                spec.update(kind="stage")
+                spec.update(kind="stage", overrides=milestone.overrides)
             began = time.perf_counter()
             result = run_worker(spec, scratch, f"{name}-{index}")
             runs[name].append((result, time.perf_counter() - began))
@@ -645,7 +809,7 @@ def run_rows(args, milestones, wl, engine: dict, device: str, dtype: str, mc, mo
                 _say(f"error: row {name} failed: {result['error']}")
             else:
                 gpu = gpu or result.get("gpu")
-    return [build_row(name, runs[name]) for name, _ in milestones], gpu, roofline
+    return [build_row(m, runs[m.name]) for m in milestones], gpu, roofline
 
 
 def _run(args: argparse.Namespace, argv: list[str]) -> int:
@@ -665,7 +829,7 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
         raise BenchError("--device cuda was asked for, but torch sees no GPU")
     dtype = args.dtype if args.dtype != "auto" else (
         "bfloat16" if device == "cuda" else "float32")
-    stage_pkgs = [pkg for _, pkg in milestones if pkg is not None]
+    stage_pkgs = [m.package for m in milestones if m.package is not None]
     loader_pkg = stage_pkgs[0] if stage_pkgs else stages.stages_with("generate")[0]
     loader = importlib.import_module(f"{loader_pkg}.model_executor.model_loader")
     try:
@@ -692,7 +856,7 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     start, began = dt.datetime.now(dt.timezone.utc), time.perf_counter()
     commit, dirty = git_info()  # the code as it was when the rows started
     lens = [len(p) for p in wl.prompts]
-    names = [m for m, _ in milestones]
+    names = [m.name for m in milestones]
     _say(f"bench: {args.workload} workload, {wl.num_prompts} prompts (input {min(lens)}.."
          f"{max(lens)}, output {min(wl.output_lens)}..{max(wl.output_lens)} tokens), model "
          f"{args.model}, {device} {dtype}, rows {', '.join(names)}")

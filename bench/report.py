@@ -11,23 +11,38 @@ The table keeps to a few columns (it fits 120 terminal columns and a docs page):
 milestone, sequences at once, TTFT and TPOT (p50 / p99), output tokens/s (with the
 min-max over repeated runs), the ratio to the first row, peak memory and, on CUDA, the
 fraction of the roofline. Times print in ms below 10 s and in seconds ("355 s") above.
-Below the table, `why_lines` says for each row how many sequences it ran at once and
+A second, small table gives the inter-token latency (ITL: mean, p50, p99, max and the
+number of gaps), when the file has it (older files do not: no second table).
+Below the tables, `why_lines` says for each row how many sequences it ran at once and
 why, from the run's own facts (the KV-cache stats, the stage registry in
 bench/stages.py), so a new stage gets a line with no change here. Everything else (means,
 e2e latency, requests/s, the full KV stats, per-request samples) stays in the JSON.
 
+`plot_itl_cdf` draws each row's ITL distribution from the percentiles the file keeps:
+
+    python -m bench.report --itl-cdf bench/results/FILE.json --out itl.png
+
 The results file format is described in `bench/compare.py` (one JSON file per run).
 """
 
+import argparse
 import json
 import re
+import sys
 import textwrap
 from pathlib import Path
 
-from bench import stages
+if __package__ in (None, ""):  # run as a file: make `bench` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench import stages  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 WIDTH = 120  # plain text lines stay within this many columns
+ITL_STATS = ("mean", "p50", "p99", "max")  # the ITL table's columns, after the name
+COLORS = ["#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#da8bc3",
+          "#8c8c8c", "#ccb974"]  # one per row, in the file's order, in every plot
+
 
 def load_results(path: str | Path) -> dict:
     """One results file, as the dict compare.py wrote."""
@@ -102,11 +117,19 @@ def kv_text(kv: dict | None) -> str:
 
 
 # -- cells ---------------------------------------------------------------------------
-def time_unit(results: dict, name: str) -> str:
+def time_unit(results: dict, name: str, stats: tuple[str, ...] = ("p50", "p99")) -> str:
     """One unit for a whole time column: "s" when any row's value reaches 10 s, else "ms"."""
     values = [(row.get("summary") or {}).get(f"{name}_{q}_ms")
-              for row in results["rows"] for q in ("p50", "p99")]
+              for row in results["rows"] for q in stats]
     return "s" if any(v is not None and v >= 10_000 for v in values) else "ms"
+
+
+def row_stage(name: str) -> stages.Stage | None:
+    """The stage a row ran ("m5" for "m5:enable_chunked_prefill=false"); None for hf."""
+    try:
+        return stages.get(name.partition(":")[0])
+    except KeyError:
+        return None
 
 
 def fmt_time(ms, unit: str) -> str:
@@ -174,6 +197,31 @@ def table_rows(results: dict) -> tuple[list[str], list[list[str]]]:
             cells.append("-" if frac is None else _pct(frac))
         rows.append(cells)
     return headers, rows
+
+
+def has_itl(results: dict) -> bool:
+    """Whether any row has inter-token latencies (files before them have none)."""
+    return any((row.get("summary") or {}).get(f"itl_{q}_ms") is not None
+               for row in results["rows"] for q in ITL_STATS)
+
+
+def itl_table_rows(results: dict) -> tuple[list[str], list[list[str]]]:
+    """Header and one row per milestone of the ITL table: mean, p50, p99 and max in one
+    unit (seconds once any reaches 10 s), and the number of gaps pooled."""
+    unit = time_unit(results, "itl", ITL_STATS)
+    headers = ["milestone"] + [f"ITL {q} {unit}" for q in ITL_STATS] + ["gaps"]
+    rows = []
+    for row in results["rows"]:
+        s = row.get("summary") or {}
+        gaps = s.get("itl_gaps")
+        rows.append([row["milestone"]] + [fmt_time(s.get(f"itl_{q}_ms"), unit)
+                                          for q in ITL_STATS]
+                    + ["-" if gaps is None else str(gaps)])
+    return headers, rows
+
+
+ITL_TEXT = ("Inter-token latency (ITL): the time between two consecutive output tokens of "
+            "one request, pooled over all requests (the first token's wait is the TTFT).")
 
 
 def caption(results: dict) -> str:
@@ -258,11 +306,10 @@ def why_line(results: dict, row: dict) -> str:
     if note.startswith("FAILED"):
         return f"{name}: no numbers, the row failed (see its note)"
     n = at_once(results, row)
-    try:
-        stage = stages.get(name)
+    stage = row_stage(name)
+    if stage is not None:
         who = f"{stage.label} {stage.title}"
-    except KeyError:
-        stage = None
+    else:
         who = "transformers generate" if name == "hf" else name
     if n == 1:
         if results.get("workload") == "latency":
@@ -286,15 +333,20 @@ def why_lines(results: dict) -> list[str]:
 
 
 # -- the two renderings ------------------------------------------------------------------
-def markdown_table(results: dict) -> str:
-    """A caption line, one markdown table (a row per milestone), then why the rows
-    differ, the roofline and the notes as a list."""
-    headers, rows = table_rows(results)
+def _markdown_rows(headers: list[str], rows: list[list[str]]) -> list[str]:
+    """A markdown table: the first column left-aligned, the others right-aligned."""
     esc = [[c.replace("|", "\\|") for c in r] for r in rows]
-    lines = [caption(results), "",
-             "| " + " | ".join(headers) + " |",
+    lines = ["| " + " | ".join(headers) + " |",
              "|" + "|".join("---" if i == 0 else "---:" for i in range(len(headers))) + "|"]
-    lines += ["| " + " | ".join(r) + " |" for r in esc]
+    return lines + ["| " + " | ".join(r) + " |" for r in esc]
+
+
+def markdown_table(results: dict) -> str:
+    """A caption line, one markdown table (a row per milestone), the ITL table when the
+    file has it, then why the rows differ, the roofline and the notes as a list."""
+    lines = [caption(results), "", *_markdown_rows(*table_rows(results))]
+    if has_itl(results):
+        lines += ["", ITL_TEXT, "", *_markdown_rows(*itl_table_rows(results))]
     header, *per_row = why_lines(results)
     lines += ["", header, ""]
     for row, why in zip(results["rows"], per_row):
@@ -312,9 +364,8 @@ def _wrap(text: str, indent: str = "  ") -> list[str]:
     return textwrap.wrap(text, WIDTH, subsequent_indent=indent, break_on_hyphens=False)
 
 
-def plain_table(results: dict) -> str:
-    """The same as plain text for a terminal, every line within 120 columns."""
-    headers, rows = table_rows(results)
+def _plain_rows(headers: list[str], rows: list[list[str]]) -> list[str]:
+    """A plain text table: the header, a rule, the rows; the first column left-aligned."""
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
               for i, h in enumerate(headers)]
     gap = 2 if sum(widths) + 2 * (len(widths) - 1) <= WIDTH else 1
@@ -322,12 +373,18 @@ def plain_table(results: dict) -> str:
     def line(cells):
         return (" " * gap).join(c.ljust(w) if i == 0 else c.rjust(w)
                                 for i, (c, w) in enumerate(zip(cells, widths)))
+    return [line(headers), (" " * gap).join("-" * w for w in widths)] + [line(r) for r in rows]
+
+
+def plain_table(results: dict) -> str:
+    """The same as plain text for a terminal, every line within 120 columns."""
     out = _wrap(caption(results).replace("`", ""))
-    out += [line(headers), (" " * gap).join("-" * w for w in widths)]
-    out += [line(r) for r in rows]
+    out += _plain_rows(*table_rows(results))
     roof = roofline_text(results)
     if roof:
         out += _wrap(roof)
+    if has_itl(results):
+        out += [""] + _wrap(ITL_TEXT) + _plain_rows(*itl_table_rows(results))
     out.append("")
     for text in why_lines(results):
         out += _wrap(text, "    ")
@@ -335,3 +392,114 @@ def plain_table(results: dict) -> str:
         if row.get("note"):
             out += _wrap(f"note {row['milestone']}: {row['note']}", "    ")
     return "\n".join(out)
+
+
+# -- the ITL distribution -------------------------------------------------------------
+def itl_curves(results: dict) -> list[tuple[str, list[float], int | None]]:
+    """(row name, its 101 ITL percentiles in ms, number of gaps) for each row that has
+    them, in the file's order."""
+    curves = []
+    for row in results["rows"]:
+        s = row.get("summary") or {}
+        quantiles = s.get("itl_quantiles_ms")
+        if quantiles:
+            curves.append((row["milestone"], quantiles, s.get("itl_gaps")))
+    return curves
+
+
+def plot_itl_cdf(results: dict, path: str | Path, scale: str = "auto") -> Path | None:
+    """The ITL CDF of each row (the fraction of gaps at most x ms), drawn from the 0th to
+    100th percentiles the file keeps, with the p50 and p99 levels marked; 900 px wide.
+    `scale`: "linear", "log" or "auto" (log when the slowest gap is over 20 times a
+    typical one: a long tail). ValueError when no row has ITL percentiles; None without
+    matplotlib."""
+    curves = itl_curves(results)
+    if not curves:
+        raise ValueError("no row has ITL percentiles (itl_quantiles_ms): the file is older "
+                         "than the ITL, or no row timed its tokens one by one")
+    if scale not in ("auto", "linear", "log"):
+        raise ValueError(f"scale: linear, log or auto, not {scale!r}")
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("warning: matplotlib is not installed; no plot written", file=sys.stderr)
+        return None
+    if scale == "auto":
+        typical = min(q[50] for _, q, _ in curves)
+        slowest = max(q[100] for _, q, _ in curves)
+        scale = "log" if typical > 0 and slowest > 20 * typical else "linear"
+    levels = [q / 100 for q in range(101)]
+    fig, ax = plt.subplots(figsize=(9, 4.8))
+    index = {row["milestone"]: i for i, row in enumerate(results["rows"])}
+    for name, quantiles, gaps in curves:
+        label = name + (f" ({gaps} gaps)" if gaps is not None else "")
+        ax.plot(quantiles, levels, linewidth=1.8, label=label,
+                color=COLORS[index[name] % len(COLORS)])
+    for level, text in ((0.5, "p50"), (0.99, "p99")):
+        ax.axhline(level, color="grey", linestyle="--", linewidth=0.8)
+        ax.annotate(text, (1.0, level), xycoords=("axes fraction", "data"), xytext=(3, 0),
+                    textcoords="offset points", va="center", fontsize=9, color="grey")
+    if scale == "log":
+        ax.set_xscale("log", nonpositive="mask")  # gaps of 0 (tokens of one step) drop out
+    ax.set_xlabel(f"inter-token latency (ms{', log scale' if scale == 'log' else ''})",
+                  fontsize=10)
+    ax.set_ylabel("fraction of gaps at most x", fontsize=10)
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=9, loc="lower right")
+    ax.set_title(caption(results).replace("`", "") + "\nITL CDF (further left is better)",
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)
+
+
+def pick_rows(results: dict, names: list[str]) -> dict:
+    """The results with only the named rows, in the file's order; ValueError for a name
+    the file has no row of."""
+    have = [row["milestone"] for row in results["rows"]]
+    missing = [name for name in names if name not in have]
+    if missing:
+        raise ValueError(f"the file has no row {', '.join(missing)} (it has "
+                         f"{', '.join(have)})")
+    return dict(results, rows=[row for row in results["rows"] if row["milestone"] in names])
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m bench.report",
+        description="Draw the inter-token latency (ITL) CDF of each row of a results file "
+                    "of bench/compare.py, from the 0th..100th percentiles it keeps "
+                    "(itl_quantiles_ms). Files written before the ITL have none.")
+    p.add_argument("--itl-cdf", required=True, metavar="RESULTS.json",
+                   help="the results file to draw")
+    p.add_argument("--out", metavar="PNG",
+                   help="where the PNG goes (default: next to the results file, "
+                        "NAME-itl-cdf.png)")
+    p.add_argument("--rows", metavar="A,B",
+                   help="only these rows, e.g. m4,m5,m5:enable_chunked_prefill=false "
+                        "(default: every row that has ITL percentiles)")
+    p.add_argument("--scale", default="auto", choices=["auto", "linear", "log"],
+                   help="the x axis; auto: log when the tail is long (default auto)")
+    args = p.parse_args(argv)
+    source = Path(args.itl_cdf)
+    out = Path(args.out) if args.out else source.with_name(f"{source.stem}-itl-cdf.png")
+    try:
+        results = load_results(source)
+        if args.rows:
+            results = pick_rows(results, [n for n in args.rows.split(",") if n])
+        written = plot_itl_cdf(results, out, args.scale)
+    except (OSError, ValueError, KeyError) as exc:
+        print(f"error: {source}: {exc}", file=sys.stderr)
+        return 2
+    if written is None:
+        return 1
+    print(f"plot: {written}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

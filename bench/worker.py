@@ -8,10 +8,20 @@ most outputs one step returned; for `hf`, its largest batch). A fresh process pe
 keeps one row's memory and warm caches from leaking into the next.
 
 - a stage row builds `LLM(config=stage.EngineConfig(**kwargs))`, keeping only the keys
-  that stage's EngineConfig has, and drives `engine.add_request` / `step` /
-  `has_unfinished_requests` itself, adding each request at its arrival time;
+  that stage's EngineConfig has, then the row's own `overrides` (a milestone spec such as
+  `m5:enable_chunked_prefill=false`, checked by compare.py), and drives
+  `engine.add_request` / `step` / `has_unfinished_requests` itself, adding each request at
+  its arrival time;
 - the `hf` row runs transformers `generate` on the same weights, in left-padded batches;
 - the `roofline` job measures the GPU's copy bandwidth and matmul rate.
+
+The stage and `hf` rows also give `token_times_s`: for each request, when each of its
+output tokens appeared, in seconds after its arrival (the first is its TTFT), for the
+inter-token latency (compare.py pools the gaps and keeps only their summary). A stage row
+stamps a step's tokens when the step returns (a step that adds k tokens to a request
+gives k equal stamps: gaps of 0); the `hf` row takes them from its per-step clock. A
+request whose several tokens all came out of one step (a stage that does not stream
+them) gets null: no ITL rather than an invented one.
 """
 
 import dataclasses
@@ -78,6 +88,15 @@ def _sample(prompt_len: int, output_len: int, ttft, tpot, e2e) -> dict:
             "tpot_s": tpot, "e2e_s": e2e}
 
 
+def token_times(stamps: list[float], num_out: int, arrival: float) -> list[float] | None:
+    """A request's token times in seconds after its arrival, from one stamp per output
+    token; None when they cannot give its inter-token gaps: a stamp missing, or several
+    tokens that all came out of one step (the stage did not stream them)."""
+    if len(stamps) != num_out or (num_out > 1 and stamps[0] == stamps[-1]):
+        return None
+    return [t - arrival for t in stamps]
+
+
 # -- a stage -------------------------------------------------------------------------
 def run_stage(spec: dict) -> dict:
     wl = Workload.from_dict(spec["workload"])
@@ -86,6 +105,7 @@ def run_stage(spec: dict) -> dict:
     wanted = {k: v for k, v in spec["engine"].items() if v is not None}
     kwargs = {k: v for k, v in wanted.items() if k in fields}
     ignored = sorted(k for k in wanted if k not in fields)
+    kwargs.update(spec.get("overrides") or {})  # this row's own settings (checked)
     llm = stage.LLM(config=stage.EngineConfig(**kwargs))
     engine = llm.engine
     device = torch.device(spec["device"])
@@ -102,7 +122,7 @@ def run_stage(spec: dict) -> dict:
 
     n = wl.num_prompts
     order = sorted(range(n), key=lambda i: (wl.arrival_times[i], i))
-    seen_first: dict[int, float] = {}  # fallbacks for a stage without metrics
+    stamps: dict[int, list[float]] = {}  # when each output token appeared, per request
     widest = [0]  # the most outputs one step returned: sequences run together
     finished: dict[int, object] = {}
     finish_at: dict[int, float] = {}
@@ -116,12 +136,13 @@ def run_stage(spec: dict) -> dict:
 
     def step() -> None:
         outputs = engine.step()
+        now = time.perf_counter()  # the step's tokens are out: one time for all of them
         widest[0] = max(widest[0], len(outputs))
         for out in outputs:
             i = int(out.request_id.rsplit("-", 1)[1])
-            now = time.perf_counter()
-            if out.outputs and out.outputs[0].token_ids and i not in seen_first:
-                seen_first[i] = now
+            got = len(out.outputs[0].token_ids) if out.outputs else 0
+            times = stamps.setdefault(i, [])
+            times.extend([now] * (got - len(times)))  # k new tokens: k stamps (gaps of 0)
             if out.finished:
                 finished[i] = out
                 finish_at[i] = now
@@ -148,7 +169,7 @@ def run_stage(spec: dict) -> dict:
     total = time.perf_counter() - t0
     bar.close()
 
-    samples = []
+    samples, times = [], []
     for i in range(n):
         out = finished[i]
         m = getattr(out, "metrics", None)
@@ -158,12 +179,13 @@ def run_stage(spec: dict) -> dict:
         if e2e is None or e2e < 0 or (ttft is not None and ttft < 0):
             # no metrics, or a stage whose clock is not time.perf_counter: our own timing
             e2e, ttft, tpot = finish_at[i] - arrival_at[i], None, None
-        if ttft is None and i in seen_first:
-            ttft = seen_first[i] - arrival_at[i]
+        if ttft is None and stamps.get(i):
+            ttft = stamps[i][0] - arrival_at[i]
         num_out = len(out.outputs[0].token_ids)
         if tpot is None and ttft is not None:
             tpot = (e2e - ttft) / (num_out - 1) if num_out > 1 else 0.0
         samples.append(_sample(len(wl.prompts[i]), num_out, ttft, tpot, e2e))
+        times.append(token_times(stamps.get(i, []), num_out, arrival_at[i]))
 
     kv = engine.kv_cache_stats() if hasattr(engine, "kv_cache_stats") else None
     at_once = (kv or {}).get("max_concurrent_seqs") or widest[0]
@@ -176,7 +198,7 @@ def run_stage(spec: dict) -> dict:
         notes.append("arrival times not passed to add_request (TTFT counts from add)")
     if ignored:
         notes.append(f"{name}'s EngineConfig has no {', '.join(ignored)} (ignored)")
-    return {"samples": samples, "total_time_s": total,
+    return {"samples": samples, "token_times_s": times, "total_time_s": total,
             "peak_memory_mib": _peak_memory_mib(device), "kv_cache": kv,
             "max_concurrent_seqs": at_once, "note": "; ".join(notes),
             "gpu": _gpu_name(device)}
@@ -220,8 +242,9 @@ def run_hf(spec: dict) -> dict:
 
     @torch.inference_mode()
     def generate(prompts: list[list[int]], out_lens: list[int],
-                 arrivals: list[float]) -> list[dict]:
-        """One left-padded batch; per-request samples timed from the step timestamps."""
+                 arrivals: list[float]) -> list[tuple[dict, list[float] | None]]:
+        """One left-padded batch; per request, its sample and token times, both from the
+        step timestamps."""
         width = max(len(p) for p in prompts)
         ids = torch.full((len(prompts), width), pad, dtype=torch.long)
         mask = torch.zeros((len(prompts), width), dtype=torch.long)
@@ -244,12 +267,12 @@ def run_hf(spec: dict) -> dict:
             n = min(want, produced)
             first = clock.times[0] if clock.times else end
             last = clock.times[n - 1] if len(clock.times) >= n else end
-            samples.append(_sample(len(p), n, first - arrival,
-                                   (last - first) / (n - 1) if n > 1 else 0.0,
-                                   last - arrival))
+            sample = _sample(len(p), n, first - arrival,
+                             (last - first) / (n - 1) if n > 1 else 0.0, last - arrival)
+            samples.append((sample, token_times(clock.times[:n], n, arrival)))
         return samples
 
-    def run_batch(idx: list[int], arrivals: list[float]) -> list[dict]:
+    def run_batch(idx: list[int], arrivals: list[float]) -> list[tuple[dict, list | None]]:
         return generate([wl.prompts[i] for i in idx], [wl.output_lens[i] for i in idx],
                         arrivals)
 
@@ -260,7 +283,7 @@ def run_hf(spec: dict) -> dict:
     n = wl.num_prompts
     batch = spec.get("hf_batch_size") or n
     order = sorted(range(n), key=lambda i: (wl.arrival_times[i], i))
-    samples: dict[int, dict] = {}
+    samples: dict[int, tuple[dict, list | None]] = {}  # request -> (sample, token times)
     widest = 1  # the largest batch
     bar = _Progress(n, spec["milestone"], spec.get("progress", True))
     t0 = time.perf_counter()
@@ -296,7 +319,8 @@ def run_hf(spec: dict) -> dict:
     _sync(device)
     total = time.perf_counter() - t0
     bar.close()
-    return {"samples": [samples[i] for i in range(n)], "total_time_s": total,
+    return {"samples": [samples[i][0] for i in range(n)],
+            "token_times_s": [samples[i][1] for i in range(n)], "total_time_s": total,
             "peak_memory_mib": _peak_memory_mib(device), "kv_cache": None,
             "max_concurrent_seqs": widest, "note": note, "gpu": _gpu_name(device)}
 

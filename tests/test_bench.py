@@ -1,7 +1,8 @@
 """The bench harness: end to end on CPU with a tiny dummy model (the default `concurrent`
-workload, --repeat, scratch vs --publish, the estimate, provenance), its errors, the
-roofline schedule and the report (the 120-column table, times in seconds, why the rows
-differ, the plot's panels).
+workload, --repeat, scratch vs --publish, the estimate, provenance, the inter-token
+latency of every stage and hf, a row with its own engine settings), its errors, the
+roofline schedule and the report (the 120-column table, times in seconds, the ITL table
+and CDF, why the rows differ, the plot's panels).
 
 Introduced with the bench (M1).
 """
@@ -19,7 +20,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench import compare, report  # noqa: E402
+from bench import compare, report, worker  # noqa: E402
 from bench.compare import parse_bytes, percentile  # noqa: E402
 from bench.roofline import ModelCost, simulate  # noqa: E402
 from bench.workloads import build_workload  # noqa: E402
@@ -27,7 +28,9 @@ from bench.workloads import build_workload  # noqa: E402
 SUMMARY_KEYS = {"ttft_mean_ms", "ttft_p50_ms", "ttft_p99_ms", "tpot_mean_ms", "tpot_p50_ms",
                 "tpot_p99_ms", "e2e_mean_s", "e2e_p50_s", "e2e_p99_s", "output_tokens_per_s",
                 "requests_per_s", "total_time_s", "peak_memory_mib", "max_concurrent_seqs",
-                "throughput_ratio", "roofline_fraction", "kv_cache", "runs", "spread"}
+                "throughput_ratio", "roofline_fraction", "kv_cache", "runs", "spread",
+                "itl_mean_ms", "itl_p50_ms", "itl_p99_ms", "itl_max_ms", "itl_quantiles_ms",
+                "itl_gaps"}
 TINY_VOCAB = 512  # dummy:tiny-llama
 
 
@@ -36,6 +39,18 @@ def run_compare(*args: str, timeout: int = 240, env: dict | None = None
     return subprocess.run([sys.executable, str(REPO / "bench" / "compare.py"), *args],
                           capture_output=True, text=True, timeout=timeout, cwd=REPO,
                           env=dict(os.environ, **(env or {})))
+
+
+def _assert_itl(summary: dict, gaps: int) -> None:
+    """A row's pooled ITL: every key set, consistent, and 101 rising percentiles."""
+    assert summary["itl_gaps"] == gaps
+    quantiles = summary["itl_quantiles_ms"]
+    assert len(quantiles) == 101 and quantiles == sorted(quantiles)
+    assert quantiles[0] >= 0 and quantiles[100] == pytest.approx(summary["itl_max_ms"])
+    assert quantiles[50] == pytest.approx(summary["itl_p50_ms"])
+    assert quantiles[99] == pytest.approx(summary["itl_p99_ms"])
+    assert 0 < summary["itl_p50_ms"] <= summary["itl_p99_ms"] <= summary["itl_max_ms"]
+    assert quantiles[0] <= summary["itl_mean_ms"] <= summary["itl_max_ms"]
 
 
 @pytest.mark.parametrize("workload, output_len, extra, plot", [
@@ -80,7 +95,11 @@ def test_end_to_end_on_cpu(tmp_path, workload, output_len, extra, plot):
         for s in row["samples"]:
             assert s["prompt_len"] == 8
             assert 0 < s["ttft_s"] <= s["e2e_s"] and s["tpot_s"] >= 0
+            if s["output_len"] > 1:  # its own gaps: their mean is its TPOT (hf: exactly)
+                assert 0 < s["itl_mean_s"] <= s["itl_max_s"] < s["e2e_s"]
+                assert s["itl_mean_s"] == pytest.approx(s["tpot_s"], rel=0.5, abs=1e-3)
         summary = row["summary"]
+        _assert_itl(summary, sum(n - 1 for n in expected))
         assert summary["output_tokens_per_s"] == pytest.approx(
             sum(expected) / summary["total_time_s"])
         assert summary["peak_memory_mib"] > 0 and summary["roofline_fraction"] is None
@@ -98,8 +117,14 @@ def test_end_to_end_on_cpu(tmp_path, workload, output_len, extra, plot):
         assert hf["max_concurrent_seqs"] == 1
         assert results["rows"][0]["note"] == ""
 
+    if plot:  # with the ITL p99 panel: five panels in 3 x 2, still 900 px wide
+        png = (tmp_path / (files[0].stem + ".png")).read_bytes()
+        width, height = struct.unpack(">II", png[16:24])
+        assert width == 900 and 800 < height < width
     out = proc.stdout
     assert "TTFT ms p50/p99" in out and "output tok/s" in out
+    assert re.search(r"^milestone +ITL mean ms +ITL p50 ms +ITL p99 ms +ITL max ms +gaps$",
+                     out, re.M)
     assert re.search(r"^m1 +1 \(one at a time\) .* 1\.00x +\d+\s*$", out, re.M)
     assert re.search(r"^hf .*x +\d+\s*$", out, re.M)
     assert re.search(r"^m1: one request at a time", out, re.M)
@@ -111,6 +136,8 @@ def test_end_to_end_on_cpu(tmp_path, workload, output_len, extra, plot):
     (["--milestones", "m1,vllm"], "unknown milestone 'vllm'"),
     (["--milestones", "m0,m1"], "'m0' (m0_init) cannot generate"),
     (["--milestones", "m1,m1"], "listed twice"),
+    (["--milestones", "m1,m3:no_such_knob=1"],
+     "'m3:no_such_knob=1': m3 (m3_paged_kv) has no EngineConfig setting no_such_knob"),
     (["--milestones", "m1", "--workload", "bursty"], "invalid choice: 'bursty'"),
     (["--milestones", "m1", "--kv-cache-memory", "lots"], "is not a size"),
 ])
@@ -181,11 +208,15 @@ def test_default_run_repeats_into_scratch_then_publish_estimates(tmp_path):
         s = row["summary"]
         assert set(s) == SUMMARY_KEYS and s["runs"] == 2 and len(row["repeats"]) == 2
         assert row["wall_s"] > s["total_time_s"] * 2
-        for key in ("output_tokens_per_s", "ttft_p50_ms", "total_time_s"):
+        for key in ("output_tokens_per_s", "ttft_p50_ms", "total_time_s", "itl_p99_ms"):
             runs = [r[key] for r in row["repeats"]]
             assert s["spread"][key] == [min(runs), max(runs)]
             assert min(runs) <= s[key] <= max(runs)
             assert s[key] == pytest.approx(sum(runs) / 2)  # the median of two
+        first, second = (r["itl_quantiles_ms"] for r in row["repeats"])
+        assert s["itl_quantiles_ms"] == pytest.approx([(a + b) / 2 for a, b in
+                                                       zip(first, second)])
+        _assert_itl(s, sum(r["output_len"] - 1 for r in row["samples"]))
         assert len(row["samples"]) == 3
     assert "Why the rows differ (3 requests, all arriving at t=0)" in proc.stdout
     assert re.search(r"^m2: up to 3 sequences at once \(M2 batching\): KV reserved", proc.stdout,
@@ -193,11 +224,14 @@ def test_default_run_repeats_into_scratch_then_publish_estimates(tmp_path):
     tokps = m2["summary"]["spread"]["output_tokens_per_s"]
     assert f"({report.fmt_number(tokps[0])}-{report.fmt_number(tokps[1])})" in proc.stdout
 
-    proc = run_compare("--milestones", "m2,m1", "--publish", "--no-plot", *common,
+    # every stage with the bench (m1..m4) times each token; m4 runs with its own block size
+    proc = run_compare("--milestones", "m2,m1,m3,m4:block_size=32", "--publish", "--no-plot",
+                       *common,
                        env=dict(env, FOLOVLLM_GIT_COMMIT="f" * 40, FOLOVLLM_GIT_DIRTY="0"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"(from {path.name})" in proc.stderr
     assert re.search(r"estimate: ~\d+ s for m2 ~\d+ s, m1 ~\d+ s", proc.stderr)
+    assert "m3, m4:block_size=32: not in" in proc.stderr
     (again,) = published.glob("*.json")
     assert len(list(scratch.glob("*.json"))) == 1
     results = report.load_results(again)
@@ -205,6 +239,16 @@ def test_default_run_repeats_into_scratch_then_publish_estimates(tmp_path):
     assert results["git_commit"] == "f" * 40 and results["git_dirty"] is False
     assert "repeats" not in results["rows"][0] and results["rows"][0]["summary"]["spread"] is None
     assert "published" in proc.stdout
+    rows = {row["milestone"]: row for row in results["rows"]}
+    assert list(rows) == ["m2", "m1", "m3", "m4:block_size=32"]
+    assert [row["overrides"] for row in rows.values()] == [{}, {}, {}, {"block_size": 32}]
+    assert rows["m3"]["summary"]["kv_cache"]["block_size"] == 16
+    assert rows["m4:block_size=32"]["summary"]["kv_cache"]["block_size"] == 32
+    assert results["config"]["engine"].get("block_size") is None  # the row's, not common
+    for row in rows.values():
+        _assert_itl(row["summary"], sum(s["output_len"] - 1 for s in row["samples"]))
+    assert re.search(r"^m4:block_size=32: up to 3 sequences at once \(M4 flash attention\): "
+                     r"KV in 32-token blocks", proc.stdout, re.M)
 
 
 def test_destinations(tmp_path, monkeypatch):
@@ -560,3 +604,166 @@ def test_plot_panels_say_which_way_is_better(tmp_path):
     path = compare.plot(results, tmp_path / "p.png")
     width, height = struct.unpack(">II", path.read_bytes()[16:24])
     assert 800 <= width <= 1000 and height < width
+
+
+# -- inter-token latency ----------------------------------------------------------------
+def test_itl_from_known_token_times():
+    # request a: tokens at 0.1, 0.2, 0.35 s (gaps 100, 150 ms); b: a step gave two tokens
+    a, b = [0.1, 0.2, 0.35], [0.05, 0.05, 0.1]
+    assert compare.itl_gaps(a) == pytest.approx([0.1, 0.15])
+    assert compare.itl_gaps([0.3]) == [] and compare.itl_gaps(None) is None
+    s = compare.itl_summary([a, b, [0.3]])  # a one-token request has no gap
+    assert s["itl_gaps"] == 4
+    assert s["itl_mean_ms"] == pytest.approx(75.0)  # (100 + 150 + 0 + 50) / 4
+    assert s["itl_max_ms"] == pytest.approx(150.0)
+    assert s["itl_p50_ms"] == pytest.approx(75.0)  # between 50 and 100
+    assert s["itl_p99_ms"] == pytest.approx(148.5)
+    q = s["itl_quantiles_ms"]
+    assert len(q) == 101 and q == sorted(q)
+    assert q[0] == pytest.approx(0.0) and q[100] == pytest.approx(150.0)
+    assert q[25] == pytest.approx(37.5)
+    assert q == pytest.approx([compare.percentile([0.0, 50.0, 100.0, 150.0], p)
+                               for p in range(101)])
+    assert compare.itl_per_request(a) == pytest.approx({"itl_mean_s": 0.125,
+                                                        "itl_max_s": 0.15})
+    assert compare.itl_per_request([0.3]) == {"itl_mean_s": None, "itl_max_s": None}
+    # one untimed request: no ITL for the run rather than a partial one; none to pool
+    assert set(compare.itl_summary([a, None]).values()) == {None}
+    assert set(compare.itl_summary(None).values()) == {None}
+    none = compare.itl_summary([[0.3], [0.2]])
+    assert none["itl_gaps"] == 0 and none["itl_p99_ms"] is None
+
+
+def test_worker_token_times():
+    # one stamp per token, after the arrival at 10 s; a step that gave two: equal stamps
+    assert worker.token_times([10.5, 10.5, 10.75], 3, 10.0) == [0.5, 0.5, 0.75]
+    assert worker.token_times([10.5], 1, 10.0) == [0.5]
+    # every token out of one step (a stage that does not stream), or a stamp missing
+    assert worker.token_times([11.0, 11.0, 11.0], 3, 10.0) is None
+    assert worker.token_times([10.5, 10.75], 3, 10.0) is None
+
+
+def test_summary_without_token_times_and_combined_quantiles():
+    result = {"samples": [{"prompt_len": 4, "output_len": 3, "ttft_s": 0.1, "tpot_s": 0.05,
+                           "e2e_s": 0.2}], "total_time_s": 1.0, "peak_memory_mib": 1.0}
+    s = compare.summarize(result)  # a worker result from before the ITL
+    assert set(s) == set(compare.SUMMARY_KEYS) and s["itl_p99_ms"] is None
+    runs = []
+    for scale in (1.0, 3.0, 2.0):
+        run = dict.fromkeys(compare.SUMMARY_KEYS)
+        run.update(itl_p99_ms=10.0 * scale, itl_gaps=7,
+                   itl_quantiles_ms=[scale * q for q in range(101)])
+        runs.append(run)
+    combined = compare.combine_runs(runs)
+    assert combined["itl_quantiles_ms"] == [2.0 * q for q in range(101)]  # element-wise
+    assert combined["itl_p99_ms"] == 20.0 and combined["spread"]["itl_p99_ms"] == [10.0, 30.0]
+    assert combined["itl_gaps"] == 7
+    runs[1]["itl_quantiles_ms"] = None  # a run without: no curve rather than a mixed one
+    assert compare.combine_runs(runs)["itl_quantiles_ms"] is None
+
+
+# -- rows with their own engine settings -------------------------------------------------
+def test_milestone_specs_with_settings():
+    rows = compare.resolve_milestones("m3, M3:block_size=32:gpu_memory_utilization=0.5 ,hf")
+    assert [(m.name, m.package, m.overrides) for m in rows] == [
+        ("m3", "m3_paged_kv", {}),
+        ("m3:block_size=32:gpu_memory_utilization=0.5", "m3_paged_kv",
+         {"block_size": 32, "gpu_memory_utilization": 0.5}),
+        ("hf", None, {})]
+    assert rows[1].stage == "m3"
+    # values read as --engine-arg reads them: JSON when it parses, else a string
+    assert compare.parse_overrides("m4:attention_backend=torch:kv_cache_memory=null") == (
+        "m4", {"attention_backend": "torch", "kv_cache_memory": None})
+    assert compare.runs_one_at_a_time("m1:seed=3", False, None)
+    assert not compare.runs_one_at_a_time("m3:block_size=32", False, None)
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("m3:no_such_knob=1", "'m3:no_such_knob=1': m3 (m3_paged_kv) has no EngineConfig "
+                          "setting no_such_knob; it has model,"),
+    ("m3:block_size", "'m3:block_size': 'block_size' is not KEY=VALUE"),
+    ("m3:", "'m3:': '' is not KEY=VALUE"),
+    ("m3:9x=1", "'9x=1' is not KEY=VALUE"),
+    ("m3:block_size=8:block_size=16", "block_size is set twice"),
+    ("m3:block_size=3", "m3's EngineConfig rejects it: block_size: must be a power of two"),
+    ("hf:seed=1", "hf has no EngineConfig to change"),
+    ("m3:block_size=32,m3:block_size=32", "'m3:block_size=32' is listed twice"),
+    ("m9:seed=1", "unknown milestone 'm9'"),
+])
+def test_milestone_spec_errors(spec, message):
+    with pytest.raises(compare.BenchError, match=re.escape(message)):
+        compare.resolve_milestones(spec)
+
+
+# -- the ITL in the report ---------------------------------------------------------------
+def _with_itl(results: dict, rows: dict[str, float]) -> dict:
+    """Give the named rows an ITL (percentiles 0..100 of `scale` ms each, a long tail)."""
+    for row in results["rows"]:
+        scale = rows.get(row["milestone"])
+        if scale is not None:
+            quantiles = [scale * q for q in range(100)] + [scale * 1000]
+            row["summary"].update(itl_mean_ms=scale * 50, itl_p50_ms=quantiles[50],
+                                  itl_p99_ms=quantiles[99], itl_max_ms=quantiles[100],
+                                  itl_quantiles_ms=quantiles, itl_gaps=1234)
+    return results
+
+
+def test_tables_without_itl_are_as_before_and_with_it_add_a_table():
+    old = _five_rows()  # a file from before the ITL: no ITL keys at all
+    for row in old["rows"]:
+        for key in compare.ITL_KEYS:
+            row["summary"].pop(key, None)
+    before = report.markdown_table(old)
+    assert "ITL" not in before and "ITL" not in report.plain_table(old)
+    assert not report.has_itl(old)
+
+    results = _with_itl(_five_rows(), {"m1": 0.5, "m3": 2.0, "hf": 0.01})
+    md = report.markdown_table(results)
+    assert md.startswith(before.split("\n\nWhy the rows differ")[0])  # the main table
+    itl = md.split("Inter-token latency (ITL)")[1].split("\n\n")[1].splitlines()
+    assert itl[0] == ("| milestone | ITL mean ms | ITL p50 ms | ITL p99 ms | ITL max ms | "
+                      "gaps |")
+    assert itl[2] == "| m1 | 25.0 | 25.0 | 49.5 | 500 | 1234 |"
+    assert itl[5] == "| m5 | - | - | - | - | - |"  # a row without ITL, or a failed one
+    assert len(itl) == 2 + 5
+    results["rows"][2]["summary"]["itl_max_ms"] = 25_000.0  # one value over 10 s: seconds
+    plain = report.plain_table(results)
+    assert max(len(line) for line in plain.splitlines()) <= 120
+    assert re.search(r"^milestone +ITL mean s +ITL p50 s +ITL p99 s +ITL max s +gaps$",
+                     plain, re.M)
+    assert re.search(r"^m3 +0\.100 +0\.100 +0\.198 +25\.0 +1234$", plain, re.M)
+
+
+def test_plot_panels_add_itl_p99_when_the_file_has_it(tmp_path):
+    pytest.importorskip("matplotlib")
+    results = _with_itl(_five_rows(), {"m1": 0.5, "hf": 0.01})
+    titles = [title for _, title in compare.plot_panels(results)]
+    assert titles[3] == "ITL p99 (ms)\n(lower is better)"
+    assert titles[-1].startswith("sequences at once") and len(titles) == 5
+    assert compare.plot_panels(results)[3][0] == [49.5, None, None, None, 0.99]
+    assert compare.tick_label("m5:enable_chunked_prefill=false:block_size=32") == (
+        "m5\nenable_chunked_prefill=false block_size=32")
+
+
+def test_itl_cdf_plot_and_its_cli(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    results = _with_itl(_five_rows(), {"m1": 0.5, "m3": 2.0})
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(results))
+    assert [name for name, _, _ in report.itl_curves(results)] == ["m1", "m3"]
+    png = report.plot_itl_cdf(results, tmp_path / "cdf.png")
+    width, height = struct.unpack(">II", png.read_bytes()[16:24])
+    assert width == 900 and height < width
+    with pytest.raises(ValueError, match="no row has ITL percentiles"):
+        report.plot_itl_cdf(_five_rows(), tmp_path / "none.png")
+
+    assert report.main(["--itl-cdf", str(path), "--rows", "m3", "--scale", "log"]) == 0
+    assert (tmp_path / "r-itl-cdf.png").is_file()  # next to the results file
+    assert report.main(["--itl-cdf", str(path), "--rows", "m9", "--out",
+                        str(tmp_path / "x.png")]) == 2
+    assert "no row m9" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        report.main(["--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert "--itl-cdf RESULTS.json" in out and "--out PNG" in out and "--rows" in out

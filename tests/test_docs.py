@@ -199,6 +199,44 @@ def test_bench_table_shows_the_pinned_file_with_its_command(tmp_path, monkeypatc
     assert every.count("| m1 |") == 2 and every.index(newer.name) < every.index(older.name)
 
 
+def test_itl_cdf_marker_draws_the_rows_that_have_itl(tmp_path, monkeypatch):
+    """An itl-cdf marker shows the CDF that bench_plots draws at build time; a file from
+    before the ITL stops the build with its name, and its bench table has no ITL table."""
+    pytest.importorskip("matplotlib")
+    hooks = _load_tool("mkdocs_hooks")
+    monkeypatch.setenv("FOLOVLLM_RESULTS_DIR", str(tmp_path))
+    page = SimpleNamespace(file=SimpleNamespace(src_uri="m5_chunked_prefill.md"))
+    docs = tmp_path / "docs"
+    docs.mkdir()
+
+    def render(text: str) -> str:
+        return hooks.on_page_markdown(text, page, SimpleNamespace(docs_dir=str(docs)), None)
+
+    old = _fake_results(tmp_path, "online", ["m4", "m5"], "2026-01-01T00:00:00Z")
+    assert "ITL" not in render(f"<!-- bench-table: file={old.name} -->")
+    with pytest.raises(ValueError, match=f"{old.name} has no ITL percentiles"):
+        render(f"<!-- itl-cdf: file={old.name} -->")
+    new = _fake_results(tmp_path, "online", ["m4", "m5", "m5:enable_chunked_prefill=false"],
+                        "2026-02-01T00:00:00Z")
+    results = json.loads(new.read_text())
+    for row in results["rows"]:
+        row["summary"] = dict(row["summary"], itl_mean_ms=2.0, itl_p50_ms=1.5, itl_p99_ms=9.0,
+                              itl_max_ms=12.0, itl_gaps=99,
+                              itl_quantiles_ms=[0.12 * q for q in range(101)])
+    new.write_text(json.dumps(results))
+    assert "| m5 | 2.00 | 1.50 | 9.00 | 12.0 | 99 |" in render(
+        f"<!-- bench-table: file={new.name} -->")
+    rows = "m5,m5:enable_chunked_prefill=false"
+    shown = render(f"<!-- itl-cdf: file={new.name} rows={rows} -->")
+    image = f"{new.stem}-m5-m5-enable_chunked_prefill-false-itl-cdf.png"
+    assert f"](bench-results/{image})" in shown
+    assert "CDF of m5, m5:enable_chunked_prefill=false" in shown
+    (docs / "m5_chunked_prefill.md").write_text(f"<!-- itl-cdf: file={new.name} rows={rows} -->")
+    plots = hooks.bench_plots(docs)
+    assert plots[image].startswith(b"\x89PNG")
+    assert f"{new.stem}.png" in plots and f"{old.stem}-itl-cdf.png" not in plots
+
+
 def _provenance_fields(command: str) -> dict:
     return {"command": command, "git_commit": "fedcba9876" + "0" * 30, "git_dirty": True,
             "date": "2026-03-04T05:06:07Z",

@@ -18,6 +18,10 @@ holds markers (HTML comments) that this hook replaces when the site is built:
   and command that produced it, and its plot. Pinned by name, so a new run never
   silently replaces it.
 - `<!-- bench-all -->`: every committed results file, newest first.
+- `<!-- itl-cdf: file=NAME.json [rows=m4,m5] -->`: the inter-token latency CDF of each
+  row of a results file (`bench/report.py`'s `plot_itl_cdf`, drawn at build time from
+  the percentiles the file keeps), only the named rows with `rows=`. A file without ITL
+  percentiles (older than them) stops the build and says so.
 - `<!-- profile-table: file=NAME.json -->`: the per-step profile that
   `tools/profile_step.py` wrote (a file of `bench/results/`): per stage and batch size,
   wall, CPU and GPU ms per decode step, GPU busy %, kernels per step; an M4+ row says
@@ -35,9 +39,9 @@ holds markers (HTML comments) that this hook replaces when the site is built:
 It also adds files that live outside `docs/` to the site without copying them into
 `docs/`: the notebooks (`notebooks/*.ipynb`, rendered with their outputs by
 mkdocs-jupyter), the bench plots (drawn from the results files at build time, only the
-rows a table shows, under `bench-results/`) and the tagged notebook plots (under
-`notebook-figures/`). Set `FOLOVLLM_RESULTS_DIR`
-to read results from another folder (e.g. `bench/scratch`, to preview a local run).
+rows a table shows, and the ITL CDFs the pages ask for, under `bench-results/`) and the
+tagged notebook plots (under `notebook-figures/`). Set `FOLOVLLM_RESULTS_DIR` to read
+results from another folder (e.g. `bench/scratch`, to preview a local run).
 """
 
 from __future__ import annotations
@@ -69,7 +73,8 @@ FIGURES_URI = "notebook-figures"  # where the tagged notebook plots appear
 FIGURE_TAG = "figure:"  # a notebook cell tagged figure:NAME is a figure of the site
 
 _MARKER = re.compile(r"<!--\s*(stage-diff|stage-tree|stage-map|stage-tests|bench-table|"
-                     r"bench-all|notebook-figure|profile-table|kernel-table)\s*:?\s*(.*?)\s*-->")
+                     r"bench-all|notebook-figure|profile-table|kernel-table|itl-cdf)"
+                     r"\s*:?\s*(.*?)\s*-->")
 _HTML_SLOT = "FOLOVLLM-HTML-{}"  # a paragraph the rendered HTML replaces (on_page_content)
 
 
@@ -115,6 +120,8 @@ def on_page_markdown(markdown, page, config, files):
                 return _stage_tests(args.split(), where)
             if kind == "bench-table":
                 return _bench_table(_options(args, where), page, where)
+            if kind == "itl-cdf":
+                return _itl_cdf(_options(args, where), page, where)
             if kind == "notebook-figure":
                 return _notebook_figure(args, where)
             if kind == "profile-table":
@@ -268,41 +275,53 @@ def _report():
         raise
 
 
-def _plot_name(path: Path, rows: str | None) -> str:
-    return f"{path.stem}-{rows.replace(',', '-')}.png" if rows else f"{path.stem}.png"
+def _plot_name(path: Path, rows: str | None, kind: str = "") -> str:
+    """The site's file name of a plot: the results file's stem, the rows shown (a row
+    with settings, "m5:enable_chunked_prefill=false", in safe characters) and the kind
+    ("-itl-cdf" for the ITL CDF, "" for the bars)."""
+    shown = "-" + re.sub(r"[^A-Za-z0-9._-]+", "-", rows.replace(",", "-")) if rows else ""
+    return f"{path.stem}{shown}{kind}.png"
 
 
-def _plot_link(path: Path, rows: str | None, page) -> str:
+def _plot_link(path: Path, rows: str | None, page, kind: str = "") -> str:
     """A Markdown image of the plot drawn for these rows of a results file."""
     prefix = "../" * page.file.src_uri.count("/")
-    name = _plot_name(path, rows)
+    name = _plot_name(path, rows, kind)
     return f"\n![{name[:-4]}]({prefix}{PLOTS_URI}/{name})\n"
+
+
+_CDF = "-itl-cdf"  # the plot-name suffix of an ITL CDF
 
 
 def bench_plots(docs_dir: Path) -> dict[str, bytes]:
     """File name -> PNG of every plot the pages show, drawn from the results files when
-    the site is built (`bench/compare.py`'s plot): one per committed file, and one for
-    each `rows=` choice of a bench-table marker, so a plot shows what its table shows."""
+    the site is built (`bench/compare.py`'s plot): one per committed file, one for each
+    `rows=` choice of a bench-table marker, so a plot shows what its table shows, and one
+    ITL CDF (`bench/report.py`'s plot_itl_cdf) per itl-cdf marker."""
     report = _report()
     if report is None:
         return {}
     from bench.compare import plot  # matplotlib, only when the site is built
 
-    wanted = {(Path(p), None) for p in report.latest_results(results_dir=results_dir())}
+    wanted = {(Path(p), None, "") for p in report.latest_results(results_dir=results_dir())}
     for page in docs_dir.rglob("*.md"):
         for match in _MARKER.finditer(page.read_text(encoding="utf-8")):
-            if match.group(1) == "bench-table":
+            if match.group(1) in ("bench-table", "itl-cdf"):
                 options = _options(match.group(2), f"{page.name}: {match.group(0)}")
-                wanted.add((results_dir() / options["file"], options.get("rows")))
+                kind = _CDF if match.group(1) == "itl-cdf" else ""
+                wanted.add((results_dir() / options["file"], options.get("rows"), kind))
     plots = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for path, rows in sorted(wanted, key=lambda item: (item[0].name, item[1] or "")):
+        for path, rows, kind in sorted(wanted, key=lambda w: (w[0].name, w[1] or "", w[2])):
             if not path.is_file():
                 continue  # the marker itself reports the missing file
             shown, _ = _pick_rows(report.load_results(path), rows, path.name)
+            if kind and not report.itl_curves(shown):
+                continue  # the marker itself reports the file without ITL
             png = Path(tmp) / "plot.png"
-            if plot(shown, png) is not None:
-                plots[_plot_name(path, rows)] = png.read_bytes()
+            drawn = report.plot_itl_cdf(shown, png) if kind else plot(shown, png)
+            if drawn is not None:
+                plots[_plot_name(path, rows, kind)] = png.read_bytes()
     return plots
 
 
@@ -381,6 +400,28 @@ def _bench_table(options: dict[str, str], page, where: str) -> str:
                 f"[Benchmarks](benchmarks.md).</small>\n\n" if hidden else "")
     return (f"{report.markdown_table(shown)}\n{left_out}{provenance(results, path)}"
             f"{_plot_link(path, options.get('rows'), page)}")
+
+
+def _itl_cdf(options: dict[str, str], page, where: str) -> str:
+    """The ITL CDF of a results file's rows (drawn by bench_plots), with a caption."""
+    report = _report()
+    if report is None:
+        raise ValueError(f"{where}: bench/report.py is missing")
+    path = results_dir() / options["file"]
+    if not path.is_file():
+        raise FileNotFoundError(f"no results file {options['file']} in "
+                                f"{_shown_path(results_dir())}")
+    shown, _ = _pick_rows(report.load_results(path), options.get("rows"), where)
+    curves = report.itl_curves(shown)
+    if not curves:
+        raise ValueError(f"{where}: {options['file']} has no ITL percentiles "
+                         "(itl_quantiles_ms) in the rows asked for: a file written before "
+                         "the bench kept them, or rows that did not time each token")
+    names = ", ".join(name for name, _, _ in curves)
+    return (f"{_plot_link(path, options.get('rows'), page, _CDF)}\n"
+            f"<small>Inter-token latency CDF of {names}: the share of the gaps between one "
+            f"request's consecutive tokens that are at most x ms, from the percentiles kept "
+            f"in `{_shown_path(path)}`.</small>\n")
 
 
 def _pick_rows(results: dict, rows: str | None, where: str) -> tuple[dict, list[str]]:

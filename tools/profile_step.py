@@ -23,6 +23,12 @@ few warm-up decode steps, then measures decode steps, each with all `batch` sequ
   cost included) and `profiler_overhead_ms` (profiled wall less unprofiled wall);
 - the top 10 kernels by GPU time per step, and the top 10 host-side ops by self CPU time.
 
+With `--mixed-budget B` (M5+: stages with chunked prefill) the measured steps are mixed:
+after the warm-up one more request arrives with a prompt long enough to last the whole
+measurement, and every measured step holds the `batch` decodes plus a chunk of that
+prompt filling the rest of a budget of B tokens (`max_num_batched_tokens=B`). That is
+how M5's CUDA graphs for mixed steps are compared with eager mixed steps.
+
 Rows are stage packages (or m3, m4) and, with a suffix, a setting: `m4_flash_attn:eager`
 runs it with `enforce_eager=True` (no CUDA graphs), `:graphs` with `enforce_eager=False`;
 `--m4-eager` adds the `:eager` row of every M4+ stage asked for. Each LLM is freed
@@ -100,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--m4-eager", action="store_true",
                    help="also profile every M4+ stage asked for with enforce_eager=True "
                         "(a STAGE:eager row)")
+    p.add_argument("--mixed-budget", type=int, metavar="TOKENS",
+                   help="measure mixed steps: the decodes plus a chunk of a long prompt "
+                        "filling a budget of TOKENS per step (stages with chunked prefill)")
     p.add_argument("--kv-cache-memory", type=int, metavar="BYTES",
                    help="KV cache bytes for every row (default: sized to the run)")
     p.add_argument("--out", metavar="FILE.json",
@@ -278,7 +287,7 @@ def profile_row(package: str, setting: str | None, batch: int, args, mc) -> dict
     decode_steps = args.warmup + 2 * args.steps + PROFILER_WARMUP
     # every step until the last prefill gives the early requests a token too: a bound on
     # those steps (prompts admitted per token budget) keeps every request from finishing
-    budget = max(1, stage.EngineConfig.max_num_batched_tokens - batch)
+    budget = max(1, (args.mixed_budget or stage.EngineConfig.max_num_batched_tokens) - batch)
     max_tokens = decode_steps + -(-batch * args.prompt_len // budget) + 8
     max_len = args.prompt_len + max_tokens + 8
     block_size = getattr(stage.EngineConfig, "block_size", 16)
@@ -287,6 +296,21 @@ def profile_row(package: str, setting: str | None, batch: int, args, mc) -> dict
     kwargs = {"device": args.device, "kv_cache_memory": kv_bytes, "max_model_len": max_len}
     if batch > stage.EngineConfig.max_batch_size:
         kwargs["max_batch_size"] = batch
+    long_len = 0  # the prompt whose chunks fill mixed steps (--mixed-budget)
+    if args.mixed_budget:
+        if "enable_chunked_prefill" not in field_names:
+            row["error"] = f"{package} has no chunked prefill (--mixed-budget)"
+            return row
+        if args.mixed_budget <= batch:
+            row["error"] = f"--mixed-budget {args.mixed_budget} leaves no room beside {batch}"
+            return row
+        chunk = args.mixed_budget - batch
+        long_len = (decode_steps + 4) * chunk
+        kwargs.update(max_num_batched_tokens=args.mixed_budget,
+                      max_model_len=max(max_len, long_len + 8))
+        kwargs["kv_cache_memory"] = kv_bytes + kv_budget(mc, 1, long_len + 8, block_size,
+                                                         2 if cuda else 4)
+        row.update(mixed_budget=args.mixed_budget, chunk_tokens=chunk)
     if setting is not None:
         if "enforce_eager" not in field_names:
             row["error"] = f"{package}'s EngineConfig has no enforce_eager"
@@ -330,6 +354,10 @@ def profile_row(package: str, setting: str | None, batch: int, args, mc) -> dict
 
         for _ in range(args.warmup):
             step()
+        if long_len:  # from now on each step is the decodes and a chunk of this prompt
+            prompt = torch.randint(3, high, (long_len,), generator=gen).tolist()
+            engine.add_request("long", prompt, stage.SamplingParams(
+                temperature=0, max_tokens=1, ignore_eos=True))
 
         # unprofiled: wall time; and the CUDA-event span of the step (the fallback)
         walls, spans = [], []
