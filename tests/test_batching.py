@@ -19,6 +19,7 @@ from conftest import default_model_folder, hf_greedy, load_stage, model_runner, 
 BATCHING_STAGES = stages_with("batching")
 # Stages whose KV cache is one contiguous slot per sequence (M2 only).
 CONTIGUOUS_STAGES = [s for s in BATCHING_STAGES if s not in stages_with("paged")]
+CHUNKED_STAGES = stages_with("chunked_prefill")
 
 PROMPTS = [
     "The capital of France is",
@@ -174,13 +175,22 @@ def test_tiny_batch_equals_solo_runs(stage, tiny_llms):
     for i, out in enumerate(batched):
         assert len(out.token_ids) == TINY_MAX_TOKENS[i]
         assert out.token_ids == solo[i], f"{stage}: request {i} batched != alone"
-    # Batches really formed, within the limits; the long prompt was prefilled alone.
+    # Batches really formed, within the limits.
     assert max(len(ids) for _, ids, _ in log) == 4
+    long_id = batched[3].request_id
+    if stage in CHUNKED_STAGES:
+        # Every step within the budget; the 60-token prompt in chunks, beside others.
+        assert all(len(ids) <= 4 and num_tokens <= 40 for _, ids, num_tokens in log)
+        long_steps = [ids for _, ids, _ in log if long_id in ids]
+        num_chunks = len(long_steps) - (TINY_MAX_TOKENS[3] - 1)  # less its decode steps
+        assert num_chunks >= 2
+        assert any(len(ids) > 1 for ids in long_steps[:num_chunks])
+        return
+    # Without chunks: prefills within the budget; the long prompt was prefilled alone.
     for is_prefill, ids, num_tokens in log:
         assert len(ids) <= 4
         if is_prefill and len(ids) > 1:
             assert num_tokens <= 40
-    long_id = batched[3].request_id
     assert [ids for is_prefill, ids, _ in log if is_prefill and long_id in ids] == [[long_id]]
     assert sum(1 for is_prefill, _, _ in log if is_prefill) >= 3
 
@@ -296,8 +306,12 @@ def check_scheduler_output(out, tables: dict | None = None) -> None:
     for seq, s in zip(out.seqs, out.scheduled):
         assert s.request_id == seq.request_id
         assert s.num_computed_tokens == seq.num_computed_tokens
-        assert s.new_token_ids == seq.token_ids[seq.num_computed_tokens:]
+        end = seq.num_computed_tokens + len(s.new_token_ids)
+        assert s.new_token_ids == seq.token_ids[seq.num_computed_tokens:end]
         assert s.new_token_ids, "a scheduled sequence computes at least one token"
+        # Up to its last token; M5: or a chunk, which names the token after it.
+        assert getattr(s, "next_token_id", None) == (
+            seq.token_ids[end] if end < len(seq.token_ids) else None)
         held = ([b.block_id for b in seq.kv_blocks] if hasattr(seq, "kv_blocks")
                 else [seq.kv_slot])
         if hasattr(s, "new_block_ids"):  # M4 on: the worker keeps the tables
@@ -321,11 +335,18 @@ def install_fake_forward(engine, check_step) -> None:
     def execute_model(scheduler_output, sampling_rows):
         check_scheduler_output(scheduler_output, tables)
         seqs = scheduler_output.seqs
-        check_step(seqs, all(s.num_computed_tokens == 0 for s in scheduler_output.scheduled))
+        num_new = {seq.seq_id: len(s.new_token_ids)
+                   for seq, s in zip(seqs, scheduler_output.scheduled)}
+        check_step(seqs, all(s.num_computed_tokens == 0 for s in scheduler_output.scheduled),
+                   num_new)
         assert len(sampling_rows) == len(seqs)
         none = [None] * len(seqs)
+        # A chunk that stops inside its prompt gets no token (M5).
         return ModelRunnerOutput([fake_token(seq.request_id, len(seq.token_ids))
-                                  for seq in seqs], none, none)
+                                  if s.num_computed_tokens + len(s.new_token_ids)
+                                  == len(seq.token_ids) else None
+                                  for seq, s in zip(seqs, scheduler_output.scheduled)],
+                                 none, none)
 
     engine.model_runner.execute_model = execute_model
 
@@ -363,21 +384,28 @@ def drive_random_workload(stage: str, workload: dict, bytes_per_token: int, chec
     engine = llm.engine
     scheduler = engine.scheduler
 
-    def check(seqs, is_prefill):
+    chunked = getattr(scheduler.config, "enable_chunked_prefill", False)
+
+    def check(seqs, is_prefill, num_new):
         ids = [seq.seq_id for seq in seqs]
         assert 1 <= len(seqs) <= limit and len(set(ids)) == len(ids)
         assert len(scheduler.running) <= limit
         running = {seq.seq_id for seq in scheduler.running}
         assert not running & {seq.seq_id for seq in scheduler.waiting}
         assert set(ids) <= running
-        new_tokens = sum(len(seq.token_ids) - seq.num_computed_tokens for seq in seqs)
-        if is_prefill:
+        new_tokens = sum(num_new.values())
+        if chunked:  # M5: one budget for every step; all that run get their share first
+            assert new_tokens <= budget
+            assert new_tokens == budget or set(ids) == running
+            chunk_cap = scheduler.config.max_chunk_size
+            assert chunk_cap is None or max(num_new.values()) <= chunk_cap
+        elif is_prefill:
             assert all(seq.num_computed_tokens == 0 for seq in seqs)
             assert len(seqs) == 1 or new_tokens <= budget
         else:  # a decode step runs every running sequence, one token each
             assert set(ids) == running and new_tokens == len(seqs)
         if check_step is not None:
-            check_step(engine, seqs, is_prefill)
+            check_step(engine, seqs, is_prefill, num_new)
 
     install_fake_forward(engine, check)
     requests = workload["requests"]
@@ -397,8 +425,10 @@ def drive_random_workload(stage: str, workload: dict, bytes_per_token: int, chec
         if step > 8 and not engine.has_unfinished_requests():
             break
         record_step(engine.step(), outputs, finished)
-        # The scheduler advanced num_computed_tokens: all but the newest sampled token.
-        assert all(seq.num_computed_tokens == len(seq.token_ids) - 1
+        # The scheduler advanced num_computed_tokens: all but the newest sampled token
+        # (M5: or fewer, part way through a prompt).
+        assert all(seq.num_computed_tokens < len(seq.token_ids) if chunked
+                   else seq.num_computed_tokens == len(seq.token_ids) - 1
                    for seq in scheduler.running)
         step += 1
     assert not engine.has_unfinished_requests()
@@ -415,11 +445,13 @@ def drive_random_workload(stage: str, workload: dict, bytes_per_token: int, chec
     assert_kv_cache_empty(engine)
     stats = engine.kv_cache_stats()
     assert stats["max_concurrent_seqs"] <= limit
-    assert (stats["max_concurrent_seqs"] >= 1) == bool(outputs)
+    # (M5: a request aborted part way through its prompt ran, and gave no output.)
+    assert stats["max_concurrent_seqs"] >= 1 if outputs else (
+        chunked or stats["max_concurrent_seqs"] == 0)
     return engine
 
 
-def check_contiguous_slots(engine, seqs, is_prefill) -> None:
+def check_contiguous_slots(engine, seqs, is_prefill, num_new) -> None:
     scheduler = engine.scheduler
     held = [seq.kv_slot for seq in scheduler.running]
     assert None not in held and len(set(held)) == len(held)

@@ -125,16 +125,15 @@ def test_kv_cache_manager_grows_a_sequence_block_by_block(stage):
 
 # --- the engine over random workloads (fake forward pass) --------------------------------
 
-def check_blocks(engine, seqs, is_prefill) -> None:
+def check_blocks(engine, seqs, is_prefill, num_new) -> None:
     """Every step: each sequence holds exactly the blocks its tokens need, no block is
     held twice, ref counts are 1 (held) or 0 (free), and held + free = all blocks."""
     scheduler = engine.scheduler
     kv = scheduler.kv_cache_manager
     pool, size = kv.block_pool, kv.block_size
-    scheduled = {seq.seq_id for seq in seqs}
     held = []
     for seq in scheduler.running:
-        tokens = len(seq.token_ids) if seq.seq_id in scheduled else seq.num_computed_tokens
+        tokens = seq.num_computed_tokens + num_new.get(seq.seq_id, 0)
         assert len(seq.kv_blocks) == cdiv(tokens, size)
         held += [b.block_id for b in seq.kv_blocks]
         assert all(b.ref_count == 1 for b in seq.kv_blocks)
