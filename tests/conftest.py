@@ -83,10 +83,20 @@ def prefill_logits(llm, token_ids: list[int]) -> torch.Tensor:
     the last one the engine itself needs. (The public way to see them is
     `SamplingParams(prompt_logprobs=k)`, tested on its own.)
     """
-    model = model_runner(llm).model
+    runner = model_runner(llm)
+    model = runner.model
     captured = []
-    handle = model.register_forward_hook(
-        lambda module, args, output: captured.append(output.detach().clone()))
+
+    def keep(module, args, output):
+        # M5 pads a step with tokens of no sequence, after the real ones
+        metadata = args[3] if len(args) > 3 else None
+        real = getattr(metadata, "query_start_loc", None)
+        captured.append(output[:None if real is None else int(real[-1])].detach().clone())
+
+    handle = model.register_forward_hook(keep)
+    graphs = getattr(runner, "graphs", None)
+    if graphs is not None:
+        runner.graphs = None  # a CUDA graph replay runs no hook: run this prefill eager
     try:
         if hasattr(llm, "next_token_distribution"):
             llm.next_token_distribution(list(token_ids), top_k=1)
@@ -96,6 +106,8 @@ def prefill_logits(llm, token_ids: list[int]) -> torch.Tensor:
                          use_tqdm=False)
     finally:
         handle.remove()
+        if graphs is not None:
+            runner.graphs = graphs
     assert captured, "the prefill ran no forward pass through the model"
     hidden = torch.cat([h.reshape(-1, h.shape[-1]) for h in captured], dim=0)
     assert hidden.shape[0] == len(token_ids), (hidden.shape, len(token_ids))
