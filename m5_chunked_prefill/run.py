@@ -152,7 +152,8 @@ def print_runner(runner) -> None:
     """Which attention ran, whether steps were CUDA graphs, and how steps were filled."""
     graphs, config = runner.graphs, runner.config
     how = (f"steps of up to {graphs.token_sizes[-1]} tokens replay CUDA graphs "
-           f"({len(graphs.token_sizes)} sizes, captured in {graphs.capture_seconds:.1f} s, "
+           f"({len(graphs.graphs)} graphs of {len(graphs.token_sizes)} sizes, captured in "
+           f"{graphs.capture_seconds:.1f} s, "
            f"{graphs.memory_bytes / 2**20:.0f} MiB)"
            if graphs is not None else "every step runs eager (no CUDA graphs)")
     steps = (f"chunked prefill, {config.max_num_batched_tokens} tokens a step"

@@ -36,7 +36,7 @@ for part in $parts; do
         | tail -8;;
     capacity) python3 bench/compare.py --milestones m4,m5 --workload throughput \
         --num-prompts 200 $long $common;;
-    online) python3 bench/compare.py --milestones m4,m5,m5:enable_chunked_prefill=false \
+    online) python3 bench/compare.py --milestones m4,m5,m5:max_num_batched_tokens=4096,m5:enable_chunked_prefill=false \
         --workload online --request-rate "$RATE" --num-prompts 200 $long $common;;
     nano) python3 bench/compare.py --milestones m4,m5 --workload throughput \
         --model dummy:qwen3-0.6b $common;;

@@ -14,9 +14,11 @@ addresses of their inputs and outputs. So
   token ids, positions, slot mapping, query start locations, sequence lengths, block
   tables); a step copies its values into them and replays;
 - the shape is fixed: a graph is captured for each of a few token counts (M5; M4 had
-  batch sizes of decodes, which are the same thing when every sequence brings one
-  token): 1, 2, 4, 8, every 16 up to 256, every 64 up to 512, every 256 up to 2048, at
-  most `max_num_batched_tokens`. A step is padded to the next one: its tokens with
+  batch sizes of decodes): 1, 2, 4, 8, every 16 up to 256, every 64 up to 512, every
+  256 up to 2048, at most `max_num_batched_tokens`; twice up to `max_batch_size`, once
+  for steps of decodes only (one new token per sequence: the decode kernel alone) and
+  once for steps with prompts or chunks (both kernels). A step is padded to the next
+  size: its tokens with
   padding tokens that write nowhere, its sequences with empty ones, up to
   `min(tokens, max_batch_size)`, the most a step of that many tokens can hold. Eager
   steps on CUDA are padded the same way, so a graph and its eager run compute the very
@@ -53,40 +55,45 @@ def graph_token_sizes(max_num_tokens: int) -> list[int]:
 
 
 class StepGraphs:
-    """One captured forward pass per step size (tokens), replayed on the same buffers."""
+    """One captured forward pass per step size (tokens) and kind (decodes only, or not),
+    replayed on the same buffers."""
 
-    def __init__(self, token_sizes: list[int]) -> None:
+    def __init__(self, token_sizes: list[int], max_batch_size: int) -> None:
         self.token_sizes = sorted(token_sizes)
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        # (tokens, decodes only): a step of decodes has a sequence per token; any other
+        # step has at least two tokens
+        self.keys = [(size, True) for size in self.token_sizes if size <= max_batch_size] \
+            + [(size, False) for size in self.token_sizes if size >= 2]
+        self.graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.capture_seconds = 0.0
         self.memory_bytes = 0
 
     @torch.inference_mode()  # no autograd graph: nothing kept alive beyond the step
-    def capture(self, run_step: Callable[[int], torch.Tensor],
+    def capture(self, run_step: Callable[[int, bool], torch.Tensor],
                 show_progress: bool = True) -> None:
-        """Record `run_step(num_tokens)` (step size -> hidden states [num_tokens, hidden],
-        read from the kept buffers) for every size. It is not kept afterwards: holding
+        """Record `run_step(num_tokens, decodes_only)` (-> hidden states [num_tokens,
+        hidden], read from the kept buffers) for every key. It is not kept afterwards: holding
         the model runner from here would keep the engine, and all its GPU memory, alive
         after it is dropped."""
         start = time.perf_counter()
         before = torch.cuda.memory_reserved()
         pool = None
-        for size in tqdm(sorted(self.token_sizes, reverse=True), desc="Capturing CUDA graphs",
-                         unit="graph", disable=not show_progress):
-            run_step(size)  # compiles the kernels for this shape, outside the graph
+        for key in tqdm(sorted(self.keys, reverse=True), desc="Capturing CUDA graphs",
+                        unit="graph", disable=not show_progress):
+            run_step(*key)  # compiles the kernels for this shape, outside the graph
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                hidden = run_step(size)
+                hidden = run_step(*key)
             pool = graph.pool()
-            self.graphs[size] = (graph, hidden)
+            self.graphs[key] = (graph, hidden)
         torch.cuda.synchronize()
         self.capture_seconds = time.perf_counter() - start
         self.memory_bytes = torch.cuda.memory_reserved() - before
 
-    def replay(self, size: int) -> torch.Tensor:
-        """Run the graph for `size` on what the buffers hold now; its hidden states."""
-        graph, hidden = self.graphs[size]
+    def replay(self, size: int, decodes_only: bool) -> torch.Tensor:
+        """Run the graph for this key on what the buffers hold now; its hidden states."""
+        graph, hidden = self.graphs[size, decodes_only]
         graph.replay()
         return hidden
 

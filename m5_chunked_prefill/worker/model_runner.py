@@ -121,7 +121,7 @@ class ModelRunner:
         self.graph_sizes = graph_token_sizes(
             min(max_step_tokens(config), max(config.max_num_batched_tokens,
                                              config.max_batch_size))) if on_gpu_kernels else []
-        self.graphs = StepGraphs(self.graph_sizes) if on_gpu_kernels \
+        self.graphs = StepGraphs(self.graph_sizes, config.max_batch_size) if on_gpu_kernels \
             and not config.enforce_eager else None
         self.num_kv_blocks = self._count_kv_blocks()
         self.kv_caches = self.allocate_kv_cache(self.num_kv_blocks)
@@ -191,7 +191,7 @@ class ModelRunner:
         torch.cuda.synchronize(self.device)
         start = torch.cuda.memory_allocated(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
-        self._run_padded(max(self.graph_sizes))
+        self._run_padded(max(self.graph_sizes), decodes_only=False)
         torch.cuda.synchronize(self.device)
         return torch.cuda.max_memory_allocated(self.device) - start
 
@@ -234,15 +234,17 @@ class ModelRunner:
         size = padded_size(self.graph_sizes, num_tokens)
         return None if size is None else (size, min(size, self.config.max_batch_size))
 
-    def _run_padded(self, num_tokens: int) -> torch.Tensor:
+    def _run_padded(self, num_tokens: int, decodes_only: bool) -> torch.Tensor:
         """Hidden states [num_tokens, hidden] of a step of a captured size, read from the
-        device buffers as they are: what a CUDA graph records and replays."""
+        device buffers as they are: what a CUDA graph records and replays. A step of
+        decodes only runs the decode kernel alone (M5)."""
         g = self.input_batch.gpu
         num_seqs = min(num_tokens, self.config.max_batch_size)
         metadata = AttentionMetadata(
             query_start_loc=g.query_start_loc[:num_seqs + 1], seq_lens=g.seq_lens[:num_seqs],
             block_tables=g.block_tables[:num_seqs], slot_mapping=g.slot_mapping[:num_tokens],
-            max_query_len=num_tokens, max_seq_len=self.config.max_model_len)
+            max_query_len=1 if decodes_only else num_tokens,
+            max_seq_len=self.config.max_model_len)
         return self.model(g.input_ids[:num_tokens], g.positions[:num_tokens], self.kv_caches,
                           metadata)
 
@@ -256,7 +258,7 @@ class ModelRunner:
         shape = self._padded_shape(sum(len(s.new_token_ids) for s in scheduled))
         inputs = self.input_batch.prepare(scheduled, params, pad_to=shape)
         if shape is not None and self.graphs is not None:
-            hidden = self.graphs.replay(shape[0])
+            hidden = self.graphs.replay(shape[0], inputs.attn_metadata.max_query_len == 1)
         else:
             hidden = self._run_model(inputs)
         # A chunk that stops inside its prompt samples nothing (M5).

@@ -13,9 +13,10 @@ persistent buffers) and follow each sequence's block table themselves.
   varlen kernel: tiles of a sequence's queries, online softmax over its key blocks,
   causal by position.
 
-M5: a step mixes both (`unified_attention`). Each kernel finds its own sequences on the
-device and skips the others, and the number of splits depends only on the number of
-sequences, so a CUDA graph captured for a batch's size fits every step of that size.
+M5: a step may mix both (`unified_attention`). Each kernel finds its own sequences on
+the device and skips the others, and the number of splits depends only on the number of
+sequences, so a CUDA graph captured for a step's size fits every mix of that size. A
+step of decodes only (known on the host) runs the decode kernel alone.
 
 On a machine without CUDA the same kernels run under Triton's interpreter (slow, exact
 in fp32; `ops/__init__.py` chooses it): that is how the CPU tests check them.
@@ -23,7 +24,8 @@ in fp32; `ops/__init__.py` chooses it): that is how the CPU tests check them.
 
 import torch
 
-from ...ops.paged_attention import decode_num_splits, unified_attention, write_kv_cache
+from ...ops.paged_attention import (decode_num_splits, paged_decode_attention,
+                                    unified_attention, write_kv_cache)
 from ..metadata import AttentionMetadata
 
 
@@ -50,6 +52,10 @@ class FlashAttention:
         if self.num_sms is None:
             self.num_sms = multiprocessor_count(q.device)
         splits = decode_num_splits(md.seq_lens.shape[0], self.num_kv_heads, self.num_sms)
-        out = unified_attention(q, k_cache, v_cache, md.query_start_loc, md.seq_lens,
-                                md.block_tables, self.scale, splits)
+        if md.max_query_len == 1:  # decodes only: the varlen kernel would find no work
+            out = paged_decode_attention(q, k_cache, v_cache, md.query_start_loc, md.seq_lens,
+                                         md.block_tables, self.scale, splits)
+        else:
+            out = unified_attention(q, k_cache, v_cache, md.query_start_loc, md.seq_lens,
+                                    md.block_tables, self.scale, splits)
         return out.view(q.shape[0], self.num_heads * self.head_dim)
