@@ -9,7 +9,7 @@
 #   nano      throughput, dummy:qwen3-0.6b, 256 prompts (nano-vllm's workload): m4, m5
 #   memory    peak activation memory of one 16384-token prompt: m4, m5
 #   profile   decode steps (batch 1, 64, 256) of m4 and m5, graphs and eager
-#   mixed     mixed steps of m5 (64 decodes + a chunk, budget 2048, dummy:qwen3-0.6b):
+#   mixed     mixed steps of m5 (16 or 64 decodes + a chunk, budget 512, dummy:qwen3-0.6b):
 #             CUDA graphs against eager
 # Files go to $RESULTS (outside the synced tree), then into $OUT/m5-results.tar.
 # The GPU copy has no usable .git: pass FOLOVLLM_GIT_COMMIT (and FOLOVLLM_GIT_DIRTY).
@@ -50,8 +50,8 @@ for part in $parts; do
       python3 tools/profile_step.py --stages m4_flash_attn,m5_chunked_prefill --m4-eager \
         --batches 1,64,256 --model dummy:qwen2.5-0.5b \
         --out "$RESULTS/profile-dummy-qwen2.5-0.5b-cuda-${gpu:-gpu}-$day.json";;
-    mixed) python3 tools/profile_step.py --stages m5_chunked_prefill --m4-eager --batches 64 \
-        --mixed-budget 2048 --steps 5 --model dummy:qwen3-0.6b \
+    mixed) python3 tools/profile_step.py --stages m5_chunked_prefill --m4-eager --batches 16,64 \
+        --mixed-budget 512 --steps 10 --model dummy:qwen3-0.6b \
         --out "$RESULTS/profile-mixed-dummy-qwen3-0.6b-cuda-${gpu:-gpu}-$day.json";;
   esac
 done 2>&1 | grep -v Warn
