@@ -334,8 +334,10 @@ def why_lines(results: dict) -> list[str]:
 
 # -- the two renderings ------------------------------------------------------------------
 def _markdown_rows(headers: list[str], rows: list[list[str]]) -> list[str]:
-    """A markdown table: the first column left-aligned, the others right-aligned."""
-    esc = [[c.replace("|", "\\|") for c in r] for r in rows]
+    """A markdown table: the first column left-aligned, the others right-aligned. A row
+    with settings (`m5:enable_chunked_prefill=false`) may wrap after its stage's name."""
+    esc = [[(c.replace(":", ": ", 1) if i == 0 else c).replace("|", "\\|")
+            for i, c in enumerate(r)] for r in rows]
     lines = ["| " + " | ".join(headers) + " |",
              "|" + "|".join("---" if i == 0 else "---:" for i in range(len(headers))) + "|"]
     return lines + ["| " + " | ".join(r) + " |" for r in esc]

@@ -32,6 +32,12 @@ holds markers (HTML comments) that this hook replaces when the site is built:
   bytes read per second and that as a share of the copy bandwidth, M3's path beside) and
   prefill rows (TFLOP/s beside torch's flash SDPA); both tables without `part=`. With
   the same provenance, and the goals the file records.
+- `<!-- step-timeline: file=NAME.json [rows=m4,m5] -->`: the step timeline that
+  `tools/trace_steps.py` recorded (a file of `bench/results/`; `file=bench/results/NAME.json`
+  works too): per row (stage), which requests ran in each engine step, as decodes, whole
+  prompts or prompt chunks, and each step's tokens against the token budget; drawn at
+  build time by `trace_steps.plot_timeline`, only the named rows with `rows=`. A missing
+  file stops the build and names it.
 - `<!-- notebook-figure: m2_batching timeline Caption text -->`: the plot that the cell
   tagged `figure:timeline` of `notebooks/m2_batching.ipynb` drew, from the outputs
   committed in the notebook (`tools/run_notebooks.py` saves them).
@@ -39,7 +45,8 @@ holds markers (HTML comments) that this hook replaces when the site is built:
 It also adds files that live outside `docs/` to the site without copying them into
 `docs/`: the notebooks (`notebooks/*.ipynb`, rendered with their outputs by
 mkdocs-jupyter), the bench plots (drawn from the results files at build time, only the
-rows a table shows, and the ITL CDFs the pages ask for, under `bench-results/`) and the
+rows a table shows, and the ITL CDFs and step timelines the pages ask for, under
+`bench-results/`) and the
 tagged notebook plots (under `notebook-figures/`). Set `FOLOVLLM_RESULTS_DIR` to read
 results from another folder (e.g. `bench/scratch`, to preview a local run).
 """
@@ -66,6 +73,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(REPO_ROOT))
 import stage_diff  # noqa: E402  (tools/stage_diff.py, next to this file)
+import trace_steps  # noqa: E402  (tools/trace_steps.py: step timelines; matplotlib to draw)
 from bench.stages import ALL_STAGES  # noqa: E402  (the one list of stages)
 
 PLOTS_URI = "bench-results"  # where the bench plots appear in the site
@@ -73,7 +81,8 @@ FIGURES_URI = "notebook-figures"  # where the tagged notebook plots appear
 FIGURE_TAG = "figure:"  # a notebook cell tagged figure:NAME is a figure of the site
 
 _MARKER = re.compile(r"<!--\s*(stage-diff|stage-tree|stage-map|stage-tests|bench-table|"
-                     r"bench-all|notebook-figure|profile-table|kernel-table|itl-cdf)"
+                     r"bench-all|notebook-figure|profile-table|kernel-table|itl-cdf|memory-table|"
+                     r"step-timeline)"
                      r"\s*:?\s*(.*?)\s*-->")
 _HTML_SLOT = "FOLOVLLM-HTML-{}"  # a paragraph the rendered HTML replaces (on_page_content)
 
@@ -88,6 +97,8 @@ def on_files(files, config):
                           dest_dir=config.site_dir,
                           use_directory_urls=config.use_directory_urls))
     for name, data in sorted(bench_plots(Path(config.docs_dir)).items()):
+        files.append(File.generated(config, f"{PLOTS_URI}/{name}", content=data))
+    for name, data in sorted(step_timelines(Path(config.docs_dir)).items()):
         files.append(File.generated(config, f"{PLOTS_URI}/{name}", content=data))
     for (stem, name), data in sorted(notebook_figures().items()):
         files.append(File.generated(config, f"{FIGURES_URI}/{stem}-{name}.png", content=data))
@@ -128,6 +139,10 @@ def on_page_markdown(markdown, page, config, files):
                 return _profile_table(_options(args, where, allowed=("file",)), where)
             if kind == "kernel-table":
                 return _kernel_table(_options(args, where, allowed=("file", "part")), where)
+            if kind == "step-timeline":
+                return _step_timeline(_options(args, where), page, where)
+            if kind == "memory-table":
+                return _memory_table(_options(args, where, allowed=("file",)), where)
             return _bench_all(page)
         except FileNotFoundError as exc:
             raise ValueError(f"{where}: {exc}") from exc
@@ -330,8 +345,10 @@ def _shown_path(path: Path) -> str:
     return path.relative_to(REPO_ROOT).as_posix() if path.is_relative_to(REPO_ROOT) else path.name
 
 
-# compare.py's --out-dir, and the --out FILE.json of bench/kernels.py and profile_step.py
-_NOT_RESULTS = {"--out-dir": 1, "--out": 1, "--no-progress": 0, "--no-plot": 0, "--publish": 0}
+# compare.py's --out-dir, the --out FILE.json of bench/kernels.py, profile_step.py and
+# trace_steps.py, and trace_steps.py's --png
+_NOT_RESULTS = {"--out-dir": 1, "--out": 1, "--png": 1, "--no-progress": 0, "--no-plot": 0,
+                "--publish": 0}
 
 
 def reproduce_command(results: dict) -> str | None:
@@ -549,15 +566,41 @@ def _profile_table(options: dict[str, str], where: str) -> str:
         body.append([_profile_stage(row), str(row.get("batch")), _num(row.get("wall_ms")),
                      _num(row.get("cpu_ms")), gpu, _share(row.get("gpu_busy")),
                      _num(row.get("kernels_per_step"), ".0f")])
-    steps = (f", the median of {results['steps']} decode steps" if results.get("steps") else "")
+    steps = (f", the median of {results['steps']} steps" if results.get("steps") else "")
     prompt = (f" after {results['prompt_len']}-token prompts" if results.get("prompt_len") else "")
-    caption = (f"Decode steps of `{results.get('model')}`{prompt}{steps}, on "
+    budgets = {row.get("mixed_budget") for row in results["rows"]} - {None}
+    kind = (f"Mixed steps (the batch's decodes and a chunk of a long prompt, "
+            f"{'/'.join(map(str, sorted(budgets)))} tokens in all)" if budgets
+            else "Decode steps")
+    caption = (f"{kind} of `{results.get('model')}`{prompt}{steps}, on "
                f"{_machine_text(results)}.")
     lines = [caption, "", _md_table(headers, body, right_from=1)]
     if events:
         lines.append("<small>* GPU ms from CUDA events around the step (the profiler did not "
                      "see the kernels inside the graph): it includes idle gaps.</small>\n")
     return "\n".join(lines) + "\n" + provenance(results, path)
+
+
+def _memory_table(options: dict[str, str], where: str) -> str:
+    """tools/activation_memory.py's rows: the peak memory of one long prompt's steps."""
+    results, path = _tool_results(options, where, "tools/activation_memory.py", "row")
+    headers = ["stage", "CUDA graphs", "token budget", "chunked prefill",
+               "peak above weights and cache, MiB", "graph pool, MiB"]
+    body = []
+    for row in results["rows"]:
+        stage = f"`{row.get('stage', row['row'])}`"
+        if row.get("error"):
+            body.append([stage, "-", "-", "-", "failed", "-"])
+            continue
+        body.append([stage, "no" if row.get("enforce_eager") else "yes",
+                     str(row.get("max_num_batched_tokens")),
+                     "on" if row.get("enable_chunked_prefill") else "off",
+                     _num(row.get("peak_activation_mib"), ".0f"),
+                     _num(row.get("graph_pool_mib"), ".0f")])
+    caption = (f"One prompt of {results.get('prompt_len')} tokens on `{results.get('model')}`, "
+               f"one token generated, on {_machine_text(results)}.")
+    return "\n".join([caption, "", _md_table(headers, body, right_from=2)]) + "\n" \
+        + provenance(results, path)
 
 
 def _kernel_status(row: dict) -> str | None:
@@ -653,3 +696,75 @@ def _kernel_table(options: dict[str, str], where: str) -> str:
     for p in parts:
         lines.append(_decode_part(results) if p == "decode" else _prefill_part(results))
     return "\n".join(lines) + "\n" + provenance(results, path)
+
+
+# -- step timelines (tools/trace_steps.py) ---------------------------------------------
+_TIMELINE = "-timeline"  # the plot-name suffix of a step timeline
+
+
+def _trace_options(options: dict[str, str], where: str) -> dict[str, str]:
+    """file= as a name in the results folder (a leading bench/results/ is dropped)."""
+    name = options["file"].removeprefix("bench/results/")
+    if "/" in name:
+        raise ValueError(f"{where}: file= names a file of bench/results/ (NAME.json or "
+                         f"bench/results/NAME.json), not {options['file']!r}")
+    return dict(options, file=name)
+
+
+def _trace_rows(results: dict, rows: str | None, where: str) -> list[dict]:
+    """The rows of a trace file, only the named ones (in the file's order) with rows=."""
+    if rows is None:
+        return results["rows"]
+    have = [row.get("row") for row in results["rows"]]
+    wanted = [name for name in rows.split(",") if name]
+    missing = [name for name in wanted if name not in have]
+    if missing:
+        raise ValueError(f"{where}: the file has no row {', '.join(missing)} "
+                         f"(it has {', '.join(map(str, have))})")
+    return [row for row in results["rows"] if row.get("row") in wanted]
+
+
+def step_timelines(docs_dir: Path) -> dict[str, bytes]:
+    """File name -> PNG of every step timeline the pages ask for, drawn from the trace
+    files when the site is built (`tools/trace_steps.py`'s plot_timeline)."""
+    wanted = set()
+    for page in docs_dir.rglob("*.md"):
+        for match in _MARKER.finditer(page.read_text(encoding="utf-8")):
+            if match.group(1) == "step-timeline":
+                where = f"{page.name}: {match.group(0)}"
+                options = _trace_options(_options(match.group(2), where), where)
+                wanted.add((results_dir() / options["file"], options.get("rows"), where))
+    plots = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for path, rows, where in sorted(wanted, key=lambda w: (w[0].name, w[1] or "", w[2])):
+            if not path.is_file():
+                continue  # the marker itself reports the missing file
+            results = json.loads(path.read_text(encoding="utf-8"))
+            png = Path(tmp) / "timeline.png"
+            trace_steps.plot_timeline(_trace_rows(results, rows, where), png)
+            plots[_plot_name(path, rows, _TIMELINE)] = png.read_bytes()
+    return plots
+
+
+def _step_timeline(options: dict[str, str], page, where: str) -> str:
+    """The step timeline of a trace file (drawn by step_timelines), with its caption."""
+    options = _trace_options(options, where)
+    results, path = _tool_results(options, where, "tools/trace_steps.py", "steps")
+    rows = _trace_rows(results, options.get("rows"), where)
+    labels = [row["row"] for row in rows]
+    names = " and ".join(filter(None, [", ".join(labels[:-1]), labels[-1]]))
+    name = _plot_name(path, options.get("rows"), _TIMELINE)
+    prefix = "../" * page.file.src_uri.count("/")
+    alt = (f"Step timeline of {names}: in each engine step, which requests ran and how "
+           "(decodes, whole prompts, prompt chunks), and the step's tokens against the "
+           "token budget")
+    budgets = ", ".join(sorted({str(row.get("budget")) for row in rows}))
+    return (f"\n![{alt}]({prefix}{PLOTS_URI}/{name})\n\n"
+            f"<small>Engine steps of `{results.get('model')}` with a token budget "
+            f"(`max_num_batched_tokens`) of {budgets} per step, the same requests arriving "
+            "at the same steps in every panel: one line of cells per request (a grey "
+            "triangle where it arrived), one column per step, a dot where the step gave "
+            "the request a token; the bars above are the tokens each step computed (red: "
+            f"over the budget). Recorded on {_machine_text(results)}; the picture counts "
+            "steps, not seconds, so another machine draws the same one.</small>\n\n"
+            + provenance(results, path))

@@ -118,9 +118,11 @@ class ModelRunner:
         # and each size is captured as a CUDA graph (unless enforce_eager): graphs need a
         # GPU, and attention that reads its metadata on the device.
         on_gpu_kernels = self.device.type == "cuda" and self.attention_backend == "flash"
-        self.graph_sizes = graph_token_sizes(
-            min(max_step_tokens(config), max(config.max_num_batched_tokens,
-                                             config.max_batch_size))) if on_gpu_kernels else []
+        # Graphs up to the budget (without chunked prefill, also up to a decode step of
+        # max_batch_size sequences); a whole long prompt runs eager.
+        largest = min(max_step_tokens(config),
+                      max(config.max_num_batched_tokens, config.max_batch_size))
+        self.graph_sizes = graph_token_sizes(largest) if on_gpu_kernels else []
         self.graphs = StepGraphs(self.graph_sizes, config.max_batch_size) if on_gpu_kernels \
             and not config.enforce_eager else None
         self.num_kv_blocks = self._count_kv_blocks()
@@ -150,10 +152,10 @@ class ModelRunner:
     def _profile_free_memory(self) -> int:
         """Bytes for the KV cache on CUDA: gpu_memory_utilization of the card, less what is
         in use now (weights, other processes) and the peak of the largest step: a prefill
-        of max_num_batched_tokens tokens (without chunked prefill, M5, or of one
-        max_model_len prompt), and a sampler over max_batch_size rows of logits; and, when
-        CUDA graphs will be captured, the memory of their pool: what the largest graph's
-        step allocates (M4)."""
+        of max_num_batched_tokens tokens (M5: with chunked prefill, no step is larger;
+        without it, also one of a whole max_model_len prompt), and a sampler over
+        max_batch_size rows of logits; and, when CUDA graphs will be captured, the memory
+        of their pool: what the largest graph's step allocates (M4)."""
         cfg = self.config
         num_tokens = min(max_step_tokens(cfg), max(cfg.max_num_batched_tokens,
                                                    cfg.max_model_len - 1))
