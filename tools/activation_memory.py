@@ -43,7 +43,7 @@ from bench import stages as registry  # noqa: E402
 from bench.compare import model_slug, scratch_dir  # noqa: E402
 from bench.provenance import format_table, provenance  # noqa: E402
 
-PROG = "tools/activation_memory.py"
+PROG = "python3 tools/activation_memory.py"
 
 
 def build_parser() -> argparse.ArgumentParser:

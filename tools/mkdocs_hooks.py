@@ -357,6 +357,8 @@ def reproduce_command(results: dict) -> str | None:
     if not command:
         return None
     words, kept = shlex.split(command), []
+    if words and words[0].endswith(".py"):  # a tool recorded without its interpreter
+        kept.append("python3")
     skip = 0
     for word in words:
         if skip:
