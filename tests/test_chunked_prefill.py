@@ -599,10 +599,12 @@ def test_a_padded_step_of_a_decode_and_a_chunk(stage):
 
 
 @pytest.mark.parametrize("stage", STAGES)
-@pytest.mark.parametrize("budget", [1, 100, 256, 2048, 5000])
-def test_graph_sizes_by_tokens_hold_every_step(stage, budget):
+@pytest.mark.parametrize("budget,max_batch_size", [(1, 1), (100, 256), (256, 256),
+                                                   (2048, 256), (2048, 100), (5000, 300),
+                                                   (2048, 4000)])
+def test_graph_sizes_by_tokens_hold_every_step(stage, budget, max_batch_size):
     cuda_graph = load_stage(f"{stage}.worker.cuda_graph")
-    sizes = cuda_graph.graph_token_sizes(budget)
+    sizes = cuda_graph.graph_token_sizes(budget, max_batch_size)
     assert sizes == sorted(set(sizes)) and sizes[0] == 1
     assert sizes[-1] == min(budget, cuda_graph.LARGEST_GRAPH_TOKENS)
     for n in range(1, sizes[-1] + 1):  # every step size has a graph, the smallest that fits
@@ -610,6 +612,15 @@ def test_graph_sizes_by_tokens_hold_every_step(stage, budget):
         assert size in sizes and size >= n
         assert all(s < n for s in sizes if s < size)
     assert cuda_graph.padded_size(sizes, sizes[-1] + 1) is None  # larger: eager
+    # Every step that can happen has its captured graph: decodes only (a sequence per
+    # token, at most max_batch_size) and mixed steps (two tokens or more).
+    keys = set(cuda_graph.StepGraphs(sizes, max_batch_size).keys)
+    for n in range(1, sizes[-1] + 1):
+        size = cuda_graph.padded_size(sizes, n)
+        if n <= max_batch_size:
+            assert (size, True) in keys, (n, size)
+        if n >= 2:
+            assert (size, False) in keys, (n, size)
 
 
 # --- the kernels -------------------------------------------------------------------------

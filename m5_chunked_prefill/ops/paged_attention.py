@@ -221,9 +221,10 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                     **config) -> torch.Tensor:
     """q: [T, heads, d], the new tokens of B sequences one after the other; the caches:
     [num_blocks, block_size, kv_heads, d]. Returns [T, heads, d] (into `out` if given),
-    written for the sequences with more than one new token (M5: those with one are the
-    decode kernel's; `unified_attention` runs both). `config` overrides the tile sizes
-    of `prefill_config` (block_m, block_n, num_warps, num_stages)."""
+    written for the sequences with more than one new token only (M5: the rows of those
+    with one are left as they were, for the decode kernel; `unified_attention` runs
+    both). `config` overrides the tile sizes of `prefill_config` (block_m, block_n,
+    num_warps, num_stages)."""
     num_tokens, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     q = q.contiguous()

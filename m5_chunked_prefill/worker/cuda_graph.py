@@ -15,12 +15,12 @@ addresses of their inputs and outputs. So
   tables); a step copies its values into them and replays;
 - the shape is fixed: a graph is captured for each of a few token counts (M5; M4 had
   batch sizes of decodes): 1, 2, 4, 8, every 16 up to 256, every 64 up to 512, every
-  256 up to 2048, at most `max_num_batched_tokens`; twice up to `max_batch_size`, once
-  for steps of decodes only (one new token per sequence: the decode kernel alone) and
-  once for steps with prompts or chunks (both kernels). A step is padded to the next
-  size: its tokens with
-  padding tokens that write nowhere, its sequences with empty ones, up to
-  `min(tokens, max_batch_size)`, the most a step of that many tokens can hold. Eager
+  256 up to 2048, at most `max_num_batched_tokens`, and `max_batch_size`; twice up to
+  `max_batch_size`, once for steps of decodes only (one new token per sequence: the
+  decode kernel alone) and once for steps with prompts or chunks (both kernels). A step
+  is padded to the next size: its tokens with padding tokens that write nowhere, its
+  sequences with empty ones, up to `min(tokens, max_batch_size)`, the most a step of
+  that many tokens can hold. Eager
   steps on CUDA are padded the same way, so a graph and its eager run compute the very
   same thing. A step larger than the largest graph (a whole long prompt, with chunked
   prefill off) runs eager: its kernels are long enough that launching them costs little;
@@ -45,13 +45,14 @@ from tqdm.auto import tqdm
 LARGEST_GRAPH_TOKENS = 2048
 
 
-def graph_token_sizes(max_num_tokens: int) -> list[int]:
+def graph_token_sizes(max_num_tokens: int, max_batch_size: int) -> list[int]:
     """The step sizes (tokens) to capture, up to max_num_tokens (at most
-    LARGEST_GRAPH_TOKENS; larger steps run eager, where launches matter less)."""
+    LARGEST_GRAPH_TOKENS; larger steps run eager, where launches matter less), and
+    max_batch_size itself: the largest step of decodes only is padded to no more."""
     largest = min(max_num_tokens, LARGEST_GRAPH_TOKENS)
     steps = [1, 2, 4, 8] + list(range(16, 257, 16)) + list(range(320, 513, 64)) \
-        + list(range(768, LARGEST_GRAPH_TOKENS + 1, 256))
-    return [s for s in steps if s < largest] + [largest]
+        + list(range(768, LARGEST_GRAPH_TOKENS + 1, 256)) + [max_batch_size]
+    return sorted({s for s in steps if s < largest} | {largest})
 
 
 class StepGraphs:

@@ -3,7 +3,8 @@
 Introduced in M2 (where a sequence's one block is its whole slot; M3's blocks are
 small, and nothing here changes). Each scheduled sequence computes the new tokens at
 positions `[num_computed, num_computed + n)`: a whole prompt, the one token sampled
-last step, or (M5) a chunk of a prompt: the same case. They are laid one after the other into one flat batch of `T` tokens, with
+last step, or (M5) a chunk of a prompt: the same case. They are laid one after the
+other into one flat batch of `T` tokens, with
 
 - `positions`: each token's position in its sequence (for the rotary embedding);
 - `slot_mapping`: the cache slot its K/V are written to, from the block table;

@@ -52,12 +52,14 @@ PositionLogprobs = dict[int, tuple[float, int]]
 
 @dataclass
 class ModelRunnerOutput:
-    """Per sequence that ran, in order: its sampled token, and log-probabilities where its
-    sampling parameters ask for them (else None)."""
+    """Per sequence that ran, in order: its sampled token (M5: None for a chunk that
+    stops before the sequence's last token), and log-probabilities where its sampling
+    parameters ask for them (else None)."""
 
     sampled_token_ids: list[int | None]  # None: a chunk inside a prompt (M5)
     logprobs: list[PositionLogprobs | None]  # of the sampled token (and the top ones)
-    prompt_logprobs: list[list[PositionLogprobs] | None]  # of new tokens 1 .. n - 1
+    # of new tokens 1 .. n - 1, and of the token after a chunk (M5); [] if none
+    prompt_logprobs: list[list[PositionLogprobs] | None]
 
 
 def resolve_device(device: str) -> torch.device:
@@ -122,7 +124,8 @@ class ModelRunner:
         # max_batch_size sequences); a whole long prompt runs eager.
         largest = min(max_step_tokens(config),
                       max(config.max_num_batched_tokens, config.max_batch_size))
-        self.graph_sizes = graph_token_sizes(largest) if on_gpu_kernels else []
+        self.graph_sizes = graph_token_sizes(largest, config.max_batch_size) \
+            if on_gpu_kernels else []
         self.graphs = StepGraphs(self.graph_sizes, config.max_batch_size) if on_gpu_kernels \
             and not config.enforce_eager else None
         self.num_kv_blocks = self._count_kv_blocks()

@@ -12,9 +12,10 @@ preemption), then only the blocks it was given since; and the requests whose blo
 were freed (finished, aborted, preempted), whose tables the worker forgets. A step's
 message no longer grows with the sequences' lengths.
 
-M5: the new tokens may be a chunk of a prompt, which stops short of the sequence's end;
-it then names the token that follows it (for the prompt's log-probabilities), and the
-step samples nothing for that sequence.
+M5: the new tokens may be a chunk, which stops short of the sequence's last token (a
+prompt's chunk, or a chunk of a preempted sequence being recomputed); it then names the
+token that follows it (for the prompt's log-probabilities), and the step samples
+nothing for that sequence.
 """
 
 from dataclasses import dataclass

@@ -22,7 +22,10 @@ scheduled sequence a number of new tokens to compute, all within one budget of
    sequences' next tokens).
 
 So a long prompt is spread over several steps, each beside the decodes of the running
-sequences, which never wait a whole prefill for their next token. A sequence samples
+sequences, which never wait a whole prefill for their next token (as long as the budget
+holds a token for each of them). Blocks are taken chunk by chunk, as the prompt grows:
+a prompt admitted with its first chunk may find the pool empty at a later one and, the
+newest running sequence, be preempted and start again later (vLLM does the same). A sequence samples
 its next token only in the step that computes its last known token (its prompt's last
 chunk, or a decode). With `enable_chunked_prefill=False` the scheduler is M4's:
 a step either admits whole prompts (prefills first; a prompt longer than the budget
