@@ -125,17 +125,25 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < cfg.max_batch_size:
             seq = self.waiting[0]
             num_new = self._chunk(seq, budget)
-            if self.running and (kv.num_free_blocks - kv.num_blocks_needed(seq, num_new)
-                                 < self.watermark_blocks):
-                break  # keep some blocks for the running ones (alone, it may take all)
-            if not kv.allocate_slots(seq, num_new):
+            if not self._admit(seq, num_new, others_running=bool(self.running)):
                 break
-            self.waiting.popleft()
-            seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             chosen.append((seq, num_new))
             budget -= num_new
         return chosen
+
+    def _admit(self, seq: Sequence, num_new: int, others_running: bool) -> bool:
+        """Take the first waiting sequence out of the queue with blocks for num_new of its
+        tokens, if the pool has them (and, when others run, a few to spare for them)."""
+        kv = self.kv_cache_manager
+        if others_running and (kv.num_free_blocks - kv.num_blocks_needed(seq, num_new)
+                               < self.watermark_blocks):
+            return False  # keep some blocks for the running ones (alone, it may take all)
+        if not kv.allocate_slots(seq, num_new):
+            return False
+        self.waiting.popleft()
+        seq.status = SequenceStatus.RUNNING
+        return True
 
     def _chunk(self, seq: Sequence, budget: int) -> int:
         """How many of `seq`'s uncomputed tokens run now: all of them, or as many as the
@@ -146,7 +154,7 @@ class Scheduler:
     def _schedule_prefills_first(self) -> list[tuple[Sequence, int]]:
         """M4's policy: admit waiting sequences' whole prompts as a prefill step if any
         fit; else decode every running sequence."""
-        cfg, kv = self.config, self.kv_cache_manager
+        cfg = self.config
         admitted: list[Sequence] = []
         num_tokens = 0
         while self.waiting and len(self.running) + len(admitted) < cfg.max_batch_size:
@@ -154,14 +162,8 @@ class Scheduler:
             num_new = num_new_tokens(seq)  # a preempted one recomputes its output too
             if admitted and num_tokens + num_new > cfg.max_num_batched_tokens:
                 break  # the budget is spent (a first prompt always goes, even if longer)
-            if (self.running or admitted) and (
-                    kv.num_free_blocks - kv.num_blocks_needed(seq, num_new)
-                    < self.watermark_blocks):
-                break  # keep some blocks for the running ones (alone, it may take all)
-            if not kv.allocate_slots(seq, num_new):
+            if not self._admit(seq, num_new, others_running=bool(self.running or admitted)):
                 break
-            self.waiting.popleft()
-            seq.status = SequenceStatus.RUNNING
             admitted.append(seq)
             num_tokens += num_new
         if admitted:
