@@ -573,7 +573,7 @@ def test_a_padded_step_of_a_decode_and_a_chunk(stage):
     # step 1: a's whole prompt (3 tokens, block 1), b's first chunk (5 tokens, blocks 2, 3)
     batch.prepare([Scheduled("a", [1, 2, 3], 0, [1], True),
                    Scheduled("b", [10, 11, 12, 13, 14], 0, [2, 3], True)], params)
-    # step 2: a decodes (position 3), b's next chunk (positions 5 and 6, still in block 3)
+    # step 2: a decodes (position 3), b's last chunk (positions 5 and 6, still in block 3)
     inputs = batch.prepare([Scheduled("a", [4], 3, [], False),
                             Scheduled("b", [15, 16], 5, [], False)], params, pad_to=(8, 4))
     md = inputs.attn_metadata
@@ -586,11 +586,19 @@ def test_a_padded_step_of_a_decode_and_a_chunk(stage):
                                                                                  [2, 3]]
     assert inputs.logits_indices.tolist() == [0, 2]  # the real sequences' last tokens only
     assert md.max_query_len == 2 and md.max_seq_len == 7
-    # Sampling parameters of the sequences that sample: here b alone, then a alone.
-    tensors = batch.sampling_tensors([1])
-    assert not tensors.all_greedy and tensors.top_k.tolist() == [3]
-    assert tensors.temperature.tolist() == [0.5]
-    assert batch.sampling_tensors([0]).all_greedy
+    assert batch.sampled == [0, 1]
+    tensors = batch.sampling_tensors()
+    assert not tensors.all_greedy and tensors.top_k.tolist() == [-1, 3]
+    # A chunk that stops inside its prompt samples nothing: no logits row, no parameters.
+    inputs = batch.prepare([Scheduled("a", [4], 3, [], False),
+                            Scheduled("b", [15, 16], 5, [], False, next_token_id=17)], params)
+    assert batch.sampled == [0] and inputs.logits_indices.tolist() == [0]
+    assert batch.sampling_tensors().all_greedy
+    inputs = batch.prepare([Scheduled("b", [15, 16], 5, [], False),
+                            Scheduled("a", [4], 3, [], False, next_token_id=9)], params[::-1])
+    assert batch.sampled == [0] and inputs.logits_indices.tolist() == [1]
+    tensors = batch.sampling_tensors()
+    assert tensors.top_k.tolist() == [3] and tensors.temperature.tolist() == [0.5]
     # Without padding the same step has just its own tokens and sequences.
     inputs = batch.prepare([Scheduled("a", [5], 4, [4], False)], params[:1])
     assert inputs.input_ids.tolist() == [5]

@@ -40,10 +40,12 @@ def test_the_cpu_default_is_the_torch_reference(stage):
 class Scheduled:
     """What the scheduler sends the worker for one sequence."""
 
-    def __init__(self, request_id, new_token_ids, num_computed_tokens, new_block_ids, is_new):
+    def __init__(self, request_id, new_token_ids, num_computed_tokens, new_block_ids, is_new,
+                 next_token_id=None):
         self.request_id, self.new_token_ids = request_id, new_token_ids
         self.num_computed_tokens, self.new_block_ids = num_computed_tokens, new_block_ids
         self.is_new = is_new
+        self.next_token_id = next_token_id  # M5: a chunk inside its prompt (no token)
 
 
 def make_batch(stage, max_seqs=4, block_size=4):

@@ -11,7 +11,7 @@ other into one flat batch of `T` tokens, with
 - `query_start_loc`, `seq_lens`, padded `block_tables`: where each sequence's tokens
   are in the batch, and how many keys it has once they are written (attention's view);
 - `logits_indices`: the row of each sequence's last token, the one whose logits give
-  its next token.
+  its next token (M5: of the sequences that sample one: not a chunk inside its prompt).
 
 M4 makes this cheap enough that the GPU no longer waits for it. `InputBatch` is made
 once and kept: each running sequence owns a row of a block table that is only appended
@@ -41,7 +41,7 @@ class ModelInputs:
     input_ids: torch.Tensor  # [T]
     positions: torch.Tensor  # [T]
     attn_metadata: AttentionMetadata
-    logits_indices: torch.Tensor  # [B] (the scheduled sequences, not the padding)
+    logits_indices: torch.Tensor  # [S] the last tokens of the sequences that sample (M5)
 
 
 def slot_of(block_ids: list[int], block_size: int, position: int) -> int:
@@ -88,6 +88,7 @@ class InputBatch:
         self.rows: dict[str, int] = {}  # request id -> its row
         self.free_rows = list(range(max_num_seqs - 1, -1, -1))
         self.step_rows = np.zeros(0, dtype=np.int64)  # the rows of the last step, in order
+        self.sampled: list[int] = []  # which of the last step's sequences sample (M5)
         pin = device.type == "cuda"
         self.host = StepBuffers(max_num_seqs, max_num_tokens, max_blocks_per_seq, "cpu", pin)
         self.gpu = StepBuffers(max_num_seqs, max_num_tokens, max_blocks_per_seq, device)
@@ -122,8 +123,9 @@ class InputBatch:
     def prepare(self, scheduled: list, params: list[SamplingParams],
                 pad_to: tuple[int, int] | None = None) -> ModelInputs:
         """The model's inputs for the scheduled sequences (duck-typed `ScheduledSequence`s:
-        request_id, new_token_ids, num_computed_tokens, new_block_ids, is_new). With
-        `pad_to` = (tokens, sequences), the step grows to that size with padding (M5)."""
+        request_id, new_token_ids, num_computed_tokens, new_block_ids, is_new,
+        next_token_id). With `pad_to` = (tokens, sequences), the step grows to that size
+        with padding (M5)."""
         rows = np.fromiter((self._update_row(s, p) for s, p in zip(scheduled, params)),
                            dtype=np.int64, count=len(scheduled))
         query_lens = np.fromiter((len(s.new_token_ids) for s in scheduled), dtype=np.int64,
@@ -134,6 +136,8 @@ class InputBatch:
         token_ids = np.fromiter(itertools.chain.from_iterable(s.new_token_ids for s in scheduled),
                                 dtype=np.int64, count=num_tokens)
         self.step_rows = rows
+        # A chunk that stops inside its prompt samples nothing (M5).
+        self.sampled = [i for i, s in enumerate(scheduled) if s.next_token_id is None]
         return self._fill(rows, query_lens, computed, token_ids, pad_to)
 
     def _fill(self, rows: np.ndarray, query_lens: np.ndarray, computed: np.ndarray,
@@ -154,7 +158,8 @@ class InputBatch:
         h["query_start_loc"][:num_seqs + 1] = starts
         h["seq_lens"][:num_seqs] = seq_lens
         h["block_tables"][:num_seqs] = self.block_table[rows]
-        h["logits_indices"][:num_seqs] = starts[1:] - 1
+        num_sampled = len(self.sampled)
+        h["logits_indices"][:num_sampled] = starts[1:][self.sampled] - 1
         # padding: tokens at position 0 written nowhere and of no sequence; sequences
         # with no new token and no keys (M5)
         h["input_ids"][num_tokens:padded_tokens] = 0
@@ -170,7 +175,7 @@ class InputBatch:
                              ("slot_mapping", padded_tokens),
                              ("query_start_loc", padded_seqs + 1),
                              ("seq_lens", padded_seqs), ("block_tables", padded_seqs),
-                             ("logits_indices", num_seqs)):
+                             ("logits_indices", num_sampled)):
             getattr(g, name)[:length].copy_(getattr(self.host, name)[:length],
                                             non_blocking=True)
         metadata = AttentionMetadata(
@@ -179,12 +184,12 @@ class InputBatch:
             slot_mapping=g.slot_mapping[:padded_tokens],
             max_query_len=int(query_lens.max()), max_seq_len=int(seq_lens.max()))
         return ModelInputs(g.input_ids[:padded_tokens], g.positions[:padded_tokens], metadata,
-                           g.logits_indices[:num_seqs])
+                           g.logits_indices[:num_sampled])
 
-    def sampling_tensors(self, sampled: list[int] | None = None) -> SamplingTensors:
-        """The last step's sampling parameters, gathered from the kept table: of its
-        sequences at indices `sampled` (M5: those that sample a token), else all."""
-        rows = self.step_rows if sampled is None else self.step_rows[sampled]
+    def sampling_tensors(self) -> SamplingTensors:
+        """The last step's sampling parameters, gathered from the kept table (M5: of its
+        sequences that sample)."""
+        rows = self.step_rows[self.sampled]
         table = self.sampling_table[rows]  # [B, 5]
         num_seqs = len(rows)
         columns = self.gpu.sampling[:, :num_seqs]
@@ -203,6 +208,7 @@ class _NewSequence:
     num_computed_tokens: int
     new_block_ids: list[int]
     is_new: bool = True
+    next_token_id: int | None = None
 
 
 def prepare_inputs(new_token_ids: list[list[int]], num_computed_tokens: list[int],

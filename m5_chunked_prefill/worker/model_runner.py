@@ -122,8 +122,8 @@ class ModelRunner:
         on_gpu_kernels = self.device.type == "cuda" and self.attention_backend == "flash"
         # Graphs up to the budget (without chunked prefill, also up to a decode step of
         # max_batch_size sequences); a whole long prompt runs eager.
-        largest = min(max_step_tokens(config),
-                      max(config.max_num_batched_tokens, config.max_batch_size))
+        largest = config.max_num_batched_tokens if config.enable_chunked_prefill \
+            else max(config.max_num_batched_tokens, config.max_batch_size)
         self.graph_sizes = graph_token_sizes(largest, config.max_batch_size) \
             if on_gpu_kernels else []
         self.graphs = StepGraphs(self.graph_sizes, config.max_batch_size) if on_gpu_kernels \
@@ -266,11 +266,9 @@ class ModelRunner:
             hidden = self.graphs.replay(shape[0], inputs.attn_metadata.max_query_len == 1)
         else:
             hidden = self._run_model(inputs)
-        # A chunk that stops inside its prompt samples nothing (M5).
-        sampled = [i for i, s in enumerate(scheduled) if s.next_token_id is None]
-        indices = inputs.logits_indices if len(sampled) == len(scheduled) \
-            else inputs.logits_indices[sampled]
-        return self.model.compute_logits(hidden[indices]), sampled, hidden, inputs
+        # M5: only the sequences that sample (not a chunk that stops inside its prompt)
+        logits = self.model.compute_logits(hidden[inputs.logits_indices])
+        return logits, self.input_batch.sampled, hidden, inputs
 
     @torch.inference_mode()
     def execute_model(self, scheduler_output, sampling_rows: list[SamplingRow]
@@ -286,9 +284,7 @@ class ModelRunner:
             rows = [sampling_rows[i] for i in sampled]
             wants_logprobs = [row.params.logprobs is not None for row in rows]
             raw_logits = logits.clone() if any(wants_logprobs) else None  # the sampler edits
-            tensors = self.input_batch.sampling_tensors(
-                None if len(sampled) == len(scheduled) else sampled)
-            new_tokens = self.sampler(logits, rows, tensors)
+            new_tokens = self.sampler(logits, rows, self.input_batch.sampling_tensors())
             for j, (i, row, wants) in enumerate(zip(sampled, rows, wants_logprobs)):
                 if wants:
                     logprobs[i] = token_logprobs(raw_logits[j:j + 1], new_tokens[j:j + 1],
