@@ -93,6 +93,8 @@ def prefill_logits(llm, token_ids: list[int]) -> torch.Tensor:
         real = getattr(metadata, "query_start_loc", None)
         captured.append(output[:None if real is None else int(real[-1])].detach().clone())
 
+    if hasattr(llm, "reset_prefix_cache"):  # M6: a cached prefix would not be computed
+        llm.reset_prefix_cache()
     handle = model.register_forward_hook(keep)
     graphs = getattr(runner, "graphs", None)
     if graphs is not None:

@@ -167,6 +167,8 @@ def test_tiny_batch_equals_solo_runs(stage, tiny_llms):
               for i, n in enumerate(TINY_MAX_TOKENS)]
     solo = [llm.generate(p, sp, use_tqdm=False)[0].token_ids
             for p, sp in zip(TINY_PROMPTS, params)]
+    if hasattr(llm, "reset_prefix_cache"):  # M6: the solo runs cached every prompt
+        llm.reset_prefix_cache()
     log = spy_on_schedule(llm.engine)
     try:
         batched = llm.generate(TINY_PROMPTS, params, use_tqdm=False)
@@ -304,7 +306,7 @@ def check_scheduler_output(out, tables: dict | None = None) -> None:
     for request_id in getattr(out, "freed_request_ids", []):  # M4 on
         tables.pop(request_id, None)
     for seq, s in zip(out.seqs, out.scheduled):
-        assert s.request_id == seq.request_id
+        assert s.request_id == getattr(seq, "name", seq.request_id)  # M6: n samples
         assert s.num_computed_tokens == seq.num_computed_tokens
         end = seq.num_computed_tokens + len(s.new_token_ids)
         assert s.new_token_ids == seq.token_ids[seq.num_computed_tokens:end]
@@ -315,7 +317,8 @@ def check_scheduler_output(out, tables: dict | None = None) -> None:
         held = ([b.block_id for b in seq.kv_blocks] if hasattr(seq, "kv_blocks")
                 else [seq.kv_slot])
         if hasattr(s, "new_block_ids"):  # M4 on: the worker keeps the tables
-            assert s.is_new == (s.num_computed_tokens == 0)
+            # M6: a sequence may start with cached tokens (a prefix hit, a fork)
+            assert s.is_new == (s.num_computed_tokens == getattr(seq, "num_cached_tokens", 0))
             assert s.is_new or s.request_id in tables
             table = [] if s.is_new else tables[s.request_id]
             tables[s.request_id] = table + s.new_block_ids
@@ -337,8 +340,9 @@ def install_fake_forward(engine, check_step) -> None:
         seqs = scheduler_output.seqs
         num_new = {seq.seq_id: len(s.new_token_ids)
                    for seq, s in zip(seqs, scheduler_output.scheduled)}
-        check_step(seqs, all(s.num_computed_tokens == 0 for s in scheduler_output.scheduled),
-                   num_new)
+        starts = [getattr(seq, "num_cached_tokens", 0) for seq in seqs]  # M6: prefix hits
+        check_step(seqs, all(s.num_computed_tokens == start for s, start
+                             in zip(scheduler_output.scheduled, starts)), num_new)
         assert len(sampling_rows) == len(seqs)
         none = [None] * len(seqs)
         # A chunk that stops inside its prompt gets no token (M5).

@@ -63,6 +63,14 @@ def tiny(stage: str, **kwargs):
     return load_stage(stage).LLM("dummy:tiny-llama", **kwargs)
 
 
+def m4_policy(stage: str) -> dict:
+    """Settings that make `stage` schedule as M4 did: chunks off (and, from M6, the
+    prefix cache, whose hits M4 has not)."""
+    if stage in stages_with("prefix_cache"):
+        return dict(enable_chunked_prefill=False, enable_prefix_caching=False)
+    return dict(enable_chunked_prefill=False)
+
+
 def greedy(stage: str, n: int, **kwargs):
     return load_stage(stage).SamplingParams(temperature=0, max_tokens=n, ignore_eos=True,
                                             **kwargs)
@@ -427,7 +435,7 @@ def test_without_chunks_the_steps_are_m4s(stage, kv_blocks, tiny_kv_bytes_per_to
     kwargs = dict(max_batch_size=3, max_num_batched_tokens=40, block_size=16)
     if kv_blocks is not None:
         kwargs["kv_cache_memory"] = kv_blocks * 16 * tiny_kv_bytes_per_token
-    ours = tiny(stage, enable_chunked_prefill=False, **kwargs)
+    ours = tiny(stage, **m4_policy(stage), **kwargs)
     theirs = tiny(PREVIOUS, **kwargs)
     log, tokens = run_logged(ours, stage)
     m4_log, m4_tokens = run_logged(theirs, PREVIOUS)
@@ -453,7 +461,7 @@ def test_without_chunks_random_workloads_schedule_as_m4(stage, workload, block_s
                                                         tiny_kv_bytes_per_token):
     """The same random workloads (fake forward pass): step for step, M4's decisions."""
     logs = {}
-    for name, kwargs in ((stage, dict(enable_chunked_prefill=False)), (PREVIOUS, {})):
+    for name, kwargs in ((stage, m4_policy(stage)), (PREVIOUS, {})):
         log = logs[name] = []
 
         def record(engine, seqs, is_prefill, num_new, log=log):
