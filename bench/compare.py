@@ -8,6 +8,7 @@ greedy, `ignore_eos` so every request produces exactly its output length.
     python bench/compare.py --milestones m1,m2,m3,hf --workload latency --repeat 3
     python bench/compare.py --milestones m1,m2,m3 --workload throughput \\
         --model dummy:qwen2.5-0.5b --device cuda --num-prompts 64 --publish
+    python bench/compare.py --milestones m5,m6,hf --workload chat --turns 4 --turn-len 64
 
 The default workload, `concurrent`, is 16 requests arriving at once (bench/workloads.py):
 where the stages differ (M1 serves them one after another, M2 and M3 batch them).
@@ -27,16 +28,22 @@ A file holds: command (the exact argv), git_commit and git_dirty (FOLOVLLM_GIT_C
 FOLOVLLM_GIT_DIRTY=0/1 name them for a copy of the tree whose .git is stale, e.g. on the
 GPU machine), published, workload, model, device, date (UTC), machine (gpu, cpu,
 cpu_count, hostname), versions (python, torch, transformers, triton, numpy), config
-(workload and engine settings, repeat), roofline (null off CUDA), and one row per
-milestone: its name (`milestone`, the spec as given), overrides (its own EngineConfig
+(workload and engine settings, repeat; num_prompts counts requests, for chat conversations
+x turns; chat also sets conversations, turns, turn_len ([low, high] of a later turn's user
+message), turn_prompt_lens and turn_output_lens (per conversation, each turn's whole
+prompt and output length), null for the other workloads), roofline (null off CUDA), and
+one row per milestone: its name (`milestone`, the spec as given), overrides (its own EngineConfig
 settings, {} for none; not on the hf row), note (how it ran the workload), wall_s (the
 row's processes, load included), summary (ttft/tpot in ms, e2e in s, tokens/s,
 requests/s, total time, peak MiB, max_concurrent_seqs, throughput ratio, roofline
-fraction, kv_cache, the inter-token latency, runs, and spread: {metric: [min, max]} over
-the runs, null for one run), repeats (each run's summary, when more than one) and the
-first run's per-request samples (prompt_len, output_len, ttft_s, tpot_s, e2e_s, and
-itl_mean_s / itl_max_s). Older files may lack some of these keys; bench/report.py reads
-them all.
+fraction, kv_cache, the inter-token latency, the prefix cache's prefix_cache_queries,
+prefix_cache_hits and prefix_cache_hit_rate (prompt tokens looked up at admission, found
+cached, and hits / queries, for the timed requests; null for a stage without a prefix
+cache), runs, and spread: {metric: [min, max]} over the runs, null for one run), repeats
+(each run's summary, when more than one) and the first run's per-request samples
+(prompt_len, output_len, ttft_s, tpot_s, e2e_s, itl_mean_s / itl_max_s; num_cached_tokens
+from a stage with a prefix cache; conversation and turn on chat). Older files may lack
+some of these keys; bench/report.py reads them all.
 
 Inter-token latency (ITL): the time between two consecutive output tokens of one request
 (the first token's time is its TTFT, not a gap). The summary pools the gaps of all
@@ -152,7 +159,13 @@ def build_parser() -> argparse.ArgumentParser:
                "request at a time; 4 prompts, 128 in / 128 out), throughput (all at t=0; "
                "256 prompts, lengths uniform in [100, 1024]; hours for m1 on a CPU), online "
                "(Poisson arrivals; 64 prompts, 128/128, 4 req/s), prefix (512-token shared "
-               "prefix + 32-token questions, 64 out; 32 prompts).")
+               "prefix + 32-token questions, 64 out; 32 prompts), chat (multi-turn: "
+               "--num-prompts conversations (16) of --turns turns (4), all starting at t=0; "
+               "a turn is sent when the one before it has finished, its prompt the previous "
+               "turn's prompt + the reply the row generated + a new --turn-len user message "
+               "(64); the first prompt is --input-len (256), every turn generates "
+               "--output-len (128); the hf row runs it too, in static batches of the turns "
+               "ready when its previous batch ends).")
     p.add_argument("--milestones", required=True,
                    help="comma-separated rows: m1..m7 (the stages present) and hf "
                         "(transformers), e.g. m1,m2,m3; a stage row may change its own "
@@ -172,17 +185,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto",
                    choices=["auto", "float32", "float16", "bfloat16"],
                    help="auto: bfloat16 on CUDA, float32 on CPU (every row uses the same)")
-    p.add_argument("--num-prompts", type=int, help="default: depends on the workload")
+    p.add_argument("--num-prompts", type=int,
+                   help="default: depends on the workload (chat: the number of "
+                        "conversations)")
     p.add_argument("--seed", type=int, default=0,
                    help="seeds the prompts, lengths, arrivals and dummy weights")
     p.add_argument("--request-rate", type=float,
                    help="online workload: requests per second (default 4)")
     p.add_argument("--input-len", type=parse_length, metavar="N|LO:HI",
                    help="prompt length, fixed or uniform in [LO, HI] (prefix workload: "
-                        "the question length)")
+                        "the question length; chat: the first turn's prompt)")
     p.add_argument("--output-len", type=parse_length, metavar="N|LO:HI",
                    help="output length, fixed or uniform in [LO, HI]")
     p.add_argument("--prefix-len", type=int, help="prefix workload: shared prefix (512)")
+    p.add_argument("--turns", type=int, metavar="N",
+                   help="chat workload: turns per conversation (4); the first turn's prompt "
+                        "is --input-len tokens, each later one adds the reply and a user "
+                        "message")
+    p.add_argument("--turn-len", type=parse_length, metavar="N|LO:HI",
+                   help="chat workload: the user message each later turn adds, fixed or "
+                        "uniform in [LO, HI] (64)")
     p.add_argument("--max-model-len", type=int,
                    help="engine max_model_len (default: the model's limit, capped at 4096)")
     p.add_argument("--max-batch-size", type=int,
@@ -330,10 +352,12 @@ def percentile(values: list[float], q: float) -> float | None:
 
 ITL_KEYS = ["itl_mean_ms", "itl_p50_ms", "itl_p99_ms", "itl_max_ms", "itl_quantiles_ms",
             "itl_gaps"]
+PREFIX_CACHE_KEYS = ["prefix_cache_queries", "prefix_cache_hits", "prefix_cache_hit_rate"]
 SUMMARY_KEYS = ["ttft_mean_ms", "ttft_p50_ms", "ttft_p99_ms", "tpot_mean_ms", "tpot_p50_ms",
                 "tpot_p99_ms", "e2e_mean_s", "e2e_p50_s", "e2e_p99_s", "output_tokens_per_s",
                 "requests_per_s", "total_time_s", "peak_memory_mib", "max_concurrent_seqs",
-                "throughput_ratio", "roofline_fraction", "kv_cache", *ITL_KEYS]
+                "throughput_ratio", "roofline_fraction", "kv_cache", *ITL_KEYS,
+                *PREFIX_CACHE_KEYS]
 
 
 def itl_gaps(times: list[float] | None) -> list[float] | None:
@@ -390,7 +414,14 @@ def summarize(result: dict) -> dict:
     summary["max_concurrent_seqs"] = result.get("max_concurrent_seqs")
     summary["kv_cache"] = result.get("kv_cache")
     summary.update(itl_summary(result.get("token_times_s")))
+    summary.update(prefix_cache_summary(result.get("kv_cache")))
     return summary
+
+
+def prefix_cache_summary(kv: dict | None) -> dict:
+    """The prefix-cache keys of a run's summary, from its KV stats (None for a stage
+    without a prefix cache; the hit rate None when nothing was looked up)."""
+    return {key: (kv or {}).get(key) for key in PREFIX_CACHE_KEYS}
 
 
 def _median_curve(curves: list) -> list[float] | None:
@@ -706,7 +737,7 @@ def _say(text: str) -> None:
 
 def _check_args(args: argparse.Namespace) -> None:
     for name in ("num_prompts", "max_model_len", "max_batch_size", "prefix_len", "threads",
-                 "repeat"):
+                 "repeat", "turns"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise BenchError(f"--{name.replace('_', '-')}: must be >= 1, got {value}")
@@ -714,6 +745,10 @@ def _check_args(args: argparse.Namespace) -> None:
         raise BenchError("--request-rate applies to the online workload only")
     if args.prefix_len is not None and args.workload != "prefix":
         raise BenchError("--prefix-len applies to the prefix workload only")
+    for flag, value in (("--turns", args.turns), ("--turn-len", args.turn_len)):
+        if value is not None and args.workload != "chat":
+            raise BenchError(f"{flag} applies to the chat workload only (multi-turn "
+                             "conversations: --workload chat)")
 
 
 def out_dir_of(args: argparse.Namespace) -> Path:
@@ -734,9 +769,11 @@ def measure_roofline(scratch: Path, device: str, dtype: str, mc, wl, max_batch_s
         raise BenchError(f"cannot measure the GPU: {machine['error']}")
     itemsize = torch.empty((), dtype=getattr(torch, dtype)).element_size()
     bound = 1 if wl.sequential else (max_batch_size or wl.num_prompts)
-    sim = simulate(model_cost(mc, itemsize), [len(p) for p in wl.prompts], wl.output_lens,
+    sim = simulate(model_cost(mc, itemsize), wl.prompt_lens, wl.output_lens,
                    wl.arrival_times, bound, machine["bandwidth_gbps"] * 1e9,
-                   machine["matmul_tflops"] * 1e12, prefix_len=wl.prefix_len)
+                   machine["matmul_tflops"] * 1e12, prefix_len=wl.prefix_len,
+                   after=[wl.previous(i) for i in range(wl.num_prompts)],
+                   cached_lens=wl.cached_lens)
     return machine["gpu"], {"bandwidth_gbps": machine["bandwidth_gbps"],
                             "matmul_tflops": machine["matmul_tflops"],
                             "time_s": sim["time_s"], "bytes": sim["bytes"],
@@ -838,11 +875,12 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
         wl = build_workload(args.workload, mc.vocab_size, seed=args.seed,
                             num_prompts=args.num_prompts, input_len=args.input_len,
                             output_len=args.output_len, request_rate=args.request_rate,
-                            prefix_len=args.prefix_len)
+                            prefix_len=args.prefix_len, turns=args.turns,
+                            turn_len=args.turn_len)
     except ValueError as exc:
         raise BenchError(str(exc)) from exc
     max_len = args.max_model_len or min(mc.max_position_embeddings, 4096)
-    longest = max(len(p) + n for p, n in zip(wl.prompts, wl.output_lens))
+    longest = max(p + n for p, n in zip(wl.prompt_lens, wl.output_lens))
     if longest > max_len:
         raise BenchError(f"the workload needs up to {longest} tokens per sequence but "
                          f"max_model_len is {max_len}; pass --max-model-len or shorter "
@@ -855,9 +893,9 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     engine = {k: v for k, v in engine.items() if v is not None}
     start, began = dt.datetime.now(dt.timezone.utc), time.perf_counter()
     commit, dirty = git_info()  # the code as it was when the rows started
-    lens = [len(p) for p in wl.prompts]
+    lens = wl.prompt_lens
     names = [m.name for m in milestones]
-    _say(f"bench: {args.workload} workload, {wl.num_prompts} prompts (input {min(lens)}.."
+    _say(f"bench: {args.workload} workload, {requests_text(wl)} (input {min(lens)}.."
          f"{max(lens)}, output {min(wl.output_lens)}..{max(wl.output_lens)} tokens), model "
          f"{args.model}, {device} {dtype}, rows {', '.join(names)}")
     out_dir = out_dir_of(args)
@@ -892,14 +930,36 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
         "config": {"num_prompts": wl.num_prompts, "seed": args.seed,
                    "input_len": wl.input_len, "output_len": wl.output_len,
                    "request_rate": wl.request_rate,
-                   "prefix_len": wl.prefix_len or None, "threads": args.threads,
-                   "repeat": args.repeat,
+                   "prefix_len": wl.prefix_len or None, **chat_config(wl),
+                   "threads": args.threads, "repeat": args.repeat,
                    "engine": {k: v for k, v in engine.items() if k not in ("model", "device")}},
         "roofline": roofline,
         "rows": rows,
     }
     write_results(results, args, out_dir, start, time.perf_counter() - began)
     return 1 if any(r["note"].startswith("FAILED") for r in rows) else 0
+
+
+def requests_text(wl) -> str:
+    """"16 prompts"; chat: "4 conversations x 3 turns (12 requests)"."""
+    if wl.name != "chat":
+        return f"{wl.num_prompts} prompts"
+    return (f"{wl.num_conversations} conversations x {wl.turns} turns ({wl.num_prompts} "
+            "requests)")
+
+
+def chat_config(wl) -> dict:
+    """The chat keys of a results file's config: the turns and, per conversation, each
+    turn's whole prompt and output length (null for the other workloads)."""
+    keys = dict.fromkeys(("conversations", "turns", "turn_len", "turn_prompt_lens",
+                          "turn_output_lens"))
+    if wl.name != "chat":
+        return keys
+    per_turn = [range(c * wl.turns, (c + 1) * wl.turns) for c in range(wl.num_conversations)]
+    lens = wl.prompt_lens
+    return dict(conversations=wl.num_conversations, turns=wl.turns, turn_len=wl.turn_len,
+                turn_prompt_lens=[[lens[i] for i in turns] for turns in per_turn],
+                turn_output_lens=[[wl.output_lens[i] for i in turns] for turns in per_turn])
 
 
 def _shown(path: Path) -> str:

@@ -11,8 +11,11 @@ The table keeps to a few columns (it fits 120 terminal columns and a docs page):
 milestone, sequences at once, TTFT and TPOT (p50 / p99), output tokens/s (with the
 min-max over repeated runs), the ratio to the first row, peak memory and, on CUDA, the
 fraction of the roofline. Times print in ms below 10 s and in seconds ("355 s") above.
-A second, small table gives the inter-token latency (ITL: mean, p50, p99, max and the
-number of gaps), when the file has it (older files do not: no second table).
+When a row has a prefix cache (M6), a small table follows: per row, the prompt tokens
+looked up in the cache, those found there and the hit rate ("-" for a row without a
+prefix cache; older files have none: no table). Another small table gives the
+inter-token latency (ITL: mean, p50, p99, max and the number of gaps), when the file has
+it (older files do not: no ITL table).
 Below the tables, `why_lines` says for each row how many sequences it ran at once and
 why, from the run's own facts (the KV-cache stats, the stage registry in
 bench/stages.py), so a new stage gets a line with no change here. Everything else (means,
@@ -21,6 +24,10 @@ e2e latency, requests/s, the full KV stats, per-request samples) stays in the JS
 `plot_itl_cdf` draws each row's ITL distribution from the percentiles the file keeps:
 
     python -m bench.report --itl-cdf bench/results/FILE.json --out itl.png
+
+The tables of a results file, in a terminal or as markdown:
+
+    python -m bench.report bench/results/FILE.json [--markdown] [--rows m5,m6]
 
 The results file format is described in `bench/compare.py` (one JSON file per run).
 """
@@ -166,6 +173,26 @@ def at_once_text(n: int | None) -> str:
     return "-" if n is None else "1 (one at a time)" if n == 1 else str(n)
 
 
+def prefix_cache_stats(s: dict) -> tuple[int | None, int | None, float | None]:
+    """A summary's prefix-cache (queries, hits, hit rate); from its KV stats when the
+    summary lacks the keys; (None, None, None) for a stage without a prefix cache."""
+    kv = s.get("kv_cache") or {}
+    return tuple(s.get(key, kv.get(key)) for key in
+                 ("prefix_cache_queries", "prefix_cache_hits", "prefix_cache_hit_rate"))
+
+
+def has_prefix_cache(results: dict) -> bool:
+    """Whether any row reports prefix-cache lookups (M6 on; older files have none)."""
+    return any(prefix_cache_stats(row.get("summary") or {})[0] is not None
+               for row in results["rows"])
+
+
+def hit_rate_text(s: dict) -> str:
+    """The prefix cache's hit rate as a percentage; '-' without one."""
+    rate = prefix_cache_stats(s)[2]
+    return "-" if rate is None else _pct(rate) if rate else "0%"
+
+
 def _throughput_cell(s: dict) -> str:
     """Output tokens/s; with repeated runs, the min-max after the median."""
     cell = fmt_number(s.get("output_tokens_per_s"))
@@ -220,6 +247,22 @@ def itl_table_rows(results: dict) -> tuple[list[str], list[list[str]]]:
     return headers, rows
 
 
+def prefix_table_rows(results: dict) -> tuple[list[str], list[list[str]]]:
+    """Header and one row per milestone of the prefix-cache table: prompt tokens looked
+    up, found cached, and the hit rate; "-" for a row without a prefix cache."""
+    headers = ["milestone", "prompt tokens looked up", "found cached", "hit rate"]
+    rows = []
+    for row in results["rows"]:
+        s = row.get("summary") or {}
+        queries, hits, _ = prefix_cache_stats(s)
+        rows.append([row["milestone"], "-" if queries is None else str(queries),
+                     "-" if hits is None else str(hits), hit_rate_text(s)])
+    return headers, rows
+
+
+PREFIX_TEXT = ("Prefix cache: the prompt tokens each row looked up in its cache when it "
+               "admitted a request, and those it found there (their K/V not computed again).")
+
 ITL_TEXT = ("Inter-token latency (ITL): the time between two consecutive output tokens of "
             "one request, pooled over all requests (the first token's wait is the TTFT).")
 
@@ -237,7 +280,10 @@ def caption(results: dict) -> str:
     date = (results.get("date") or "")[:10]
     runs = cfg.get("repeat") or 1
     median = f"; median of {runs} runs per row" if runs > 1 else ""
-    return (f"`{results.get('workload')}` workload, {n} prompts, model "
+    what = f"{n} prompts"
+    if cfg.get("turns"):
+        what = f"{cfg.get('conversations')} conversations x {cfg['turns']} turns ({n} requests)"
+    return (f"`{results.get('workload')}` workload, {what}, model "
             f"`{results.get('model')}` on {where}, {date}{median}")
 
 
@@ -261,6 +307,10 @@ def _arrivals(results: dict) -> str:
         return f"{n} requests sent one at a time (each after the previous one finished)"
     if workload == "online" and cfg.get("request_rate"):
         return f"{n} requests arriving at random, {cfg['request_rate']:g} per second"
+    if cfg.get("turns"):
+        return (f"{cfg.get('conversations')} conversations of {cfg['turns']} turns, all "
+                "starting at t=0, each turn sent when the one before it finished and "
+                "repeating the conversation so far")
     return f"{n} requests, all arriving at t=0"
 
 
@@ -272,6 +322,16 @@ def why_header(results: dict) -> str:
     return (f"Why the rows differ ({_arrivals(results)}): a decode step reads all the weights "
             "once however many sequences it carries, so running more at once gives more "
             "tokens/s (until compute is the limit).")
+
+
+def prefix_cache_text(s: dict) -> str | None:
+    """"prefix cache: 87% of 12000 prompt tokens found cached"; None without one."""
+    queries = prefix_cache_stats(s)[0]
+    if queries is None:
+        return None
+    if not queries:
+        return "prefix cache: no lookups"
+    return f"prefix cache: {hit_rate_text(s)} of {queries} prompt tokens found cached"
 
 
 def _kv_reason(kv: dict | None, n: int | None, num_prompts: int | None) -> str | None:
@@ -319,11 +379,15 @@ def why_line(results: dict, row: dict) -> str:
         return f"{name}: one sequence at a time ({who})"
     head = f"{name}: up to {n} sequences at once" if n is not None else f"{name}: -"
     num_prompts = (results.get("config") or {}).get("num_prompts")
-    reason = _kv_reason((row.get("summary") or {}).get("kv_cache"), n, num_prompts)
+    summary = row.get("summary") or {}
+    reason = _kv_reason(summary.get("kv_cache"), n, num_prompts)
     if reason is None and name == "hf":
         reason = "static left-padded batches, each runs until its longest output is done"
     if reason is None and stage is not None:
         reason = stage.adds
+    cached = prefix_cache_text(summary)
+    if cached:
+        reason = f"{reason}; {cached}" if reason else cached
     return f"{head} ({who})" + (f": {reason}" if reason else "")
 
 
@@ -344,9 +408,12 @@ def _markdown_rows(headers: list[str], rows: list[list[str]]) -> list[str]:
 
 
 def markdown_table(results: dict) -> str:
-    """A caption line, one markdown table (a row per milestone), the ITL table when the
-    file has it, then why the rows differ, the roofline and the notes as a list."""
+    """A caption line, one markdown table (a row per milestone), the prefix-cache and ITL
+    tables when the file has them, then why the rows differ, the roofline and the notes
+    as a list."""
     lines = [caption(results), "", *_markdown_rows(*table_rows(results))]
+    if has_prefix_cache(results):
+        lines += ["", PREFIX_TEXT, "", *_markdown_rows(*prefix_table_rows(results))]
     if has_itl(results):
         lines += ["", ITL_TEXT, "", *_markdown_rows(*itl_table_rows(results))]
     header, *per_row = why_lines(results)
@@ -385,6 +452,8 @@ def plain_table(results: dict) -> str:
     roof = roofline_text(results)
     if roof:
         out += _wrap(roof)
+    if has_prefix_cache(results):
+        out += [""] + _wrap(PREFIX_TEXT) + _plain_rows(*prefix_table_rows(results))
     if has_itl(results):
         out += [""] + _wrap(ITL_TEXT) + _plain_rows(*itl_table_rows(results))
     out.append("")
@@ -459,6 +528,17 @@ def plot_itl_cdf(results: dict, path: str | Path, scale: str = "auto") -> Path |
     return Path(path)
 
 
+def check_results(results, source: Path) -> dict:
+    """The results of bench/compare.py; ValueError for another kind of JSON file (a
+    profile, the kernel bench, ...)."""
+    rows = results.get("rows") if isinstance(results, dict) else None
+    if not isinstance(rows, list) or not all(isinstance(r, dict) and "milestone" in r
+                                             for r in rows):
+        raise ValueError("not a results file of bench/compare.py (it has no rows of "
+                         "milestones: another tool wrote it)")
+    return results
+
+
 def pick_rows(results: dict, names: list[str]) -> dict:
     """The results with only the named rows, in the file's order; ValueError for a name
     the file has no row of."""
@@ -470,33 +550,53 @@ def pick_rows(results: dict, names: list[str]) -> dict:
     return dict(results, rows=[row for row in results["rows"] if row["milestone"] in names])
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m bench.report",
-        description="Draw the inter-token latency (ITL) CDF of each row of a results file "
-                    "of bench/compare.py, from the 0th..100th percentiles it keeps "
-                    "(itl_quantiles_ms). Files written before the ITL have none.")
-    p.add_argument("--itl-cdf", required=True, metavar="RESULTS.json",
-                   help="the results file to draw")
+        description="Show a results file of bench/compare.py: its tables as plain text "
+                    "(or markdown), or draw the inter-token latency (ITL) CDF of each row "
+                    "from the 0th..100th percentiles it keeps (itl_quantiles_ms; files "
+                    "written before the ITL have none).")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("results", nargs="?", metavar="RESULTS.json",
+                      help="print this file's tables (the comparison, the ITL, why the rows "
+                           "differ)")
+    what.add_argument("--itl-cdf", metavar="RESULTS.json", help="the results file to draw")
+    p.add_argument("--markdown", action="store_true",
+                   help="with RESULTS.json: print the tables as markdown (as the docs show "
+                        "them)")
     p.add_argument("--out", metavar="PNG",
                    help="where the PNG goes (default: next to the results file, "
                         "NAME-itl-cdf.png)")
     p.add_argument("--rows", metavar="A,B",
                    help="only these rows, e.g. m4,m5,m5:enable_chunked_prefill=false "
-                        "(default: every row that has ITL percentiles)")
+                        "(default: every row; for the CDF, every row that has ITL "
+                        "percentiles)")
     p.add_argument("--scale", default="auto", choices=["auto", "linear", "log"],
                    help="the x axis; auto: log when the tail is long (default auto)")
-    args = p.parse_args(argv)
-    source = Path(args.itl_cdf)
-    out = Path(args.out) if args.out else source.with_name(f"{source.stem}-itl-cdf.png")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    source = Path(args.results or args.itl_cdf)
+    written = None
     try:
-        results = load_results(source)
+        results = check_results(load_results(source), source)
         if args.rows:
             results = pick_rows(results, [n for n in args.rows.split(",") if n])
-        written = plot_itl_cdf(results, out, args.scale)
+        if args.results:
+            text = markdown_table(results) if args.markdown else plain_table(results)
+        else:
+            out = (Path(args.out) if args.out
+                   else source.with_name(f"{source.stem}-itl-cdf.png"))
+            written = plot_itl_cdf(results, out, args.scale)
     except (OSError, ValueError, KeyError) as exc:
         print(f"error: {source}: {exc}", file=sys.stderr)
         return 2
+    if args.results:
+        print(text)
+        return 0
     if written is None:
         return 1
     print(f"plot: {written}")

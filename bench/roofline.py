@@ -32,6 +32,9 @@ admitted together in one prefill step (which gives each its first token); otherw
 running sequences take one decode step; a sequence leaves after its last token; when
 nothing runs the clock jumps to the next arrival (`online`). On the `prefix` workload
 the shared prefix is computed once (the best a prefix cache can do) and only read after.
+On `chat`, a later turn arrives when the turn before it has finished (`after`), and its
+conversation so far is in the cache already (`cached_lens`: s above), so it computes only
+the previous reply's last token and its new user message.
 
 roofline_fraction = roofline time / measured total time (1.0 would be the hardware limit).
 """
@@ -65,16 +68,24 @@ def model_cost(mc, itemsize: int) -> ModelCost:
 
 def simulate(cost: ModelCost, prompt_lens: list[int], output_lens: list[int],
              arrival_times: list[float], max_batch_size: int, bandwidth: float,
-             matmul_rate: float, prefix_len: int = 0) -> dict:
+             matmul_rate: float, prefix_len: int = 0, after: list[int | None] | None = None,
+             cached_lens: list[int] | None = None) -> dict:
     """Roofline time of the ideal schedule (see the module docstring).
 
-    bandwidth in bytes/s, matmul_rate in FLOP/s. Returns time_s, bytes, flops, steps.
+    bandwidth in bytes/s, matmul_rate in FLOP/s. `after[i]`: the request that must finish
+    before request i arrives (its arrival time then counts from that finish); None: no
+    such request. `cached_lens[i]`: its prompt tokens already in the cache. Returns
+    time_s, bytes, flops, steps.
     """
     if max_batch_size < 1:
         raise ValueError(f"max_batch_size: must be >= 1, got {max_batch_size}")
-    order = sorted(range(len(prompt_lens)), key=lambda i: (arrival_times[i], i))
-    waiting = list(order)
-    running: list[list[int]] = []  # [tokens in cache, tokens still to generate]
+    n = len(prompt_lens)
+    after = after or [None] * n
+    cached_lens = cached_lens or [0] * n
+    ready_at = {i: arrival_times[i] for i in range(n) if after[i] is None}  # known arrivals
+    follower = {j: i for i, j in enumerate(after) if j is not None}
+    waiting = set(range(n))
+    running: list[list[int]] = []  # [tokens in cache, tokens still to generate, request]
     clock = total_bytes = total_flops = 0.0
     steps = 0
     prefix_done = False
@@ -88,36 +99,45 @@ def simulate(cost: ModelCost, prompt_lens: list[int], output_lens: list[int],
         total_flops += flops
         steps += 1
 
+    def finish(i: int) -> None:  # at the end of the step just accounted
+        if i in follower:
+            ready_at[follower[i]] = clock + arrival_times[follower[i]]
+
     while waiting or running:
-        arrived = 0
-        while arrived < len(waiting) and arrival_times[waiting[arrived]] <= clock:
-            arrived += 1
+        arrived = sorted((i for i in waiting if ready_at.get(i, clock + 1) <= clock),
+                         key=lambda i: (ready_at[i], i))
         free = max_batch_size - len(running)
         if arrived and free > 0:
-            admitted, waiting = waiting[:min(arrived, free)], waiting[min(arrived, free):]
+            admitted = arrived[:free]
+            waiting.difference_update(admitted)
             nbytes, flops = cost_w, 0.0
             for i in admitted:
                 p = prompt_lens[i]
-                s = min(prefix_len, p - 1) if prefix_done else 0
+                s = min(max(prefix_len if prefix_done else 0, cached_lens[i]), p - 1)
                 t = p - s
                 nbytes += p * k
                 flops += token_flops * t + 2 * cost.lm_head_params
                 flops += a * (t * s + t * (t + 1) / 2)
                 if output_lens[i] > 1:
-                    running.append([p, output_lens[i] - 1])
+                    running.append([p, output_lens[i] - 1, i])
                 prefix_done = prefix_done or prefix_len > 0
             account(nbytes, flops)
+            for i in admitted:
+                if output_lens[i] <= 1:
+                    finish(i)
         elif running:
             # each sequence feeds its newest token: its cache grows to c + 1 and is read
-            ctx = sum(c + 1 for c, _ in running)
+            ctx = sum(c + 1 for c, _, _ in running)
             account(cost_w + ctx * k,
                     len(running) * (token_flops + 2 * cost.lm_head_params) + a * ctx)
             for seq in running:
                 seq[0] += 1
                 seq[1] -= 1
+                if seq[1] == 0:
+                    finish(seq[2])
             running = [seq for seq in running if seq[1] > 0]
         else:
-            clock = arrival_times[waiting[0]]
+            clock = min(ready_at[i] for i in waiting if i in ready_at)
     return {"time_s": clock, "bytes": total_bytes, "flops": total_flops, "steps": steps}
 
 

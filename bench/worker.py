@@ -15,6 +15,22 @@ keeps one row's memory and warm caches from leaking into the next.
 - the `hf` row runs transformers `generate` on the same weights, in left-padded batches;
 - the `roofline` job measures the GPU's copy bandwidth and matmul rate.
 
+The `chat` workload's later turns are built here: when a turn finishes, the next turn of
+its conversation is sent (after its delay in `arrival_times`, 0), its prompt the finished
+turn's prompt, the tokens the row generated for it and the workload's next user message
+(`Workload.turn_prompt`). So every row sends the same user messages, and the same prompts
+wherever two rows generated the same replies. The `hf` row runs chat too: the turns that
+are ready when a batch ends (one per conversation at most) make the next batch. Its
+replies are transformers' own greedy tokens, generated with EOS suppressed (min_new_tokens
+= max_new_tokens) where a stage only ignores EOS, so they can differ from a stage's.
+
+A stage with a prefix cache (M6) reports `prefix_cache_queries` and `prefix_cache_hits`
+(prompt tokens looked up at admission, and found) in its KV stats; the worker subtracts
+the warm-up request's counts and recomputes `prefix_cache_hit_rate`, so they describe the
+timed requests only. Each sample also gets `num_cached_tokens` when the stage's outputs
+have it (the prompt tokens that request found cached), and `conversation` and `turn` on
+the chat workload.
+
 The stage and `hf` rows also give `token_times_s`: for each request, when each of its
 output tokens appeared, in seconds after its arrival (the first is its TTFT), for the
 inter-token latency (compare.py pools the gaps and keeps only their summary). A stage row
@@ -25,6 +41,7 @@ them) gets null: no ITL rather than an invented one.
 """
 
 import dataclasses
+import heapq
 import importlib
 import inspect
 import json
@@ -88,6 +105,30 @@ def _sample(prompt_len: int, output_len: int, ttft, tpot, e2e) -> dict:
             "tpot_s": tpot, "e2e_s": e2e}
 
 
+PREFIX_COUNTERS = ("prefix_cache_queries", "prefix_cache_hits")
+
+
+def timed_kv_stats(kv: dict | None, warmup: dict | None) -> dict | None:
+    """The KV stats with the prefix-cache counters of the timed requests only: the
+    warm-up's subtracted, the hit rate (hits / queries, None without queries) recomputed.
+    Stats without the counters (stages before M6) come back as they are."""
+    if not kv or not all(isinstance(kv.get(key), int) for key in PREFIX_COUNTERS):
+        return kv
+    timed = dict(kv)
+    for key in PREFIX_COUNTERS:
+        timed[key] = kv[key] - ((warmup or {}).get(key) or 0)
+    queries = timed["prefix_cache_queries"]
+    timed["prefix_cache_hit_rate"] = timed["prefix_cache_hits"] / queries if queries else None
+    return timed
+
+
+def turn_fields(wl: Workload, i: int) -> dict:
+    """A chat sample's conversation and turn; nothing for the other workloads."""
+    if wl.name != "chat":
+        return {}
+    return {"conversation": i // wl.turns, "turn": wl.turn_of(i)}
+
+
 def token_times(stamps: list[float], num_out: int, arrival: float) -> list[float] | None:
     """A request's token times in seconds after its arrival, from one stamp per output
     token; None when they cannot give its inter-token gaps: a stamp missing, or several
@@ -106,7 +147,8 @@ def run_stage(spec: dict) -> dict:
     kwargs = {k: v for k, v in wanted.items() if k in fields}
     ignored = sorted(k for k in wanted if k not in fields)
     kwargs.update(spec.get("overrides") or {})  # this row's own settings (checked)
-    llm = stage.LLM(config=stage.EngineConfig(**kwargs))
+    config = stage.EngineConfig(**kwargs)
+    llm = stage.LLM(config=config)
     engine = llm.engine
     device = torch.device(spec["device"])
     takes_arrival = "arrival_time" in inspect.signature(engine.add_request).parameters
@@ -119,6 +161,7 @@ def run_stage(spec: dict) -> dict:
     while engine.has_unfinished_requests():
         engine.step()
     _sync(device)
+    warmup_kv = engine.kv_cache_stats() if hasattr(engine, "kv_cache_stats") else None
 
     n = wl.num_prompts
     order = sorted(range(n), key=lambda i: (wl.arrival_times[i], i))
@@ -127,12 +170,17 @@ def run_stage(spec: dict) -> dict:
     finished: dict[int, object] = {}
     finish_at: dict[int, float] = {}
     arrival_at: dict[int, float] = {}
+    sent: dict[int, list[int]] = {}  # each request's whole prompt
+    due: list[tuple[float, int]] = []  # (when, request): known arrivals not yet sent
     bar = _Progress(n, spec["milestone"], spec.get("progress", True))
 
     def add(i: int, arrival: float) -> None:
         arrival_at[i] = arrival
+        before = wl.previous(i)
+        sent[i] = (wl.turn_prompt(i) if before is None else wl.turn_prompt(
+            i, sent[before], finished[before].outputs[0].token_ids))
         extra = {"arrival_time": arrival} if takes_arrival else {}
-        engine.add_request(f"bench-{i}", wl.prompts[i], params(wl.output_lens[i]), **extra)
+        engine.add_request(f"bench-{i}", sent[i], params(wl.output_lens[i]), **extra)
 
     def step() -> None:
         outputs = engine.step()
@@ -147,6 +195,9 @@ def run_stage(spec: dict) -> dict:
                 finished[i] = out
                 finish_at[i] = now
                 bar.update()
+                follower = wl.next_turn(i)
+                if follower is not None:  # chat: the conversation's next turn
+                    heapq.heappush(due, (now + wl.arrival_times[follower], follower))
 
     t0 = time.perf_counter()
     if wl.sequential:  # latency: the next request arrives when the previous one is done
@@ -155,16 +206,16 @@ def run_stage(spec: dict) -> dict:
             while engine.has_unfinished_requests():
                 step()
     else:
-        pending = list(order)
-        while pending or engine.has_unfinished_requests():
-            now = time.perf_counter() - t0
-            while pending and wl.arrival_times[pending[0]] <= now:
-                add(pending[0], t0 + wl.arrival_times[pending[0]])
-                pending.pop(0)
+        due.extend((t0 + wl.arrival_times[i], i) for i in order if wl.previous(i) is None)
+        heapq.heapify(due)
+        while due or engine.has_unfinished_requests():
+            while due and due[0][0] <= time.perf_counter():
+                arrival, i = heapq.heappop(due)
+                add(i, arrival)
             if engine.has_unfinished_requests():
                 step()
-            elif pending:
-                time.sleep(max(0.0, wl.arrival_times[pending[0]] - now))
+            elif due:
+                time.sleep(max(0.0, due[0][0] - time.perf_counter()))
     _sync(device)
     total = time.perf_counter() - t0
     bar.close()
@@ -184,16 +235,23 @@ def run_stage(spec: dict) -> dict:
         num_out = len(out.outputs[0].token_ids)
         if tpot is None and ttft is not None:
             tpot = (e2e - ttft) / (num_out - 1) if num_out > 1 else 0.0
-        samples.append(_sample(len(wl.prompts[i]), num_out, ttft, tpot, e2e))
+        sample = _sample(len(sent[i]), num_out, ttft, tpot, e2e)
+        if getattr(out, "num_cached_tokens", None) is not None:  # M6 on: its cache hits
+            sample["num_cached_tokens"] = out.num_cached_tokens
+        samples.append(dict(sample, **turn_fields(wl, i)))
         times.append(token_times(stamps.get(i, []), num_out, arrival_at[i]))
 
     kv = engine.kv_cache_stats() if hasattr(engine, "kv_cache_stats") else None
+    kv = timed_kv_stats(kv, warmup_kv)
     at_once = (kv or {}).get("max_concurrent_seqs") or widest[0]
     notes = []
     name = spec["milestone"]
-    if wl.name == "prefix" and "enable_prefix_caching" not in fields:
-        notes.append(f"no prefix cache in {name}: the shared prefix is computed for every "
-                     "request")
+    if wl.name in ("prefix", "chat") and not getattr(config, "enable_prefix_caching", False):
+        what = ("the shared prefix is computed for every request" if wl.name == "prefix"
+                else "every turn computes its whole conversation again")
+        whose = ("prefix cache off" if "enable_prefix_caching" in fields
+                 else f"no prefix cache in {name}")
+        notes.append(f"{whose}: {what}")
     if wl.name == "online" and not takes_arrival:
         notes.append("arrival times not passed to add_request (TTFT counts from add)")
     if ignored:
@@ -242,9 +300,9 @@ def run_hf(spec: dict) -> dict:
 
     @torch.inference_mode()
     def generate(prompts: list[list[int]], out_lens: list[int],
-                 arrivals: list[float]) -> list[tuple[dict, list[float] | None]]:
+                 arrivals: list[float]) -> list[tuple[dict, list[float] | None, list[int]]]:
         """One left-padded batch; per request, its sample and token times, both from the
-        step timestamps."""
+        step timestamps, and its own output tokens (its reply)."""
         width = max(len(p) for p in prompts)
         ids = torch.full((len(prompts), width), pad, dtype=torch.long)
         mask = torch.zeros((len(prompts), width), dtype=torch.long)
@@ -263,26 +321,39 @@ def run_hf(spec: dict) -> dict:
         end = time.perf_counter()
         produced = out.shape[1] - width
         samples = []
-        for p, want, arrival in zip(prompts, out_lens, arrivals):
+        for row, (p, want, arrival) in enumerate(zip(prompts, out_lens, arrivals)):
             n = min(want, produced)
             first = clock.times[0] if clock.times else end
             last = clock.times[n - 1] if len(clock.times) >= n else end
             sample = _sample(len(p), n, first - arrival,
                              (last - first) / (n - 1) if n > 1 else 0.0, last - arrival)
-            samples.append((sample, token_times(clock.times[:n], n, arrival)))
+            reply = out[row, width:width + n].tolist()
+            samples.append((sample, token_times(clock.times[:n], n, arrival), reply))
         return samples
 
+    sent: dict[int, list[int]] = {}  # each request's whole prompt
+    replies: dict[int, list[int]] = {}
+
     def run_batch(idx: list[int], arrivals: list[float]) -> list[tuple[dict, list | None]]:
-        return generate([wl.prompts[i] for i in idx], [wl.output_lens[i] for i in idx],
-                        arrivals)
+        for i in idx:
+            before = wl.previous(i)
+            sent[i] = (wl.turn_prompt(i) if before is None
+                       else wl.turn_prompt(i, sent[before], replies[before]))
+        done = generate([sent[i] for i in idx], [wl.output_lens[i] for i in idx], arrivals)
+        out = []
+        for i, (sample, times, reply) in zip(idx, done):
+            replies[i] = reply
+            out.append((dict(sample, **turn_fields(wl, i)), times))
+        return out
 
     # warm-up: one short request, not timed
     generate([wl.prompts[0][:WARMUP_PROMPT_LEN]], [WARMUP_OUTPUT_LEN], [time.perf_counter()])
     _sync(device)
 
     n = wl.num_prompts
-    batch = spec.get("hf_batch_size") or n
+    batch = spec.get("hf_batch_size") or wl.num_conversations  # chat: one turn each at most
     order = sorted(range(n), key=lambda i: (wl.arrival_times[i], i))
+    arrival_of = {i: wl.arrival_times[i] for i in order if wl.previous(i) is None}
     samples: dict[int, tuple[dict, list | None]] = {}  # request -> (sample, token times)
     widest = 1  # the largest batch
     bar = _Progress(n, spec["milestone"], spec.get("progress", True))
@@ -293,29 +364,39 @@ def run_hf(spec: dict) -> dict:
             bar.update()
         note = ("transformers generate, one request at a time; TTFT and TPOT timed at each "
                 "generation step inside generate")
-    else:
+    else:  # arrival_of: seconds after t0, once known (a chat turn's: its previous ended)
         pending = list(order)
         while pending:
             now = time.perf_counter() - t0
-            ready = [i for i in pending if wl.arrival_times[i] <= now][:batch]
+            ready = sorted((i for i in pending if arrival_of.get(i, now + 1) <= now),
+                           key=lambda i: (arrival_of[i], i))[:batch]
             if not ready:
-                time.sleep(max(0.0, wl.arrival_times[pending[0]] - now))
+                time.sleep(max(0.0, min(arrival_of[i] for i in pending if i in arrival_of)
+                               - now))
                 continue
             widest = max(widest, len(ready))
             taken = set(ready)
             pending = [i for i in pending if i not in taken]
-            arrivals = [t0 + wl.arrival_times[i] for i in ready]
+            arrivals = [t0 + arrival_of[i] for i in ready]
             samples.update(zip(ready, run_batch(ready, arrivals)))
+            end = time.perf_counter() - t0
+            for i in ready:
+                follower = wl.next_turn(i)
+                if follower is not None:
+                    arrival_of[follower] = end + wl.arrival_times[follower]
             bar.update(len(ready))
-        how = (f"static batches of up to {batch} prompts" if wl.name != "online" else
-               f"static batches (up to {batch}) of the requests waiting when the previous "
-               "batch ends")
+        how = (f"static batches of up to {batch} prompts" if wl.name not in ("online", "chat")
+               else f"static batches (up to {batch}) of the requests waiting when the "
+               "previous batch ends")
         note = (f"transformers generate, {how}, left-padded; each batch generates its "
                 "longest output_len (min_new_tokens = max_new_tokens) and each request "
                 "counts only its own output_len tokens; TTFT and TPOT timed at each "
                 "generation step inside generate")
         if wl.name == "prefix":
             note += "; no prefix cache: the shared prefix is computed for every request"
+        if wl.name == "chat":
+            note += ("; a turn is sent once its previous turn's batch has ended, and computes "
+                     "its whole conversation again (no prefix cache)")
     _sync(device)
     total = time.perf_counter() - t0
     bar.close()

@@ -1,12 +1,14 @@
 """The bench harness: end to end on CPU with a tiny dummy model (the default `concurrent`
 workload, --repeat, scratch vs --publish, the estimate, provenance, the inter-token
-latency of every stage and hf, a row with its own engine settings), its errors, the
-roofline schedule and the report (the 120-column table, times in seconds, the ITL table
-and CDF, why the rows differ, the plot's panels).
+latency of every stage and hf, a row with its own engine settings, the multi-turn `chat`
+workload and its driver), its errors, the roofline schedule and the report (the
+120-column table, times in seconds, the ITL table and CDF, the prefix cache's hit rate,
+why the rows differ, the plot's panels, `python -m bench.report FILE`).
 
 Introduced with the bench (M1).
 """
 
+import functools
 import json
 import os
 import re
@@ -23,14 +25,15 @@ sys.path.insert(0, str(REPO))
 from bench import compare, report, worker  # noqa: E402
 from bench.compare import parse_bytes, percentile  # noqa: E402
 from bench.roofline import ModelCost, simulate  # noqa: E402
-from bench.workloads import build_workload  # noqa: E402
+from bench.workloads import Workload, build_workload  # noqa: E402
 
+PREFIX_KEYS = {"prefix_cache_queries", "prefix_cache_hits", "prefix_cache_hit_rate"}
 SUMMARY_KEYS = {"ttft_mean_ms", "ttft_p50_ms", "ttft_p99_ms", "tpot_mean_ms", "tpot_p50_ms",
                 "tpot_p99_ms", "e2e_mean_s", "e2e_p50_s", "e2e_p99_s", "output_tokens_per_s",
                 "requests_per_s", "total_time_s", "peak_memory_mib", "max_concurrent_seqs",
                 "throughput_ratio", "roofline_fraction", "kv_cache", "runs", "spread",
                 "itl_mean_ms", "itl_p50_ms", "itl_p99_ms", "itl_max_ms", "itl_quantiles_ms",
-                "itl_gaps"}
+                "itl_gaps", *PREFIX_KEYS}
 TINY_VOCAB = 512  # dummy:tiny-llama
 
 
@@ -91,6 +94,7 @@ def test_end_to_end_on_cpu(tmp_path, workload, output_len, extra, plot):
     assert [r["milestone"] for r in results["rows"]] == ["m1", "hf"]
     for row in results["rows"]:
         assert set(row["summary"]) == SUMMARY_KEYS
+        assert all(row["summary"][key] is None for key in PREFIX_KEYS)  # no prefix cache
         assert [s["output_len"] for s in row["samples"]] == expected
         for s in row["samples"]:
             assert s["prompt_len"] == 8
@@ -140,6 +144,13 @@ def test_end_to_end_on_cpu(tmp_path, workload, output_len, extra, plot):
      "'m3:no_such_knob=1': m3 (m3_paged_kv) has no EngineConfig setting no_such_knob"),
     (["--milestones", "m1", "--workload", "bursty"], "invalid choice: 'bursty'"),
     (["--milestones", "m1", "--kv-cache-memory", "lots"], "is not a size"),
+    (["--milestones", "m5", "--turns", "3"],
+     "--turns applies to the chat workload only (multi-turn conversations: --workload chat)"),
+    (["--milestones", "m5", "--workload", "prefix", "--turn-len", "8"],
+     "--turn-len applies to the chat workload only"),
+    (["--milestones", "m5", "--workload", "chat", "--turns", "0"], "--turns: must be >= 1"),
+    (["--milestones", "m5", "--workload", "chat", "--turn-len", "9:3"],
+     "'9:3': need 1 <= LO <= HI"),
 ])
 def test_bad_arguments_exit_2_with_a_clear_message(args, message):
     proc = run_compare(*args, "--device", "cpu", timeout=60)
@@ -172,6 +183,8 @@ def test_help():
     assert "--workload" in proc.stdout and "--kv-cache-memory" in proc.stdout
     assert "--repeat" in proc.stdout and "--publish" in proc.stdout
     assert "(default: concurrent)" in proc.stdout
+    assert "--turns N" in proc.stdout and "--turn-len N|LO:HI" in proc.stdout
+    assert "chat (multi-turn:" in " ".join(proc.stdout.split())
 
 
 def test_defaults():
@@ -399,6 +412,24 @@ def test_roofline_compute_bound_and_shared_prefix():
     shared = simulate(TOY, [10, 10], [1, 1], [0.0, 0.0], 2, 1e12, 1.0, prefix_len=8)
     assert plain["flops"] == pytest.approx(200)
     assert shared["flops"] == pytest.approx(100 + 20)  # the second computes 2 tokens only
+
+
+def test_roofline_chat_turns_wait_for_the_turn_before_and_reuse_its_cache():
+    # turn 0: a 3-token prompt, 2 out; turn 1 (6 tokens, 1 out) arrives when turn 0 ends,
+    # with 4 of its tokens (turn 0's prompt and first reply token) already cached
+    lens, outs, after, cached = [3, 6], [2, 1], [None, 0], [0, 4]
+    chat = simulate(TOY, lens, outs, [0.0, 0.0], 2, 1.0, 1e12, after=after, cached_lens=cached)
+    assert chat["steps"] == 3  # prefill turn 0, its decode, then turn 1's prefill
+    assert chat["time_s"] == pytest.approx(130 + 140 + 160)
+    together = simulate(TOY, lens, outs, [0.0, 0.0], 2, 1.0, 1e12)  # no turns: one prefill
+    assert together["steps"] == 2
+    late = simulate(TOY, lens, outs, [0.0, 5.0], 2, 1.0, 1e12, after=after, cached_lens=cached)
+    assert late["time_s"] == pytest.approx(130 + 140 + 5 + 160)  # 5 s after turn 0 ended
+    flops = simulate(TOY, lens, outs, [0.0, 0.0], 2, 1e12, 1.0, after=after, cached_lens=cached)
+    assert flops["flops"] == pytest.approx(30 + 10 + 20)  # turn 1 computes 2 tokens only
+    wl = build_workload("chat", 100, num_prompts=1, turns=2, input_len=3, output_len=2,
+                        turn_len=1)
+    assert wl.prompt_lens == [3, 6] and wl.cached_lens == cached
 
 
 # -- report helpers -------------------------------------------------------------------
@@ -767,3 +798,299 @@ def test_itl_cdf_plot_and_its_cli(tmp_path, capsys):
     assert exit_.value.code == 0
     out = capsys.readouterr().out
     assert "--itl-cdf RESULTS.json" in out and "--out PNG" in out and "--rows" in out
+
+
+# -- the chat workload ---------------------------------------------------------------------
+def test_chat_workload_draws_first_prompts_user_messages_and_lengths():
+    wl = build_workload("chat", 1000, seed=5, num_prompts=3, turns=4, input_len=20,
+                        output_len=(4, 9), turn_len=(2, 6))
+    assert (wl.num_prompts, wl.num_conversations, wl.turns) == (12, 3, 4)
+    assert wl.turn_len == [2, 6] and wl.input_len == [20, 20] and not wl.sequential
+    assert [wl.turn_of(i) for i in range(6)] == [0, 1, 2, 3, 0, 1]
+    assert [wl.previous(i) for i in range(6)] == [None, 0, 1, 2, None, 4]
+    assert [wl.next_turn(i) for i in range(6)] == [1, 2, 3, None, 5, 6]
+    for i, p in enumerate(wl.prompts):  # a first prompt, or a later turn's user message
+        assert len(p) == 20 if wl.turn_of(i) == 0 else 2 <= len(p) <= 6
+    assert len({len(p) for i, p in enumerate(wl.prompts) if wl.turn_of(i)}) > 1
+    assert all(4 <= n <= 9 for n in wl.output_lens) and set(wl.arrival_times) == {0.0}
+    # a turn's whole prompt: the turn before's, its reply (exactly its output length) and
+    # the new user message
+    lens = wl.prompt_lens
+    for i in range(wl.num_prompts):
+        j = wl.previous(i)
+        assert lens[i] == (20 if j is None else lens[j] + wl.output_lens[j] + len(wl.prompts[i]))
+    assert wl.cached_lens[:2] == [0, 20 + wl.output_lens[0] - 1]
+    # the seed alone fixes the user messages: every row gets the same; another seed, others
+    again = build_workload("chat", 1000, seed=5, num_prompts=3, turns=4, input_len=20,
+                           output_len=(4, 9), turn_len=(2, 6))
+    assert again.prompts == wl.prompts and again.output_lens == wl.output_lens
+    assert build_workload("chat", 1000, seed=6, num_prompts=3, turns=4, input_len=20,
+                          output_len=(4, 9), turn_len=(2, 6)).prompts != wl.prompts
+    assert Workload.from_dict(json.loads(json.dumps(wl.to_dict()))) == wl  # the worker's copy
+
+    defaults = build_workload("chat", 1000)
+    assert (defaults.num_conversations, defaults.turns) == (16, 4)
+    assert {len(p) for i, p in enumerate(defaults.prompts) if i % 4 == 0} == {256}
+    assert {len(p) for i, p in enumerate(defaults.prompts) if i % 4} == {64}
+    assert set(defaults.output_lens) == {128}
+    single = build_workload("concurrent", 1000, num_prompts=3)  # one turn per request
+    assert single.turns == 1 and single.prompt_lens == [len(p) for p in single.prompts]
+    assert single.cached_lens == [0, 0, 0] and single.next_turn(0) is None
+
+
+def test_chat_turn_prompt_is_previous_prompt_reply_and_user_message():
+    wl = build_workload("chat", 1000, seed=1, num_prompts=2, turns=3, input_len=6,
+                        output_len=2, turn_len=3)
+    first = wl.turn_prompt(3)  # conversation 1, turn 0: its first prompt, a copy
+    assert first == wl.prompts[3] and first is not wl.prompts[3]
+    second = wl.turn_prompt(4, first, [7, 8])
+    assert second == first + [7, 8] + wl.prompts[4] and len(second) == wl.prompt_lens[4]
+    third = wl.turn_prompt(5, second, (9, 9))
+    assert third == second + [9, 9] + wl.prompts[5] and len(third) == wl.prompt_lens[5]
+    with pytest.raises(ValueError, match="needs the previous turn's prompt and reply"):
+        wl.turn_prompt(4)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(name="concurrent", turns=2), "turns and turn_len apply to the chat workload only"),
+    (dict(name="prefix", turn_len=8), "turns and turn_len apply to the chat workload only"),
+    (dict(name="chat", turns=0), "turns: must be >= 1, got 0"),
+    (dict(name="chat", turn_len=(5, 2)), "turn_len: need 1 <= low <= high, got 5..2"),
+])
+def test_chat_workload_refusals(kwargs, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        build_workload(vocab_size=1000, **kwargs)
+
+
+def _chat_2x2() -> Workload:
+    return build_workload("chat", TINY_VOCAB, seed=2, num_prompts=2, turns=2, input_len=8,
+                          output_len=3, turn_len=5)
+
+
+def _record_m5_engine(monkeypatch) -> list[tuple[str, str, list[int]]]:
+    """("add", request id, prompt) and ("done", request id, reply), in the order the m5
+    engine saw them."""
+    from m5_chunked_prefill.engine.llm_engine import LLMEngine
+
+    events = []
+    add, step = LLMEngine.add_request, LLMEngine.step
+
+    @functools.wraps(add)  # keeps the signature: the driver looks for arrival_time
+    def recording_add(self, request_id, prompt, *args, **kwargs):
+        events.append(("add", request_id, list(prompt)))
+        return add(self, request_id, prompt, *args, **kwargs)
+
+    def recording_step(self):
+        outputs = step(self)
+        events.extend(("done", o.request_id, list(o.outputs[0].token_ids))
+                      for o in outputs if o.finished)
+        return outputs
+
+    monkeypatch.setattr(LLMEngine, "add_request", recording_add)
+    monkeypatch.setattr(LLMEngine, "step", recording_step)
+    return events
+
+
+def _run_m5_chat(monkeypatch) -> tuple[Workload, list, dict]:
+    """The stage driver on m5 and a tiny CPU model, 2 conversations x 2 turns: the
+    workload, what the engine saw (timed requests only) and the worker's result."""
+    wl = _chat_2x2()
+    events = _record_m5_engine(monkeypatch)
+    result = worker.run_stage({
+        "milestone": "m5", "package": "m5_chunked_prefill", "workload": wl.to_dict(),
+        "engine": {"model": "dummy:tiny-llama", "device": "cpu", "dtype": "float32",
+                   "seed": 0}, "device": "cpu", "progress": False, "overrides": {}})
+    return wl, [event for event in events if event[1] != "warmup"], result
+
+
+def test_chat_driver_sends_each_turn_its_conversation_so_far(monkeypatch):
+    """Both first turns at t=0, each second turn only after its first finished, its prompt
+    the first turn's prompt, the reply m5 generated and the workload's user message; four
+    samples with the right lengths."""
+    wl, timed, result = _run_m5_chat(monkeypatch)
+    sent = {rid: tokens for kind, rid, tokens in timed if kind == "add"}
+    replies = {rid: tokens for kind, rid, tokens in timed if kind == "done"}
+    assert sorted(sent) == sorted(replies) == [f"bench-{i}" for i in range(4)]
+    assert [rid for _, rid, _ in timed[:2]] == ["bench-0", "bench-2"]  # both at t=0
+    for first, second in ((0, 1), (2, 3)):
+        a, b = f"bench-{first}", f"bench-{second}"
+        assert sent[a] == wl.prompts[first] and len(replies[a]) == 3
+        assert sent[b] == sent[a] + replies[a] + wl.prompts[second]
+        assert timed.index(("done", a, replies[a])) < timed.index(("add", b, sent[b]))
+
+    samples = result["samples"]
+    assert [s["prompt_len"] for s in samples] == wl.prompt_lens == [8, 16, 8, 16]
+    assert [(s["conversation"], s["turn"]) for s in samples] == [(0, 0), (0, 1), (1, 0),
+                                                                 (1, 1)]
+    assert [s["output_len"] for s in samples] == [3] * 4
+    assert all(0 < s["ttft_s"] <= s["e2e_s"] for s in samples)
+    assert all(len(t) == 3 for t in result["token_times_s"])
+    assert "num_cached_tokens" not in samples[0]  # m5 has no prefix cache
+    assert "prefix_cache_queries" not in result["kv_cache"]
+    assert result["note"] == ("no prefix cache in m5: every turn computes its whole "
+                              "conversation again")
+
+
+def test_chat_hf_row_sends_the_same_turns_as_a_stage(monkeypatch, tmp_path):
+    """The hf row builds each later turn from its own reply; on CPU in fp32 its greedy
+    replies are m5's, so it sends exactly the prompts m5 sent."""
+    wl = _chat_2x2()
+    built = {}  # request -> the whole prompt the hf driver built for it
+    turn_prompt = Workload.turn_prompt
+
+    def recording_turn_prompt(self, i, *args):
+        built[i] = turn_prompt(self, i, *args)
+        return built[i]
+
+    _, timed, _ = _run_m5_chat(monkeypatch)
+    m5_sent = {rid: tokens for kind, rid, tokens in timed if kind == "add"}
+    monkeypatch.setattr(Workload, "turn_prompt", recording_turn_prompt)
+    compare.prepare_hf_folder("dummy:tiny-llama", "m5_chunked_prefill", "float32", 0, tmp_path)
+    result = worker.run_hf({"milestone": "hf", "workload": wl.to_dict(), "device": "cpu",
+                            "dtype": "float32", "hf_path": str(tmp_path),
+                            "hf_batch_size": None, "progress": False})
+    assert [built[i] for i in range(4)] == [m5_sent[f"bench-{i}"] for i in range(4)]
+    samples = result["samples"]
+    assert [s["prompt_len"] for s in samples] == wl.prompt_lens
+    assert [(s["conversation"], s["turn"], s["output_len"]) for s in samples] == [
+        (0, 0, 3), (0, 1, 3), (1, 0, 3), (1, 1, 3)]
+    assert result["max_concurrent_seqs"] == 2  # one turn per conversation at once
+    assert "computes its whole conversation again (no prefix cache)" in result["note"]
+
+
+def test_chat_end_to_end_records_turns(tmp_path):
+    proc = run_compare("--milestones", "m5", "--workload", "chat", "--model",
+                       "dummy:tiny-llama", "--device", "cpu", "--num-prompts", "2", "--turns",
+                       "2", "--input-len", "8", "--output-len", "3", "--turn-len", "5",
+                       "--threads", "1", "--no-progress", "--no-plot", "--out-dir",
+                       str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "chat workload, 2 conversations x 2 turns (4 requests) (input 8..16" in proc.stderr
+    (path,) = tmp_path.glob("chat-dummy-tiny-llama-cpu-*.json")
+    results = report.load_results(path)
+    cfg = results["config"]
+    assert cfg["num_prompts"] == 4 and cfg["conversations"] == 2 and cfg["turns"] == 2
+    assert cfg["input_len"] == [8, 8] and cfg["turn_len"] == [5, 5]
+    assert cfg["turn_prompt_lens"] == [[8, 16], [8, 16]]
+    assert cfg["turn_output_lens"] == [[3, 3], [3, 3]]
+    (row,) = results["rows"]
+    assert [(s["conversation"], s["turn"], s["prompt_len"], s["output_len"])
+            for s in row["samples"]] == [(0, 0, 8, 3), (0, 1, 16, 3), (1, 0, 8, 3),
+                                         (1, 1, 16, 3)]
+    assert set(row["summary"]) == SUMMARY_KEYS and row["summary"]["prefix_cache_queries"] is None
+    _assert_itl(row["summary"], 4 * 2)
+    out = proc.stdout
+    assert "chat workload, 2 conversations x 2 turns (4 requests), model dummy:tiny-llama" in out
+    assert "Prefix cache:" not in out  # no row with a prefix cache: no table
+    assert "Why the rows differ (2 conversations of 2 turns, all starting at t=0" in out
+
+    other = build_workload("concurrent", TINY_VOCAB)
+    assert compare.chat_config(other) == dict.fromkeys(
+        ("conversations", "turns", "turn_len", "turn_prompt_lens", "turn_output_lens"))
+
+
+# -- the prefix cache's statistics -----------------------------------------------------------
+def test_timed_prefix_cache_counts_leave_out_the_warm_up():
+    kv = {"kind": "paged", "prefix_cache_queries": 1008, "prefix_cache_hits": 600,
+          "prefix_cache_hit_rate": 600 / 1008}
+    warmup = {"kind": "paged", "prefix_cache_queries": 8, "prefix_cache_hits": 0}
+    timed = worker.timed_kv_stats(kv, warmup)
+    assert timed == dict(kv, prefix_cache_queries=1000, prefix_cache_hit_rate=0.6)
+    assert kv["prefix_cache_queries"] == 1008  # the engine's own dict is left alone
+    assert worker.timed_kv_stats({"kind": "paged"}, None) == {"kind": "paged"}  # before M6
+    assert worker.timed_kv_stats(None, None) is None
+    off = {"prefix_cache_queries": 0, "prefix_cache_hits": 0, "prefix_cache_hit_rate": None}
+    assert worker.timed_kv_stats(off, off)["prefix_cache_hit_rate"] is None
+
+    result = {"samples": [{"prompt_len": 4, "output_len": 3, "ttft_s": 0.1, "tpot_s": 0.05,
+                           "e2e_s": 0.2}], "total_time_s": 1.0, "peak_memory_mib": 1.0,
+              "kv_cache": timed}
+    s = compare.summarize(result)
+    assert (s["prefix_cache_queries"], s["prefix_cache_hits"]) == (1000, 600)
+    assert s["prefix_cache_hit_rate"] == 0.6
+    assert compare.summarize(dict(result, kv_cache=None))["prefix_cache_hit_rate"] is None
+    runs = [dict(s, prefix_cache_hits=h, prefix_cache_hit_rate=h / 1000) for h in (600, 500, 700)]
+    combined = compare.combine_runs(runs)
+    assert combined["prefix_cache_hits"] == 600 and combined["prefix_cache_hit_rate"] == 0.6
+    assert combined["spread"]["prefix_cache_hit_rate"] == [0.5, 0.7]
+
+
+def _with_prefix_rows(results: dict) -> dict:
+    """Add an m6 row with a prefix cache (87.5% hits) and one with it off (no lookups)."""
+    results["rows"].insert(4, _row("m6", output_tokens_per_s=90.0, throughput_ratio=4.5,
+                                   max_concurrent_seqs=16, prefix_cache_queries=16384,
+                                   prefix_cache_hits=14336, prefix_cache_hit_rate=0.875))
+    results["rows"].insert(5, _row("m6:enable_prefix_caching=false", max_concurrent_seqs=16,
+                                   output_tokens_per_s=80.0, prefix_cache_queries=0,
+                                   prefix_cache_hits=0, prefix_cache_hit_rate=None))
+    return results
+
+
+def test_prefix_cache_table_shows_a_dash_for_rows_without_it():
+    old = _five_rows()  # no row with a prefix cache (every file before M6): no table
+    assert not report.has_prefix_cache(old)
+    assert "Prefix cache" not in report.markdown_table(old) + report.plain_table(old)
+    results = _with_prefix_rows(_five_rows())
+    assert report.has_prefix_cache(results)
+    md = report.markdown_table(results)
+    header = next(line for line in md.splitlines() if line.startswith("| milestone"))
+    assert "prefix" not in header and header.endswith("| peak MiB | roofline |")  # as before
+    table = md.split(report.PREFIX_TEXT)[1].split("\n\n")[1].splitlines()
+    assert table[0] == "| milestone | prompt tokens looked up | found cached | hit rate |"
+    assert table[2:] == ["| m1 | - | - | - |", "| m2 | - | - | - |", "| m3 | - | - | - |",
+                         "| m5 | - | - | - |", "| m6 | 16384 | 14336 | 88% |",
+                         "| m6: enable_prefix_caching=false | 0 | 0 | - |",
+                         "| hf | - | - | - |"]
+    plain = report.plain_table(results)
+    prefix_lines = plain.split("Prefix cache:")[1].split("\n\n")[0].splitlines()
+    assert len(prefix_lines) == 2 + 2 + 7 and max(map(len, prefix_lines)) <= 120
+    assert re.search(r"^milestone +prompt tokens looked up +found cached +hit rate$", plain,
+                     re.M)
+    assert re.search(r"^m6 +16384 +14336 +88%$", plain, re.M)
+    assert re.search(r"^m1 +- +- +-$", plain, re.M)
+    why = report.why_lines(results)
+    assert why[5] == (f"m6: up to 16 sequences at once (M6 prefix cache): "
+                      f"{report.stages.get('m6').adds}; prefix cache: 88% of 16384 prompt "
+                      "tokens found cached")
+    assert why[6].endswith("; prefix cache: no lookups")
+    assert report.hit_rate_text({"prefix_cache_hit_rate": 0.0}) == "0%"
+    assert report.hit_rate_text({}) == "-"
+    # a summary without the keys: read from its KV stats
+    kv = {"prefix_cache_queries": 10, "prefix_cache_hits": 5, "prefix_cache_hit_rate": 0.5}
+    assert report.prefix_cache_stats({"kv_cache": kv}) == (10, 5, 0.5)
+    assert report.prefix_cache_stats({"kv_cache": None}) == (None, None, None)
+
+
+def test_report_prints_a_results_file(tmp_path, capsys):
+    path, other = tmp_path / "r.json", tmp_path / "profile.json"
+    path.write_text(json.dumps(_with_prefix_rows(_five_rows())))
+    other.write_text(json.dumps({"what": "a step profile", "machine": "x"}))
+    assert report.main([str(path)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("throughput workload, 256 prompts") and report.PREFIX_TEXT[:30] in out
+    assert re.search(r"^m6 +16384 +14336 +88%$", out, re.M)
+    assert report.main([str(path), "--markdown", "--rows", "m1,m6"]) == 0
+    md = capsys.readouterr().out
+    assert md.startswith("`throughput` workload")
+    rows = [line.split(" | ")[0] for line in md.splitlines() if line.startswith("| m")]
+    assert rows == ["| milestone", "| m1", "| m6"] * 2  # the main and prefix-cache tables
+    assert "| m6 | 16384 | 14336 | 88% |" in md
+    assert report.main([str(other)]) == 2
+    assert "not a results file of bench/compare.py" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        report.main([])
+    assert exit_.value.code == 2
+    assert "one of the arguments RESULTS.json --itl-cdf is required" in capsys.readouterr().err
+
+
+def test_published_results_files_still_render():
+    """The committed files predate the prefix cache: they print, with no hit-rate column."""
+    paths = report.latest_results()
+    if not paths:
+        pytest.skip("no published results in this checkout")
+    for path in paths:
+        results = report.load_results(path)
+        plain = report.plain_table(results)
+        assert plain.startswith(f"{results['workload']} workload")
+        if not report.has_prefix_cache(results):
+            assert "Prefix cache" not in plain

@@ -82,7 +82,7 @@ class KVCacheManager:
         full = num_tokens // self.block_size
         for i in range(seq.num_hashed_blocks, full):
             self.block_pool.cache(seq.kv_blocks[i], self.block_hash(seq, i))
-        seq.num_hashed_blocks = max(seq.num_hashed_blocks, full)
+        seq.num_hashed_blocks = full
 
     def forget_uncomputed(self, seq: Sequence) -> None:
         """A step failed: the blocks it was to fill for `seq` hold nothing trustworthy."""
@@ -101,26 +101,28 @@ class KVCacheManager:
         last block."""
         num_tokens = seq.num_computed_tokens + len(cached) * self.block_size + num_new_tokens
         new = max(0, cdiv(num_tokens, self.block_size) - len(seq.kv_blocks) - len(cached))
-        revived = sum(block.ref_count == 0 for block in cached)
-        return new + revived + self._must_copy_last_block(seq)
+        if cached:
+            new += sum(block.ref_count == 0 for block in cached)  # revived
+        return new + self._must_copy_last_block(seq)
 
     def allocate_slots(self, seq: Sequence, num_new_tokens: int,
                        cached: list[KVBlock] = ()) -> bool:
         """Make room for `num_new_tokens` more tokens of `seq`, after the `cached` blocks
         it starts with (M6: a waiting sequence's prefix hit); False if the pool is short."""
-        if self.num_blocks_needed(seq, num_new_tokens, cached) > self.num_free_blocks:
+        needed = self.num_blocks_needed(seq, num_new_tokens, cached)
+        if needed > self.num_free_blocks:
             return False
         if cached:
             self.block_pool.touch(cached)
             seq.kv_blocks = list(cached)
             seq.num_hashed_blocks = len(cached)
-        if self._must_copy_last_block(seq):
+        elif needed and self._must_copy_last_block(seq):  # the copy is one of the needed
             self._copy_last_block(seq)
         num_tokens = seq.num_computed_tokens + len(cached) * self.block_size + num_new_tokens
         needed = cdiv(num_tokens, self.block_size) - len(seq.kv_blocks)
         if needed > 0:
             seq.kv_blocks.extend(self.block_pool.allocate(needed))
-        if self.enable_prefix_caching:
+        if self.enable_prefix_caching and num_tokens // self.block_size > seq.num_hashed_blocks:
             self._cache_full_blocks(seq, num_tokens)
         return True
 

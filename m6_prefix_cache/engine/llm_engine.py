@@ -177,7 +177,7 @@ class LLMEngine:
                 continue  # a chunk inside the prompt: its first token comes later (M5)
             process_token(seq, request, token, self.tokenizer, self.eos_token_ids,
                           self.longest_sequence)
-            if seq.index == 0 and seq.num_output_tokens == 1 and len(request.sequences) > 1:
+            if len(request.sequences) > 1 and seq.index == 0 and seq.num_output_tokens == 1:
                 self.scheduler.fork(seq, request.sequences[1:])  # M6: the other samples
             outputs[seq.request_id] = make_output(request)
             if seq.status.is_finished:

@@ -103,10 +103,10 @@ def make_output(request: Request) -> RequestOutput:
     """The request's output so far: one completion per sample (M6: n of them; the
     request finishes with the last)."""
     seqs, first = request.sequences, request.sequences[0]
+    completions = [completion(seq, request) for seq in seqs]
     return RequestOutput(request_id=request.request_id, prompt=request.prompt,
-                         prompt_token_ids=request.prompt_token_ids,
-                         outputs=[completion(seq, request) for seq in seqs],
-                         finished=all(seq.status.is_finished for seq in seqs),
+                         prompt_token_ids=request.prompt_token_ids, outputs=completions,
+                         finished=all(c.finish_reason is not None for c in completions),
                          metrics=first.metrics if len(seqs) == 1 else merged_metrics(seqs),
                          prompt_logprobs=first.prompt_logprobs,
                          num_cached_tokens=first.num_cached_tokens)
