@@ -26,7 +26,7 @@ replies are transformers' own greedy tokens, generated with EOS suppressed (min_
 
 A stage with a prefix cache (M6) reports `prefix_cache_queries` and `prefix_cache_hits`
 (prompt tokens looked up at admission, and found) in its KV stats; the worker subtracts
-the warm-up request's counts and recomputes `prefix_cache_hit_rate`, so they describe the
+the warm-up's counts and recomputes `prefix_cache_hit_rate`, so they describe the
 timed requests only. Each sample also gets `num_cached_tokens` when the stage's outputs
 have it (the prompt tokens that request found cached), and `conversation` and `turn` on
 the chat workload.
@@ -41,6 +41,7 @@ them) gets null: no ITL rather than an invented one.
 """
 
 import dataclasses
+import gc
 import heapq
 import importlib
 import inspect
@@ -59,6 +60,7 @@ if __package__ in (None, ""):  # run as a file: make `bench` importable
 from bench.workloads import Workload  # noqa: E402
 
 WARMUP_PROMPT_LEN, WARMUP_OUTPUT_LEN = 8, 4
+WARMUP_BATCH_CUDA = 32  # prompts of the workload's own shapes in a stage's CUDA warm-up
 
 
 def _tqdm(total: int, desc: str, enabled: bool):
@@ -129,6 +131,16 @@ def turn_fields(wl: Workload, i: int) -> dict:
     return {"conversation": i // wl.turns, "turn": wl.turn_of(i)}
 
 
+def warmup_prompts(wl: Workload, vocab_size: int, device: torch.device) -> list[list[int]]:
+    """The untimed warm-up: one short request on the CPU; on CUDA the workload's first
+    WARMUP_BATCH_CUDA prompts at once, every token id shifted by one (the same shapes, so
+    the first timed step pays no first-use costs, such as loading the kernels of a new
+    logits shape, but nothing a prefix cache could hit later)."""
+    if device.type != "cuda":
+        return [wl.prompts[0][:WARMUP_PROMPT_LEN]]
+    return [[(t + 1) % vocab_size for t in prompt] for prompt in wl.prompts[:WARMUP_BATCH_CUDA]]
+
+
 def token_times(stamps: list[float], num_out: int, arrival: float) -> list[float] | None:
     """A request's token times in seconds after its arrival, from one stamp per output
     token; None when they cannot give its inter-token gaps: a stamp missing, or several
@@ -156,11 +168,13 @@ def run_stage(spec: dict) -> dict:
     def params(n: int):
         return stage.SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
 
-    # warm-up: one short request, not timed
-    engine.add_request("warmup", wl.prompts[0][:WARMUP_PROMPT_LEN], params(WARMUP_OUTPUT_LEN))
+    for i, prompt in enumerate(warmup_prompts(wl, engine.vocab_size, device)):
+        engine.add_request(f"warmup-{i}", prompt, params(WARMUP_OUTPUT_LEN))
     while engine.has_unfinished_requests():
         engine.step()
     _sync(device)
+    gc.collect()
+    gc.freeze()  # as vLLM does after start-up: no collection walks these objects mid-run
     warmup_kv = engine.kv_cache_stats() if hasattr(engine, "kv_cache_stats") else None
 
     n = wl.num_prompts

@@ -27,17 +27,21 @@ from dataclasses import dataclass
 ROOT_HASH = bytes(32)
 
 
-def hash_block(parent_hash: bytes, token_ids: list[int], extra_keys: tuple = ()) -> bytes:
-    """The hash of a full block: sha256 over its parent block's hash, its own token ids
-    (8 bytes each, little-endian) and any extra keys (none in this engine yet; e.g. a
-    LoRA adapter's name would go here). Equal hashes mean equal prefixes: the chain
-    covers every token before the block, and sha256 makes a collision unthinkable
-    (Python's `hash` would not: it is 64 bits and easy to collide on purpose)."""
-    digest = hashlib.sha256(parent_hash)
-    digest.update(struct.pack(f"<{len(token_ids)}q", *token_ids))
+def token_bytes(token_ids: list[int]) -> bytes:
+    """Token ids as bytes, 8 each (little-endian): the stable encoding that is hashed."""
+    return struct.pack(f"<{len(token_ids)}q", *token_ids)
+
+
+def hash_block(parent_hash: bytes, block_tokens: bytes, extra_keys: tuple = ()) -> bytes:
+    """The hash of a full block: sha256 over its parent block's hash, its own tokens
+    (`token_bytes`) and any extra keys (none in this engine yet; e.g. a LoRA adapter's
+    name would go here). Equal hashes mean equal prefixes: the chain covers every token
+    before the block, and sha256 makes a collision unthinkable (Python's `hash` would
+    not: it is 64 bits and easy to collide on purpose)."""
+    data = parent_hash + block_tokens
     if extra_keys:
-        digest.update(repr(extra_keys).encode())
-    return digest.digest()
+        data += repr(extra_keys).encode()
+    return hashlib.sha256(data).digest()
 
 
 @dataclass(eq=False)

@@ -20,7 +20,7 @@ before it first writes into it (copy-on-write), and the worker does the copy.
 
 from ..request import Sequence
 from ..utils import cdiv
-from .block_pool import ROOT_HASH, BlockPool, KVBlock, hash_block
+from .block_pool import ROOT_HASH, BlockPool, KVBlock, hash_block, token_bytes
 
 
 class KVCacheManager:
@@ -44,15 +44,18 @@ class KVCacheManager:
         return self.block_pool.num_free_blocks
 
     # -- the prefix cache (M6) -----------------------------------------------------------
-    def block_hash(self, seq: Sequence, index: int) -> bytes:
-        """The hash of `seq`'s full block `index`, from the chain kept on the sequence
-        (its tokens never change, so neither do their hashes)."""
-        size, hashes = self.block_size, seq.block_hashes
-        while len(hashes) <= index:
-            i = len(hashes)
-            hashes.append(hash_block(hashes[-1] if hashes else ROOT_HASH,
-                                     seq.token_ids[i * size:(i + 1) * size]))
-        return hashes[index]
+    def block_hashes(self, seq: Sequence, num_blocks: int) -> list[bytes]:
+        """The hashes of `seq`'s first num_blocks full blocks: the chain kept on the
+        sequence (its tokens never change, so neither do their hashes), extended here
+        by the blocks it lacks, their tokens encoded at once."""
+        hashes, step = seq.block_hashes, 8 * self.block_size  # bytes per block
+        data = token_bytes(seq.token_ids[len(hashes) * self.block_size:
+                                         num_blocks * self.block_size])
+        parent = hashes[-1] if hashes else ROOT_HASH
+        for start in range(0, len(data), step):
+            parent = hash_block(parent, data[start:start + step])
+            hashes.append(parent)
+        return hashes[:num_blocks]
 
     def cached_prefix(self, seq: Sequence) -> list[KVBlock]:
         """The cached blocks that hold the longest prefix of `seq`'s tokens, leaving at
@@ -61,8 +64,8 @@ class KVCacheManager:
         if not self.enable_prefix_caching or not seq.reads_prefix_cache:
             return []
         hits = []
-        for i in range((len(seq.token_ids) - 1) // self.block_size):
-            block = self.block_pool.cached_block(self.block_hash(seq, i))
+        for block_hash in self.block_hashes(seq, (len(seq.token_ids) - 1) // self.block_size):
+            block = self.block_pool.cached_block(block_hash)
             if block is None:
                 break
             hits.append(block)
@@ -80,8 +83,9 @@ class KVCacheManager:
         admitted later in the same step can already share them: every layer writes the
         whole step's keys and values before its attention reads any."""
         full = num_tokens // self.block_size
+        hashes = self.block_hashes(seq, full)
         for i in range(seq.num_hashed_blocks, full):
-            self.block_pool.cache(seq.kv_blocks[i], self.block_hash(seq, i))
+            self.block_pool.cache(seq.kv_blocks[i], hashes[i])
         seq.num_hashed_blocks = full
 
     def forget_uncomputed(self, seq: Sequence) -> None:
