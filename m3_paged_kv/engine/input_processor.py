@@ -15,6 +15,14 @@ def is_token_id(value, vocab_size: int) -> bool:
     return is_int(value) and 0 <= value < vocab_size
 
 
+def all_token_ids(values: list, vocab_size: int) -> bool:
+    """Every value a token id. Plain ints, the usual case, are checked by builtins that
+    loop in C (a prompt may hold thousands of them); anything else one by one."""
+    if set(map(type, values)) == {int}:
+        return 0 <= min(values) and max(values) < vocab_size
+    return all(is_token_id(value, vocab_size) for value in values)
+
+
 def encode_prompt(prompt, tokenizer, vocab_size: int) -> list[int]:
     """The token ids of a prompt; raises if it is empty, of the wrong type or out of range."""
     if isinstance(prompt, str):
@@ -28,7 +36,7 @@ def encode_prompt(prompt, tokenizer, vocab_size: int) -> list[int]:
         token_ids = tokenizer.encode(prompt)
     elif isinstance(prompt, list):
         token_ids = list(prompt)
-        if not all(is_token_id(t, vocab_size) for t in token_ids):
+        if not all_token_ids(token_ids, vocab_size):
             raise ValueError(f"prompt: token ids must be integers in [0, {vocab_size})")
     else:
         raise TypeError(f"prompt: must be a str or a list of token ids (ints), "
