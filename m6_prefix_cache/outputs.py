@@ -74,7 +74,8 @@ class RequestOutput:
     metrics: RequestMetrics | None = None
     # One per prompt token (None for the first, which nothing predicts), if asked for.
     prompt_logprobs: list[PositionLogprobs | None] | None = None
-    num_cached_tokens: int = 0  # prompt tokens whose K/V the prefix cache held (M6)
+    # Prompt tokens whose K/V the prefix cache held when it was (last) admitted (M6)
+    num_cached_tokens: int = 0
 
     @property
     def text(self) -> str:

@@ -179,12 +179,12 @@ def print_runner(runner) -> None:
 
 
 def print_metrics(outputs) -> None:
-    print(f"{'request':>8} {'in':>5} {'cached':>6} {'out':>5} {'TTFT ms':>9} {'TPOT ms':>9} "
+    print(f"{'request':>8} {'in':>5} {'cached':>7} {'out':>5} {'TTFT ms':>9} {'TPOT ms':>9} "
           f"{'tok/s':>8}")
     for i, out in enumerate(outputs):
         m = out.metrics
         rate = m.num_output_tokens / m.e2e_latency if m.e2e_latency else 0.0
-        print(f"{i:>8} {len(out.prompt_token_ids):>5} {out.num_cached_tokens:>6} "
+        print(f"{i:>8} {len(out.prompt_token_ids):>5} {out.num_cached_tokens:>7} "
               f"{m.num_output_tokens:>5} {m.ttft * 1e3:>9.1f} {m.tpot * 1e3:>9.2f} {rate:>8.1f}")
 
 

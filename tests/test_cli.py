@@ -39,11 +39,15 @@ def test_generate_cli_prints_metrics_table(stage):
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     header = next(i for i, line in enumerate(lines) if "TTFT ms" in line)
+    cached = ["cached"] if stage in stages_with("prefix_cache") else []  # M6's column
     assert re.split(r"\s{2,}", lines[header].strip()) == [
-        "request", "in", "out", "TTFT ms", "TPOT ms", "tok/s"]
+        "request", "in", *cached, "out", "TTFT ms", "TPOT ms", "tok/s"]
     rows = [line.split() for line in lines[header + 1:] if line.strip()]
     assert len(rows) == 3  # the three default prompts
-    for i, (index, n_in, n_out, ttft, tpot, rate) in enumerate(rows):
+    for i, row in enumerate(rows):
+        if cached:
+            assert 0 <= int(row.pop(2)) < int(row[1])  # prompt tokens found in the cache
+        index, n_in, n_out, ttft, tpot, rate = row
         assert int(index) == i and int(n_in) > 0 and 1 <= int(n_out) <= 4
         assert float(ttft) > 0 and float(tpot) >= 0 and float(rate) > 0
 

@@ -4,7 +4,8 @@
 #   tests       the gpu-marked tests of M6 and the prefix cache (pytest -k "m6 or prefix")
 #   prefix      the prefix workload (32 prompts: a shared prefix + 32-token questions, 64
 #               out) with a 512-token and a 2048-token prefix, $REPEAT runs per row
-#   throughput  nano-vllm's offline workload (throughput, 256 prompts, 100-1024 in/out)
+#   throughput  nano-vllm's offline workload (throughput, 256 prompts, 100-1024 in/out),
+#               $REPEAT runs per row
 #   chat        the multi-turn chat workload at its defaults (16 conversations x 4 turns:
 #               a 256-token first prompt, 64-token user messages, 128 out per turn),
 #               $REPEAT runs per row
@@ -36,7 +37,7 @@ for part in $parts; do
         -k "m6 or prefix" tests/ 2>&1 | tail -15;;
     prefix) for len in 512 2048; do
         compare --workload prefix --prefix-len "$len" --repeat "$REPEAT"; done;;
-    throughput) compare --workload throughput --num-prompts 256;;
+    throughput) compare --workload throughput --num-prompts 256 --repeat "$REPEAT";;
     chat) compare --workload chat --repeat "$REPEAT";;
     *) echo "unknown part $part: choose from tests prefix throughput chat";;
   esac 2>&1 | grep -v Warn

@@ -109,7 +109,8 @@ def make_output(request: Request) -> RequestOutput:
                          finished=all(c.finish_reason is not None for c in completions),
                          metrics=first.metrics if len(seqs) == 1 else merged_metrics(seqs),
                          prompt_logprobs=first.prompt_logprobs,
-                         num_cached_tokens=first.num_cached_tokens)
+                         # of its prompt (a recomputation may hit its output too)
+                         num_cached_tokens=min(first.num_cached_tokens, first.num_prompt_tokens))
 
 
 def completion(seq: Sequence, request: Request) -> CompletionOutput:
