@@ -103,18 +103,20 @@ class KVCacheManager:
         """Free blocks that giving `seq` room for num_new_tokens more tokens takes from
         the pool: new blocks, (M6) cached ones that are free now, and a copy of a shared
         last block."""
-        num_tokens = seq.num_computed_tokens + len(cached) * self.block_size + num_new_tokens
-        new = max(0, cdiv(num_tokens, self.block_size) - len(seq.kv_blocks) - len(cached))
-        if cached:
-            new += sum(block.ref_count == 0 for block in cached)  # revived
-        return new + self._must_copy_last_block(seq)
+        if not cached:  # a sequence that runs, or starts with nothing cached
+            num_tokens = seq.num_computed_tokens + num_new_tokens
+            new = max(0, cdiv(num_tokens, self.block_size) - len(seq.kv_blocks))
+            return new + self._must_copy_last_block(seq)
+        num_tokens = len(cached) * self.block_size + num_new_tokens  # a waiting one: from 0
+        revived = sum(block.ref_count == 0 for block in cached)
+        return max(0, cdiv(num_tokens, self.block_size) - len(cached)) + revived
 
     def allocate_slots(self, seq: Sequence, num_new_tokens: int,
                        cached: list[KVBlock] = ()) -> bool:
         """Make room for `num_new_tokens` more tokens of `seq`, after the `cached` blocks
         it starts with (M6: a waiting sequence's prefix hit); False if the pool is short."""
         needed = self.num_blocks_needed(seq, num_new_tokens, cached)
-        if needed > self.num_free_blocks:
+        if needed > self.block_pool.num_free_blocks:
             return False
         if cached:
             self.block_pool.touch(cached)
@@ -123,9 +125,9 @@ class KVCacheManager:
         elif needed and self._must_copy_last_block(seq):  # the copy is one of the needed
             self._copy_last_block(seq)
         num_tokens = seq.num_computed_tokens + len(cached) * self.block_size + num_new_tokens
-        needed = cdiv(num_tokens, self.block_size) - len(seq.kv_blocks)
-        if needed > 0:
-            seq.kv_blocks.extend(self.block_pool.allocate(needed))
+        new_blocks = cdiv(num_tokens, self.block_size) - len(seq.kv_blocks)
+        if new_blocks > 0:
+            seq.kv_blocks.extend(self.block_pool.allocate(new_blocks))
         if self.enable_prefix_caching and num_tokens // self.block_size > seq.num_hashed_blocks:
             self._cache_full_blocks(seq, num_tokens)
         return True

@@ -103,11 +103,14 @@ def make_output(request: Request) -> RequestOutput:
     """The request's output so far: one completion per sample (M6: n of them; the
     request finishes with the last)."""
     seqs, first = request.sequences, request.sequences[0]
-    completions = [completion(seq, request) for seq in seqs]
+    if len(seqs) == 1:  # the usual case, for every token of every request: kept lean
+        completions, metrics = [completion(first, request)], first.metrics
+    else:
+        completions, metrics = [completion(seq, request) for seq in seqs], merged_metrics(seqs)
     return RequestOutput(request_id=request.request_id, prompt=request.prompt,
                          prompt_token_ids=request.prompt_token_ids, outputs=completions,
-                         finished=all(c.finish_reason is not None for c in completions),
-                         metrics=first.metrics if len(seqs) == 1 else merged_metrics(seqs),
+                         finished=None not in [c.finish_reason for c in completions],
+                         metrics=metrics,
                          prompt_logprobs=first.prompt_logprobs,
                          # of its prompt (a recomputation may hit its output too)
                          num_cached_tokens=min(first.num_cached_tokens, first.num_prompt_tokens))
