@@ -74,7 +74,7 @@ class RequestOutput:
     metrics: RequestMetrics | None = None
     # One per prompt token (None for the first, which nothing predicts), if asked for.
     prompt_logprobs: list[PositionLogprobs | None] | None = None
-    # Prompt tokens whose K/V the prefix cache held when it was (last) admitted (M6)
+    # Prompt tokens whose K/V the prefix cache held when it was first admitted (M6)
     num_cached_tokens: int = 0
 
     @property

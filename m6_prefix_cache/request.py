@@ -60,7 +60,10 @@ class Sequence:
     prompt_logprobs: list | None = None  # per prompt token, if asked for
     output_token_ids: list[int] = field(default_factory=list)  # the generated ones (M4)
     index: int = 0  # M6: which of its request's n samples it is
-    num_cached_tokens: int = 0  # tokens it started with in the cache, since its admission
+    # tokens it started with in the cache at its latest admission (a prefix hit, or its
+    # sibling's prompt at a fork): its first step computes from there
+    num_cached_tokens: int = 0
+    num_prompt_cached_tokens: int | None = None  # its first admission's hit: its output's
     block_hashes: list[bytes] = field(default_factory=list)  # of its full blocks, in order
     num_hashed_blocks: int = 0  # its first blocks, registered in the prefix cache
     reads_prefix_cache: bool = True  # False: it computes its whole prompt (prompt logprobs)

@@ -160,7 +160,7 @@ def print_kv_cache(stats: dict) -> None:
           f"{stats['max_concurrent_seqs']} requests "
           f"at once, {stats['num_preemptions']} preemptions")
     rate = stats["prefix_cache_hit_rate"]
-    print("Prefix cache: " + ("no prompt looked up" if rate is None else
+    print("Prefix cache: " + ("off, or no prompt looked up" if rate is None else
           f"{stats['prefix_cache_hits']} of {stats['prefix_cache_queries']} prompt tokens "
           f"found cached ({rate:.0%})") + "\n")
 

@@ -159,16 +159,19 @@ def spy_on_starts(engine) -> list:
 
 
 def spy_on_lookups(engine) -> list:
-    """(name, tokens looked up, tokens found cached) of each admission that looked."""
+    """(name, its tokens, tokens it starts with cached) of each admission, recomputations
+    after a preemption included (the statistics count only a prompt's first)."""
     log = []
-    kv = engine.scheduler.kv_cache_manager
-    record = kv.record_lookup
+    scheduler = engine.scheduler
+    admit = scheduler._admit
 
-    def recording(seq, num_cached_tokens):
-        log.append((seq.name, len(seq.token_ids), num_cached_tokens))
-        record(seq, num_cached_tokens)
+    def recording(seq, *args, **kwargs):
+        admitted = admit(seq, *args, **kwargs)
+        if admitted:
+            log.append((seq.name, len(seq.token_ids), seq.num_cached_tokens))
+        return admitted
 
-    kv.record_lookup = recording
+    scheduler._admit = recording
     return log
 
 
@@ -1363,7 +1366,7 @@ def test_cli_no_prefix_caching_and_n_samples(stage, capsys):
                      "--max-tokens", "2", "--no-prefix-caching"]) == 0
     out = capsys.readouterr().out
     assert all(int(row[2]) == 0 for row in table_rows(out))
-    assert "Prefix cache: no prompt looked up" in out
+    assert "Prefix cache: off, or no prompt looked up" in out
     assert run.main([*TINY_CLI, "--prompt", "Hello there", "--n", "3", "--temperature", "0.8",
                      "--seed", "1", "--max-tokens", "2"]) == 0
     out = capsys.readouterr().out

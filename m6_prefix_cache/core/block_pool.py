@@ -3,8 +3,8 @@
 Introduced in M3. The KV cache is cut into `num_blocks` blocks of `block_size` tokens
 each. A block is handed to one sequence at a time, which fills it token by token and
 gives it back when it finishes or is preempted. A ref count says how many sequences
-hold a block: 0 (free, in the queue) or 1 here; M6's prefix cache lets several
-sequences share one block.
+hold a block: 0 means free, in the queue (up to M5 no block had more than 1; in M6
+several sequences share one).
 
 M6 (prefix caching, vLLM v1's design): a full block can carry a `block_hash` that names
 its contents: the tokens of its sequence up to its end (`hash_block`). The pool keeps a
@@ -99,7 +99,8 @@ class BlockPool:
         return self.cached_blocks.get(block_hash)
 
     def touch(self, blocks: list[KVBlock]) -> None:
-        """Hold cached blocks that a new request hit: a free one leaves the queue."""
+        """Hold blocks someone else filled (a new request's prefix hit, or a sample's
+        fork): one more ref each; a free one leaves the queue."""
         for block in blocks:
             if block.ref_count == 0:
                 del self.free_blocks[block.block_id]

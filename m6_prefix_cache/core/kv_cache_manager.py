@@ -12,10 +12,12 @@ registered in the pool's cache as soon as a step is scheduled to fill it. A new 
 first looks its prompt up, block by block, and starts with the longest run of cached
 blocks (at most all its tokens but one: the step must compute at least its last token,
 whose logits give the first new one). The blocks are shared, not copied: their ref
-counts go up. Only full blocks are cached, so a shared block is never written again,
-with one exception: the n samples of one request (`SamplingParams(n=...)`) fork from
-the first one's blocks, its partly filled last block too; a sample copies that block
-before it first writes into it (copy-on-write), and the worker does the copy.
+counts go up. Only full blocks are cached, so a cached block is never written again.
+One shared block may be partly filled: the n samples of one request
+(`SamplingParams(n=...)`) fork from the first one's blocks, its partly filled last block
+too. The first sample keeps writing into it; each other sample copies it before its
+first write into it (copy-on-write: the worker does the copy), and reads nothing of the
+original past the prompt, so the first sample's later writes never reach it.
 """
 
 from ..request import Sequence
@@ -25,7 +27,7 @@ from .block_pool import ROOT_HASH, BlockPool, KVBlock, hash_block, token_bytes
 
 class KVCacheManager:
     def __init__(self, num_blocks: int, block_size: int,
-                 enable_prefix_caching: bool = False) -> None:
+                 enable_prefix_caching: bool = False) -> None:  # the engine's: its config's
         self.block_size = block_size
         self.block_pool = BlockPool(num_blocks)
         self.enable_prefix_caching = enable_prefix_caching
@@ -46,7 +48,7 @@ class KVCacheManager:
     # -- the prefix cache (M6) -----------------------------------------------------------
     def block_hashes(self, seq: Sequence, num_blocks: int) -> list[bytes]:
         """The hashes of `seq`'s first num_blocks full blocks: the chain kept on the
-        sequence (its tokens never change, so neither do their hashes), extended here
+        sequence (its tokens never change, so neither do their hashes), extended first
         by the blocks it lacks, their tokens encoded at once."""
         hashes, step = seq.block_hashes, 8 * self.block_size  # bytes per block
         data = token_bytes(seq.token_ids[len(hashes) * self.block_size:
@@ -72,6 +74,7 @@ class KVCacheManager:
         return hits
 
     def record_lookup(self, seq: Sequence, num_cached_tokens: int) -> None:
+        """Count a prompt's lookup (its first admission's: not a recomputation's)."""
         if self.enable_prefix_caching and seq.reads_prefix_cache:
             self.prefix_cache_queries += len(seq.token_ids)
             self.prefix_cache_hits += num_cached_tokens

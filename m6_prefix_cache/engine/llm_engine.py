@@ -108,8 +108,9 @@ class LLMEngine:
         if params.seed is not None:  # a private random stream makes sampling reproducible
             seq.generator = torch.Generator(self.model_runner.device).manual_seed(
                 params.seed + index)
-        # Cached tokens are not computed, so they have no log-probabilities (M6).
-        seq.reads_prefix_cache = params.prompt_logprobs is None
+        # Cached tokens are not computed, so they have no log-probabilities (M6): the
+        # first sample, whose output carries them, computes its whole prompt.
+        seq.reads_prefix_cache = index > 0 or params.prompt_logprobs is None
         return seq
 
     def abort_request(self, request_id: str) -> None:
@@ -162,8 +163,8 @@ class LLMEngine:
         if not scheduler_output.seqs:
             self.undelivered = {}
             return list(outputs.values())
-        rows = [self._sampling_row(seq) for seq in scheduler_output.seqs]
         try:
+            rows = [self._sampling_row(seq) for seq in scheduler_output.seqs]
             runner_output = self.model_runner.execute_model(scheduler_output, rows)
         except BaseException:
             self.scheduler.undo_step(scheduler_output)  # M6: no cache entry for its blocks

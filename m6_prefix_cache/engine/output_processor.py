@@ -112,8 +112,7 @@ def make_output(request: Request) -> RequestOutput:
                          finished=None not in [c.finish_reason for c in completions],
                          metrics=metrics,
                          prompt_logprobs=first.prompt_logprobs,
-                         # of its prompt (a recomputation may hit its output too)
-                         num_cached_tokens=min(first.num_cached_tokens, first.num_prompt_tokens))
+                         num_cached_tokens=first.num_prompt_cached_tokens or 0)
 
 
 def completion(seq: Sequence, request: Request) -> CompletionOutput:

@@ -2,8 +2,8 @@
 
 Introduced in M2; M3 hands out KV cache blocks instead of slots, and preempts; M5 gives
 each step a token budget and cuts prompts into chunks; M6 starts a request after the
-part of its prompt that the prefix cache holds, and forks a request's n samples. New requests wait in a
-first-come-first-served queue. The decision of what runs is made again at every step
+part of its prompt that the prefix cache holds, and forks a request's n samples. New
+requests wait in a first-come-first-served queue. The decision of what runs is made again at every step
 (iteration-level scheduling, as in Orca and vLLM), so a request that finishes leaves
 after the step that finished it and a waiting one can join in the very next step.
 
@@ -160,7 +160,9 @@ class Scheduler:
         self.waiting.popleft()
         seq.status = SequenceStatus.RUNNING
         seq.num_computed_tokens = seq.num_cached_tokens = len(cached) * kv.block_size
-        kv.record_lookup(seq, seq.num_cached_tokens)
+        if seq.num_prompt_cached_tokens is None:  # its first admission: what it reports
+            seq.num_prompt_cached_tokens = seq.num_cached_tokens
+            kv.record_lookup(seq, seq.num_cached_tokens)
         return True
 
     def _chunk(self, seq: Sequence, budget: int, num_cached: int = 0) -> int:
@@ -259,12 +261,14 @@ class Scheduler:
 
     def fork(self, parent: Sequence, children: list[Sequence]) -> None:
         """M6: `parent` sampled its first token; its siblings start from its prompt but
-        the last token, on its blocks (shared: no copy, no recomputation), and each
-        computes that last token itself to sample its own first token. A child with no
-        room in the running batch waits instead (and computes its prompt, from the
-        prefix cache where it can)."""
+        the last token, on its blocks (shared, not recomputed; a partly filled last one
+        is copied at a child's first write), and each computes that last token itself to
+        sample its own first token. A child with no room in the running batch (the
+        parent's place counts if it has just finished) waits instead, and computes its
+        prompt (from the prefix cache where it can)."""
         num_tokens = parent.num_prompt_tokens - 1
-        no_room = children[max(0, self.config.max_batch_size - len(self.running)):]
+        room = self.config.max_batch_size - len(self.running) + parent.status.is_finished
+        no_room = children[max(0, room):]
         self.waiting.extendleft(reversed(no_room))  # first in line, in order
         for child in children[:len(children) - len(no_room)]:
             self.kv_cache_manager.fork(parent, child, num_tokens)
