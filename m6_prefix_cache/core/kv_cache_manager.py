@@ -26,8 +26,9 @@ from .block_pool import ROOT_HASH, BlockPool, KVBlock, hash_block, token_bytes
 
 
 class KVCacheManager:
+    # enable_prefix_caching: the scheduler passes its config's (on by default there)
     def __init__(self, num_blocks: int, block_size: int,
-                 enable_prefix_caching: bool = False) -> None:  # the engine's: its config's
+                 enable_prefix_caching: bool = False) -> None:
         self.block_size = block_size
         self.block_pool = BlockPool(num_blocks)
         self.enable_prefix_caching = enable_prefix_caching

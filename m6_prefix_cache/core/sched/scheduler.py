@@ -3,9 +3,10 @@
 Introduced in M2; M3 hands out KV cache blocks instead of slots, and preempts; M5 gives
 each step a token budget and cuts prompts into chunks; M6 starts a request after the
 part of its prompt that the prefix cache holds, and forks a request's n samples. New
-requests wait in a first-come-first-served queue. The decision of what runs is made again at every step
-(iteration-level scheduling, as in Orca and vLLM), so a request that finishes leaves
-after the step that finished it and a waiting one can join in the very next step.
+requests wait in a first-come-first-served queue. The decision of what runs is made
+again at every step (iteration-level scheduling, as in Orca and vLLM), so a request
+that finishes leaves after the step that finished it and a waiting one can join in the
+very next step.
 
 M5 (chunked prefill, vLLM v1's scheduler): a step has no phase. Every sequence has
 `num_computed_tokens`, the tokens whose K/V are in the cache; a step gives each
