@@ -356,7 +356,7 @@ PREFIX_CACHE_KEYS = ["prefix_cache_queries", "prefix_cache_hits", "prefix_cache_
 SUMMARY_KEYS = ["ttft_mean_ms", "ttft_p50_ms", "ttft_p99_ms", "tpot_mean_ms", "tpot_p50_ms",
                 "tpot_p99_ms", "e2e_mean_s", "e2e_p50_s", "e2e_p99_s", "output_tokens_per_s",
                 "requests_per_s", "total_time_s", "peak_memory_mib", "max_concurrent_seqs",
-                "throughput_ratio", "roofline_fraction", "kv_cache", *ITL_KEYS,
+                "throughput_ratio", "roofline_fraction", "kv_cache", "weights", *ITL_KEYS,
                 *PREFIX_CACHE_KEYS]
 
 
@@ -413,6 +413,7 @@ def summarize(result: dict) -> dict:
     summary["peak_memory_mib"] = result["peak_memory_mib"]
     summary["max_concurrent_seqs"] = result.get("max_concurrent_seqs")
     summary["kv_cache"] = result.get("kv_cache")
+    summary["weights"] = result.get("weights")
     summary.update(itl_summary(result.get("token_times_s")))
     summary.update(prefix_cache_summary(result.get("kv_cache")))
     return summary
@@ -443,7 +444,7 @@ def combine_runs(summaries: list[dict]) -> dict:
                                                       for s in summaries])
     for key in SUMMARY_KEYS:
         values = [s[key] for s in summaries if isinstance(s.get(key), (int, float))]
-        if key == "kv_cache" or len(values) < len(summaries):
+        if key in ("kv_cache", "weights") or len(values) < len(summaries):
             continue
         whole = all(isinstance(v, int) for v in values)  # counts stay counts
         combined[key] = (statistics.median_low if whole else statistics.median)(values)

@@ -260,6 +260,31 @@ def prefix_table_rows(results: dict) -> tuple[list[str], list[list[str]]]:
     return headers, rows
 
 
+def has_quantized_weights(results: dict) -> bool:
+    """Whether any row ran GPTQ layers (M7 with quantization)."""
+    return any(((row.get("summary") or {}).get("weights") or {}).get("quantized")
+               for row in results["rows"])
+
+
+def weights_table_rows(results: dict) -> tuple[list[str], list[list[str]]]:
+    """Header and one row per milestone: the whole model's weights, and the quantized
+    layers' bytes against the same layers unquantized (in the row's dtype)."""
+    headers = ["milestone", "weights MiB", "linear layers MiB", "unquantized MiB", "ratio"]
+    rows = []
+    for row in results["rows"]:
+        w = (row.get("summary") or {}).get("weights") or {}
+        total, quant, dense = w.get("total"), w.get("quantized"), w.get("dense")
+        mib = (lambda b: "-" if b is None else f"{b / 2**20:.1f}")
+        rows.append([row["milestone"], mib(total), mib(quant) if quant else "-",
+                     mib(dense) if quant else "-",
+                     f"{quant / dense:.3f}x" if quant and dense else "-"])
+    return headers, rows
+
+
+WEIGHTS_TEXT = ("Weights: the whole model's bytes on the device (tied tensors once), and "
+                "for GPTQ rows the quantized linear layers (packed codes, zeros, scales, "
+                "g_idx) against the same layers unquantized.")
+
 PREFIX_TEXT = ("Prefix cache: the prompt tokens each row looked up in its cache when it "
                "admitted a request, and those it found there (their K/V not computed again).")
 
@@ -416,6 +441,8 @@ def markdown_table(results: dict) -> str:
         lines += ["", PREFIX_TEXT, "", *_markdown_rows(*prefix_table_rows(results))]
     if has_itl(results):
         lines += ["", ITL_TEXT, "", *_markdown_rows(*itl_table_rows(results))]
+    if has_quantized_weights(results):
+        lines += ["", WEIGHTS_TEXT, "", *_markdown_rows(*weights_table_rows(results))]
     header, *per_row = why_lines(results)
     lines += ["", header, ""]
     for row, why in zip(results["rows"], per_row):
@@ -456,6 +483,8 @@ def plain_table(results: dict) -> str:
         out += [""] + _wrap(PREFIX_TEXT) + _plain_rows(*prefix_table_rows(results))
     if has_itl(results):
         out += [""] + _wrap(ITL_TEXT) + _plain_rows(*itl_table_rows(results))
+    if has_quantized_weights(results):
+        out += [""] + _wrap(WEIGHTS_TEXT) + _plain_rows(*weights_table_rows(results))
     out.append("")
     for text in why_lines(results):
         out += _wrap(text, "    ")

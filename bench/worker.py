@@ -273,7 +273,20 @@ def run_stage(spec: dict) -> dict:
     return {"samples": samples, "token_times_s": times, "total_time_s": total,
             "peak_memory_mib": _peak_memory_mib(device), "kv_cache": kv,
             "max_concurrent_seqs": at_once, "note": "; ".join(notes),
-            "gpu": _gpu_name(device)}
+            "gpu": _gpu_name(device), "weights": weight_bytes(spec["package"], engine)}
+
+
+def weight_bytes(package: str, engine) -> dict:
+    """Bytes of the model's weights: {"total"} (shared tensors once), and from M7 on
+    {"quantized", "dense"}: the GPTQ layers, and the same layers unquantized (zero when
+    the row runs unquantized)."""
+    model = engine.model_runner.model
+    try:
+        gptq = importlib.import_module(f"{package}.model_executor.layers.quantization.gptq")
+    except ModuleNotFoundError:
+        seen = {t.data_ptr(): t.numel() * t.element_size() for t in model.parameters()}
+        return {"total": sum(seen.values())}
+    return gptq.weight_bytes(model)
 
 
 # -- transformers --------------------------------------------------------------------

@@ -30,7 +30,8 @@ prompt filling the rest of a budget of B tokens (`max_num_batched_tokens=B`). Th
 how M5's CUDA graphs for mixed steps are compared with eager mixed steps.
 
 Rows are stage packages (or m3, m4) and, with a suffix, a setting: `m4_flash_attn:eager`
-runs it with `enforce_eager=True` (no CUDA graphs), `:graphs` with `enforce_eager=False`;
+runs it with `enforce_eager=True` (no CUDA graphs), `:graphs` with `enforce_eager=False`,
+`:gptq` with `quantization="gptq"` (M7: the dummy weights rounded to 4 bits);
 `--m4-eager` adds the `:eager` row of every M4+ stage asked for. Each LLM is freed
 (del, gc, empty_cache) before the next is built.
 
@@ -75,7 +76,9 @@ PROG = "python3 tools/profile_step.py"
 STEP_MARK = "folovllm::decode_step"  # the profiler annotation around each measured step
 SYNC_CALLS = {"cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize",
               "cuStreamSynchronize", "cuCtxSynchronize", "cuEventSynchronize"}
-SETTINGS = {"eager": True, "graphs": False}  # row suffix -> enforce_eager
+# row suffix -> the EngineConfig setting it makes
+SETTINGS = {"eager": {"enforce_eager": True}, "graphs": {"enforce_eager": False},
+            "gptq": {"quantization": "gptq"}}
 PROFILER_WARMUP = 2  # profiled steps thrown away (CUPTI's start-up)
 
 
@@ -86,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "CPU time (not blocked on the GPU), the GPU busy time (sum of kernel "
                     "durations), GPU busy %, kernels per step and the top kernels; a "
                     "table and a JSON.",
-        epilog="Rows: STAGE or STAGE:eager / STAGE:graphs (enforce_eager True / False), "
+        epilog="Rows: STAGE or STAGE:eager / STAGE:graphs (enforce_eager True / False) / "
+               "STAGE:gptq (M7's 4-bit weights), "
                "STAGE a package (m3_paged_kv) or short name (m3). The KV cache is sized "
                "to the run (see --kv-cache-memory).")
     p.add_argument("--stages", default="m3_paged_kv,m4_flash_attn",
@@ -312,10 +316,11 @@ def profile_row(package: str, setting: str | None, batch: int, args, mc) -> dict
                                                          2 if cuda else 4)
         row.update(mixed_budget=args.mixed_budget, chunk_tokens=chunk)
     if setting is not None:
-        if "enforce_eager" not in field_names:
-            row["error"] = f"{package}'s EngineConfig has no enforce_eager"
+        (key, value), = SETTINGS[setting].items()
+        if key not in field_names:
+            row["error"] = f"{package}'s EngineConfig has no {key}"
             return row
-        kwargs["enforce_eager"] = SETTINGS[setting]
+        kwargs[key] = value
     row["engine_args"] = kwargs
     began = time.perf_counter()
     llm = stage.LLM(args.model, **kwargs)

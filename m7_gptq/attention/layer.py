@@ -1,0 +1,51 @@
+"""The attention layer: softmax(q k^T / sqrt(d)) v, reading past keys from a KV cache.
+
+Introduced in M0; M1 adds the KV cache; M2 runs a batch of sequences at once and moves
+the attention math behind a backend. The new tokens of all sequences come flat,
+`[num_tokens, heads, d]`. The layer has the backend write each new token's key and
+value into the cache slot the slot mapping gives it (the cache is `[num_blocks,
+block_size, kv_heads, d]`), then hands it the queries and the cache; the backend reads
+every sequence's keys through its block table. In M2 a sequence's block table is one
+block, its whole slot of max_model_len tokens; M3 cuts the cache into small blocks, and
+nothing here changes. M4 adds a second backend, Triton kernels (`flash`), chosen by
+the model runner (`set_attention_backend`); `torch` stays the reference.
+"""
+
+import torch
+from torch import nn
+
+from .backends.torch_ref import TorchRefAttention
+from .metadata import AttentionMetadata
+
+__all__ = ["Attention", "AttentionMetadata", "set_attention_backend"]
+
+
+def make_backend(name: str, num_heads: int, num_kv_heads: int, head_dim: int, scale: float):
+    if name == "torch":
+        return TorchRefAttention(num_heads, num_kv_heads, head_dim, scale)
+    from .backends.flash_attn import FlashAttention  # the attention kernels, when asked for
+    return FlashAttention(num_heads, num_kv_heads, head_dim, scale)
+
+
+class Attention(nn.Module):
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.scale = scale
+        self.backend = make_backend("torch", num_heads, num_kv_heads, head_dim, scale)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                kv_cache: tuple[torch.Tensor, torch.Tensor],
+                attn_metadata: AttentionMetadata) -> torch.Tensor:
+        """q: [T, heads, d]; k, v: [T, kv_heads, d]; cache: [blocks, block_size, kv_heads, d]."""
+        k_cache, v_cache = kv_cache
+        self.backend.write_kv_cache(k, v, k_cache, v_cache, attn_metadata.slot_mapping)
+        return self.backend.forward(q, k_cache, v_cache, attn_metadata)
+
+
+def set_attention_backend(model: nn.Module, name: str) -> None:
+    """Give every attention layer of `model` the backend `name` ("flash" or "torch")."""
+    for module in model.modules():
+        if isinstance(module, Attention):
+            module.backend = make_backend(name, module.num_heads, module.num_kv_heads,
+                                          module.head_dim, module.scale)

@@ -1,0 +1,1 @@
+"""Scheduling: waiting and running queues, one decision per step. Introduced in M2."""

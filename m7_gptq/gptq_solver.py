@@ -1,0 +1,151 @@
+"""The GPTQ solver: quantize one linear layer's weight so its outputs change the least.
+
+Introduced in M7. For a layer y = W x seen on calibration inputs X (`[in, n]`), GPTQ
+minimizes ||W X - Q X||² over the quantized weights Q. Its Hessian is H = 2 X Xᵀ / n.
+The columns of W (one per input feature) are quantized one at a time, left to right;
+after column j is rounded to its grid, the error it makes is compensated by moving the
+columns not yet quantized (the Optimal Brain Surgeon update, OBS):
+
+    w_rest -= (w_j - q_j) / [H⁻¹]_jj * [H⁻¹]_j,rest
+
+where H⁻¹ is the inverse Hessian of the columns still free. That matrix shrinks by one
+column each step; its rows are exactly the rows of U, the upper Cholesky factor of H⁻¹
+(H⁻¹ = Uᵀ U), divided by the diagonal, so one factorization serves every step.
+
+Details that make it work on real layers:
+- dead inputs (H_jj == 0, never active) get H_jj = 1 and a zero weight;
+- dampening: `damp_percent * mean(diag H)` is added to the diagonal (H must be safely
+  positive definite);
+- act-order (`desc_act`): columns are taken by decreasing H_jj (the most active inputs
+  first, while many columns are still free to absorb their error); a column's group is
+  its position in that order // group_size, recorded in g_idx;
+- lazy batch updates: the columns go in blocks of 128; inside a block each column's
+  update touches only the block, and the block's errors reach the later columns in one
+  matrix product;
+- groups: each group of `group_size` columns gets its own grid, fitted (`fit_grid`) when
+  its first column comes up, from the weights as the earlier updates have left them.
+
+RTN (round to nearest) is the same grid without any of this: `rtn_quantize`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .model_executor.layers.quantization.gptq import (GPTQConfig, fit_grid, from_codes,
+                                                      to_codes)
+
+BLOCK_SIZE = 128
+
+
+@dataclass
+class QuantizedWeight:
+    """A layer's quantization, ready for `pack_layer`: codes `[out, in]`, scales and zeros
+    `[groups, out]`, g_idx `[in]` (all in the original column order)."""
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor
+    g_idx: torch.Tensor
+
+    def dequantize(self) -> torch.Tensor:
+        """The weight `[out, in]` these codes stand for (fp32 scales)."""
+        g = self.g_idx.long()
+        return (self.codes - self.zeros.t()[:, g]) * self.scales.t()[:, g]
+
+
+def output_error(weight: torch.Tensor, quantized: torch.Tensor, hessian: torch.Tensor) -> float:
+    """||W X - Q X||² / ||W X||² on the calibration inputs, from H = 2 X Xᵀ / n:
+    tr(D H Dᵀ) / tr(W H Wᵀ) with D = W - Q (the 2 / n cancels)."""
+    w, d, h = weight.double(), (weight - quantized).double(), hessian.double()
+    denom = ((w @ h) * w).sum()
+    return float(((d @ h) * d).sum() / denom) if denom > 0 else 0.0
+
+
+def inverse_hessian_factor(hessian: torch.Tensor) -> torch.Tensor:
+    """U, the upper Cholesky factor of H⁻¹ (H⁻¹ = Uᵀ U), for a positive definite H."""
+    lower = torch.linalg.cholesky(hessian)
+    return torch.linalg.cholesky(torch.cholesky_inverse(lower), upper=True)
+
+
+def quantize_column(block: torch.Tensor, j: int, u_row: torch.Tensor, scale: torch.Tensor,
+                    zero: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Round column j of `block` ([out, cols]) to its grid and spread the error over the
+    block's later columns (OBS; `u_row`: U's row for this column, over the block's
+    columns). Returns (codes, the scaled error (w - q) / U_jj)."""
+    w = block[:, j]
+    codes = to_codes(w[:, None], scale, zero, bits)[:, 0]
+    err = (w - from_codes(codes[:, None], scale, zero)[:, 0]) / u_row[j]
+    block[:, j + 1:] -= err[:, None] * u_row[None, j + 1:]
+    return codes, err
+
+
+def prepare_hessian(weight: torch.Tensor, hessian: torch.Tensor,
+                    damp_percent: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight, hessian) copies in fp32 with dead inputs zeroed and the diagonal damped."""
+    w, h = weight.float().clone(), hessian.float().clone()
+    dead = h.diagonal() == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    h.diagonal().add_(damp_percent * h.diagonal().mean())
+    return w, h
+
+
+def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, config: GPTQConfig,
+                  block_size: int = BLOCK_SIZE) -> QuantizedWeight:
+    """GPTQ for one layer: `weight` [out, in], `hessian` [in, in] (2 X Xᵀ / n)."""
+    w, h = prepare_hessian(weight, hessian, config.damp_percent)
+    out_features, in_features = w.shape
+    rows = config.rows_per_group(in_features)
+    perm = torch.argsort(h.diagonal(), descending=True) if config.desc_act \
+        else torch.arange(in_features)
+    w, h = w[:, perm], h[perm][:, perm]
+    u = inverse_hessian_factor(h)
+    codes = torch.zeros_like(w)
+    scales, zeros = [], []
+    for b0 in range(0, in_features, block_size):
+        b1 = min(b0 + block_size, in_features)
+        block, errors = w[:, b0:b1].clone(), torch.zeros(out_features, b1 - b0)
+        for j in range(b1 - b0):
+            if (b0 + j) % rows == 0:  # a new group: its grid from the current weights
+                group = _current_columns(w, block, errors, u, b0, j, b0 + j + rows)
+                scale, zero = fit_grid(group, config.bits, config.sym)
+                scales.append(scale)
+                zeros.append(zero)
+            codes[:, b0 + j], errors[:, j] = quantize_column(
+                block, j, u[b0 + j, b0:b1], scale, zero, config.bits)
+        w[:, b1:] -= errors @ u[b0:b1, b1:]  # the block's errors, to every later column
+    inverse = torch.argsort(perm)
+    g_idx = (torch.arange(in_features) // rows)[inverse]
+    return QuantizedWeight(codes[:, inverse], torch.stack(scales), torch.stack(zeros),
+                           g_idx.to(torch.int32))
+
+
+def _current_columns(w: torch.Tensor, block: torch.Tensor, errors: torch.Tensor,
+                     u: torch.Tensor, b0: int, j: int, end: int) -> torch.Tensor:
+    """Columns [b0 + j, end) as they stand now: those inside the block from `block`,
+    those past it from `w` with the block's pending errors (columns b0..b0+j-1) applied."""
+    b1 = b0 + block.shape[1]
+    inside = block[:, j:min(end, b1) - b0]
+    if end <= b1:
+        return inside
+    pending = w[:, b1:end] - errors[:, :j] @ u[b0:b0 + j, b1:end]
+    return torch.cat([inside, pending], dim=1)
+
+
+def rtn_quantize(weight: torch.Tensor, config: GPTQConfig) -> QuantizedWeight:
+    """Round to nearest: each group of columns on its own grid, nothing compensated
+    (the same grid and format as GPTQ; `gptq.rtn_layer` packs the same numbers)."""
+    w = weight.float()
+    rows = config.rows_per_group(w.shape[1])
+    codes, scales, zeros = torch.empty_like(w), [], []
+    for start in range(0, w.shape[1], rows):
+        scale, zero = fit_grid(w[:, start:start + rows], config.bits, config.sym)
+        codes[:, start:start + rows] = to_codes(w[:, start:start + rows], scale, zero,
+                                                config.bits)
+        scales.append(scale)
+        zeros.append(zero)
+    g_idx = (torch.arange(w.shape[1]) // rows).to(torch.int32)
+    return QuantizedWeight(codes, torch.stack(scales), torch.stack(zeros), g_idx)

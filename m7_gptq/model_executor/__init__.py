@@ -1,0 +1,1 @@
+"""Model code: the Llama family, its layers, and the weight loader."""

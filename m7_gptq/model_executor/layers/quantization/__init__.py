@@ -1,0 +1,1 @@
+"""Quantization methods for the linear layers (M7): GPTQ (`gptq.py`)."""

@@ -1,0 +1,336 @@
+"""GPTQ weights: the checkpoint format, the quantization grid, and the layer that runs them.
+
+Introduced in M7. A GPTQ checkpoint stores each quantized linear layer (`out x in`
+weight W) as four tensors, the format AutoGPTQ wrote and GPTQModel and vLLM read
+(format "v1", `checkpoint_format: gptq`):
+
+    qweight  int32 [in * bits / 32, out]  the codes q, 32 / bits per int32 along the
+                                           input dimension, lowest bits first
+    qzeros   int32 [groups, out * bits / 32]  each group's zero point z, packed along
+                                           the output dimension, stored as z - 1 (v1)
+    scales   fp16  [groups, out]           each group's step s
+    g_idx    int32 [in]                    the group of each input row
+
+and W[o, i] ~ (q[i, o] - z[g, o]) * s[g, o] with g = g_idx[i]. A group is `group_size`
+consecutive input rows (-1: one group, the whole row), unless the checkpoint was written
+with act-order (`desc_act`), where g_idx says which rows share a group.
+
+`GPTQLinear` holds those tensors in place of an `nn.Linear`. After loading it puts the
+rows in group order once (act-order: the input is permuted to match at run time), so
+the kernels read groups of consecutive rows. On CUDA it runs the W4A16 / W8A16 Triton
+kernels (`ops/gptq_gemm.py`); on the CPU it dequantizes the weight once and runs a plain
+matmul (the reference: the same numbers, no memory saved).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+SUPPORTED_BITS = (4, 8)
+# The linear layers of a decoder layer that a GPTQ checkpoint quantizes (lm_head is not).
+QUANTIZED_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                     "down_proj")
+
+
+@dataclass(frozen=True)
+class GPTQConfig:
+    """The settings a GPTQ checkpoint was written with (`quantize_config.json`)."""
+
+    bits: int = 4
+    group_size: int = 64  # input rows per group; -1: one group per output channel
+    desc_act: bool = False  # act-order: columns quantized by decreasing Hessian diagonal
+    sym: bool = True  # symmetric: every zero point is 2^(bits - 1)
+    damp_percent: float = 0.01  # the quantizer's dampening (recorded, not used to load)
+
+    def __post_init__(self) -> None:
+        if self.bits not in SUPPORTED_BITS:
+            raise ValueError(f"quantization_config.bits: {self.bits!r} is not supported; "
+                             f"this engine loads GPTQ checkpoints of {SUPPORTED_BITS} bits")
+        if not (self.group_size == -1 or (isinstance(self.group_size, int)
+                                          and self.group_size > 0)):
+            raise ValueError("quantization_config.group_size: must be -1 (per channel) or "
+                             f"a positive number of rows, got {self.group_size!r}")
+        for name in ("desc_act", "sym"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"quantization_config.{name}: must be true or false, got "
+                                 f"{getattr(self, name)!r}")
+
+    @property
+    def pack_factor(self) -> int:
+        """Codes per int32."""
+        return 32 // self.bits
+
+    @property
+    def max_code(self) -> int:
+        return 2 ** self.bits - 1
+
+    def rows_per_group(self, in_features: int) -> int:
+        return in_features if self.group_size == -1 else self.group_size
+
+    @classmethod
+    def from_dict(cls, cfg: dict) -> "GPTQConfig":
+        """Read `quantization_config` (config.json) or `quantize_config.json`; refuse what
+        this engine cannot load, naming the setting."""
+        method = cfg.get("quant_method", "gptq")
+        if method != "gptq":
+            raise ValueError(f"quantization_config.quant_method: {method!r} is not "
+                             "supported; this engine loads GPTQ checkpoints only")
+        fmt = cfg.get("checkpoint_format", "gptq")
+        if fmt != "gptq":
+            raise ValueError(f"quantization_config.checkpoint_format: {fmt!r} is not "
+                             "supported; this engine loads format v1 ('gptq', zeros stored "
+                             "minus one), the one AutoGPTQ wrote")
+        if cfg.get("lm_head", False):
+            raise ValueError("quantization_config.lm_head: a quantized lm_head is not "
+                             "supported; this engine keeps lm_head in the model dtype")
+        return cls(bits=cfg.get("bits", 4), group_size=cfg.get("group_size", 128),
+                   desc_act=cfg.get("desc_act", False), sym=cfg.get("sym", True),
+                   damp_percent=cfg.get("damp_percent", 0.01))
+
+    def to_dict(self) -> dict:
+        """`quantize_config.json`, and `quantization_config` in config.json."""
+        return dict(quant_method="gptq", bits=self.bits, group_size=self.group_size,
+                    desc_act=self.desc_act, sym=self.sym, damp_percent=self.damp_percent,
+                    checkpoint_format="gptq", lm_head=False)
+
+
+def read_quantization_config(folder: Path, hf_config: dict) -> GPTQConfig | None:
+    """The folder's GPTQ settings: config.json's `quantization_config`, else a
+    `quantize_config.json` beside it; None for an unquantized model."""
+    cfg = hf_config.get("quantization_config")
+    if cfg is None and (folder / "quantize_config.json").is_file():
+        cfg = json.loads((folder / "quantize_config.json").read_text())
+    return None if cfg is None else GPTQConfig.from_dict(cfg)
+
+
+# --- packing: codes <-> int32 words ---------------------------------------------------
+
+def pack(codes: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
+    """Pack integer codes in [0, 2^bits) along `dim`: 32 / bits consecutive codes per
+    int32, the first in the lowest bits. `dim`'s size must be a multiple of 32 / bits."""
+    per_word = 32 // bits
+    codes = codes.movedim(dim, -1).to(torch.int64)
+    if codes.shape[-1] % per_word:
+        raise ValueError(f"pack: {codes.shape[-1]} codes along dim {dim} is not a multiple "
+                         f"of {per_word}")
+    if codes.numel() and (codes.min() < 0 or codes.max() >= 2 ** bits):
+        raise ValueError(f"pack: codes must lie in [0, {2 ** bits})")
+    words = codes.reshape(*codes.shape[:-1], -1, per_word)
+    shifts = torch.arange(per_word, dtype=torch.int64, device=codes.device) * bits
+    packed = (words << shifts).sum(-1)  # the fields do not overlap: sum == bitwise or
+    packed = torch.where(packed >= 2 ** 31, packed - 2 ** 32, packed)  # as a signed int32
+    return packed.to(torch.int32).movedim(-1, dim).contiguous()
+
+
+def unpack(packed: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
+    """The inverse of `pack`: int32 words -> int32 codes, 32 / bits times longer on `dim`."""
+    per_word = 32 // bits
+    words = packed.movedim(dim, -1).to(torch.int64) & 0xFFFFFFFF
+    shifts = torch.arange(per_word, dtype=torch.int64, device=packed.device) * bits
+    codes = (words.unsqueeze(-1) >> shifts) & (2 ** bits - 1)
+    codes = codes.reshape(*words.shape[:-1], -1)
+    return codes.to(torch.int32).movedim(-1, dim).contiguous()
+
+
+# --- the grid: W ~ (q - z) * s ----------------------------------------------------------
+
+def fit_grid(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point per row of `w` ([rows, n]) for a `bits`-bit grid covering the
+    row's range (and 0). Asymmetric: z in [1, 2^bits - 1] (format v1 stores z - 1, so
+    z = 0 cannot be written); symmetric: z = 2^(bits - 1) and the grid covers +-max|w|."""
+    max_code = 2 ** bits - 1
+    lo = w.min(dim=1).values.clamp(max=0)
+    hi = w.max(dim=1).values.clamp(min=0)
+    if sym:
+        hi = torch.maximum(-lo, hi)
+        lo = -hi
+    scale = (hi - lo) / max_code
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero row
+    if sym:
+        zero = torch.full_like(scale, (max_code + 1) // 2)
+    else:
+        zero = torch.round(-lo / scale).clamp(1, max_code)
+    return scale, zero
+
+
+def to_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+             bits: int) -> torch.Tensor:
+    """Round `w` ([rows, n]) to its grid (scale, zero per row): integer codes (as floats)."""
+    return torch.clamp(torch.round(w / scale[:, None]) + zero[:, None], 0, 2 ** bits - 1)
+
+
+def from_codes(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    return (codes - zero[:, None]) * scale[:, None]
+
+
+def dequantize(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+               g_idx: torch.Tensor, bits: int) -> torch.Tensor:
+    """The checkpoint's weight, `[in, out]` in the scales' dtype: (q - z) * s, where z is
+    the stored zero plus one (format v1), row i using group g_idx[i]."""
+    codes = unpack(qweight, bits, dim=0)
+    zeros = unpack(qzeros, bits, dim=1) + 1
+    g = g_idx.long()
+    return ((codes - zeros[g]).to(scales.dtype) * scales[g])
+
+
+def pack_layer(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+               g_idx: torch.Tensor, bits: int) -> dict[str, torch.Tensor]:
+    """A quantized layer's checkpoint tensors from its codes `[out, in]`, scales and zeros
+    `[groups, out]` and g_idx `[in]` (the layer's bias, if any, is saved beside them)."""
+    return dict(qweight=pack(codes.t().to(torch.int32), bits, dim=0),
+                qzeros=pack((zeros.to(torch.int32) - 1), bits, dim=1),
+                scales=scales.to(torch.float16).contiguous(),
+                g_idx=g_idx.to(torch.int32).contiguous())
+
+
+def rtn_layer(weight: torch.Tensor, config: GPTQConfig) -> dict[str, torch.Tensor]:
+    """Round-to-nearest: each group of input rows of `weight` ([out, in]) on its own grid,
+    as checkpoint tensors. The baseline GPTQ is compared with, and how a dummy model
+    gets quantized weights."""
+    out_features, in_features = weight.shape
+    rows = config.rows_per_group(in_features)
+    w = weight.float()
+    codes = torch.empty_like(w)
+    scales, zeros = [], []
+    for start in range(0, in_features, rows):
+        block = w[:, start:start + rows]
+        scale, zero = fit_grid(block, config.bits, config.sym)
+        codes[:, start:start + rows] = to_codes(block, scale, zero, config.bits)
+        scales.append(scale)
+        zeros.append(zero)
+    g_idx = torch.arange(in_features) // rows
+    return pack_layer(codes, torch.stack(scales), torch.stack(zeros), g_idx, config.bits)
+
+
+# --- the layer ----------------------------------------------------------------------------
+
+def _frozen(shape, dtype) -> nn.Parameter:
+    return nn.Parameter(torch.empty(shape, dtype=dtype), requires_grad=False)
+
+
+class GPTQLinear(nn.Module):
+    """A linear layer whose weight is GPTQ-quantized: y = x W^T + b."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool,
+                 config: GPTQConfig, dtype: torch.dtype) -> None:
+        super().__init__()
+        rows = config.rows_per_group(in_features)
+        pf = config.pack_factor
+        if in_features % pf or out_features % pf or in_features % rows:
+            raise ValueError(
+                f"quantization: a {in_features} x {out_features} linear layer cannot hold "
+                f"{config.bits}-bit GPTQ weights in groups of {config.group_size} (both "
+                f"sizes must be multiples of {pf}, the input size a multiple of the group)")
+        self.in_features, self.out_features, self.config = in_features, out_features, config
+        groups = in_features // rows
+        self.qweight = _frozen((in_features // pf, out_features), torch.int32)
+        self.qzeros = _frozen((groups, out_features // pf), torch.int32)
+        self.scales = _frozen((groups, out_features), dtype)
+        self.g_idx = _frozen((in_features,), torch.int32)
+        self.bias = _frozen((out_features,), dtype) if bias else None
+        # Set by prepare(): what the kernels and the CPU path read.
+        self.input_perm: torch.Tensor | None = None  # act-order: x[:, perm] matches rows
+        self.weight: torch.Tensor | None = None  # CPU only: the dequantized [out, in]
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (f"in={self.in_features}, out={self.out_features}, bits={c.bits}, "
+                f"group_size={c.group_size}, desc_act={c.desc_act}, sym={c.sym}")
+
+    @torch.no_grad()
+    def prepare(self) -> None:
+        """After loading: rows in group order (act-order's permutation kept for the input),
+        and on the CPU the dequantized weight."""
+        bits, rows = self.config.bits, self.config.rows_per_group(self.in_features)
+        g_idx = self.g_idx.long()
+        in_order = torch.arange(self.in_features, device=g_idx.device) // rows
+        if not torch.equal(g_idx, in_order):
+            perm = torch.argsort(g_idx, stable=True)
+            if not torch.equal(g_idx[perm], in_order):
+                raise ValueError("quantization: g_idx does not put group_size rows in "
+                                 f"each group ({self.extra_repr()})")
+            codes = unpack(self.qweight.data, bits, dim=0)[perm]
+            self.qweight.data = pack(codes.cpu(), bits, dim=0).to(self.qweight.device)
+            self.g_idx.data = in_order.to(torch.int32)
+            self.input_perm = perm
+        if self.scales.device.type == "cpu":
+            self.weight = dequantize(self.qweight, self.qzeros, self.scales, self.g_idx,
+                                     bits).t().contiguous()
+        else:  # the kernels' scratch counters, made now rather than in a graph capture
+            from ....ops.gptq_gemm import split_counters
+            split_counters(self.scales.device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_perm is not None:
+            x = x[..., self.input_perm]
+        if self.weight is not None:  # the CPU reference
+            return F.linear(x, self.weight, self.bias)
+        from ....ops.gptq_gemm import gptq_matmul  # the kernels, on CUDA
+        y = gptq_matmul(x.reshape(-1, self.in_features), self.qweight, self.scales,
+                        self.qzeros, self.config.rows_per_group(self.in_features),
+                        self.config.bits, self.bias)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+
+def quantize_linear_layers(model: nn.Module, config: GPTQConfig,
+                           round_weights: bool = False) -> list[str]:
+    """Swap each quantized linear layer of `model` (see QUANTIZED_LINEARS) for a GPTQLinear
+    of the same shape, dtype and device. Empty, ready for a checkpoint's tensors; or, with
+    `round_weights`, holding the layer's own weights rounded to the grid (`rtn_layer`: how
+    a dummy model gets quantized weights). lm_head and the embeddings stay as they are.
+    Returns the names of the swapped layers."""
+    swapped = []
+    for name, module in list(model.named_modules()):
+        if not (isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in QUANTIZED_LINEARS):
+            continue
+        weight = module.weight
+        with torch.device(weight.device):
+            layer = GPTQLinear(module.in_features, module.out_features,
+                               module.bias is not None, config, weight.dtype)
+        if round_weights:
+            with torch.no_grad():
+                for key, tensor in rtn_layer(weight.data, config).items():
+                    getattr(layer, key).copy_(tensor)
+                if module.bias is not None:
+                    layer.bias.copy_(module.bias)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, layer)
+        swapped.append(name)
+    return swapped
+
+
+def prepare_quantized_layers(model: nn.Module) -> None:
+    """After loading: each GPTQLinear puts its rows in group order (see `prepare`)."""
+    for module in model.modules():
+        if isinstance(module, GPTQLinear):
+            module.prepare()
+
+
+def weight_bytes(model: nn.Module) -> dict[str, int]:
+    """What the weights take: `quantized` (every tensor the GPTQ layers keep, packed
+    codes, scales, zeros, g_idx and any act-order permutation), `dense` (those layers'
+    weights at the model dtype's size, the same shapes unquantized), and `total` (the
+    whole model, shared tensors once: embeddings, norms and lm_head included; on the
+    CPU also the dequantized copies the reference path runs)."""
+    seen, total = set(), 0
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        if tensor.data_ptr() not in seen:
+            seen.add(tensor.data_ptr())
+            total += tensor.numel() * tensor.element_size()
+    quantized = dense = 0
+    for layer in model.modules():
+        if isinstance(layer, GPTQLinear):
+            kept = [layer.qweight, layer.qzeros, layer.scales, layer.g_idx, layer.input_perm]
+            size = sum(t.numel() * t.element_size() for t in kept if t is not None)
+            quantized += size
+            total += size - sum(t.numel() * t.element_size() for t in kept[:4])  # the perm
+            dense += layer.in_features * layer.out_features * layer.scales.element_size()
+            if layer.weight is not None:  # the CPU's dequantized copy
+                total += layer.weight.numel() * layer.weight.element_size()
+    return dict(quantized=quantized, dense=dense, total=total)

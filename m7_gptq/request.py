@@ -1,0 +1,89 @@
+"""Requests and sequences: the engine's bookkeeping for one prompt.
+
+Introduced in M0. A `Request` is what the user asked for; a `Sequence` is the tokens the
+engine is producing for it, with a status. M1 adds what generation tracks: how many
+tokens the KV cache holds, the text so far, and the timing metrics. M2 gives each
+running sequence a slot of the KV cache; M3 replaces it with a list of KV blocks. M4
+keeps the generated tokens in a list of their own, so no step copies them out. M6
+gives a sequence the hashes of its full blocks (for the prefix cache) and the tokens it
+started with cached; a request may have n sequences (`SamplingParams(n=...)`), the
+samples, each the request's `index`-th.
+"""
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+from .outputs import RequestMetrics
+from .sampling_params import SamplingParams
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED_STOPPED = "stop"  # EOS, a stop token or a stop string
+    FINISHED_LENGTH_CAPPED = "length"  # max_tokens or max_model_len reached
+    FINISHED_ABORTED = "abort"
+
+    @property
+    def is_finished(self) -> bool:
+        return self.name.startswith("FINISHED")
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt: str | None
+    sampling_params: SamplingParams
+    arrival_time: float = field(default_factory=time.perf_counter)
+    prompt_token_ids: list[int] = field(default_factory=list)
+    sequences: list = field(default_factory=list)  # its n samples' Sequences (M6)
+
+
+@dataclass
+class Sequence:
+    seq_id: int
+    request_id: str
+    token_ids: list[int]  # prompt tokens, then generated ones
+    kv_blocks: list = field(default_factory=list)  # M3: its KVBlocks, in token order
+    status: SequenceStatus = SequenceStatus.WAITING
+    num_prompt_tokens: int = field(init=False)
+    num_computed_tokens: int = 0  # tokens whose keys and values are in the KV cache
+    output_text: str = ""
+    stop_reason: str | int | None = None
+    # Incremental detokenization: text is decoded from token prefix_offset on.
+    prefix_offset: int = 0
+    read_offset: int = 0
+    metrics: RequestMetrics | None = None
+    generator: object = None  # torch.Generator when the request has a seed
+    output_logprobs: list = field(default_factory=list)  # per output token, if asked for
+    prompt_logprobs: list | None = None  # per prompt token, if asked for
+    output_token_ids: list[int] = field(default_factory=list)  # the generated ones (M4)
+    index: int = 0  # M6: which of its request's n samples it is
+    # tokens it started with in the cache at its latest admission (a prefix hit, or its
+    # sibling's prompt at a fork): its first step computes from there
+    num_cached_tokens: int = 0
+    num_prompt_cached_tokens: int | None = None  # its first admission's hit: its output's
+    block_hashes: list[bytes] = field(default_factory=list)  # of its full blocks, in order
+    num_hashed_blocks: int = 0  # its first blocks, registered in the prefix cache
+    reads_prefix_cache: bool = True  # False: it computes its whole prompt (prompt logprobs)
+
+    def __post_init__(self) -> None:
+        self.num_prompt_tokens = len(self.token_ids)
+        self.read_offset = self.num_prompt_tokens
+        self.prefix_offset = max(0, self.num_prompt_tokens - 5)
+
+    def append_token(self, token: int) -> None:
+        """A generated token joins both lists (M4: no step slices the output off)."""
+        self.token_ids.append(token)
+        self.output_token_ids.append(token)
+
+    @property
+    def name(self) -> str:
+        """What the scheduler and the worker call it (M6): its request's id, and for the
+        second of n samples on, the id and its index, as in `req-3/1`."""
+        return self.request_id if self.index == 0 else f"{self.request_id}/{self.index}"
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens

@@ -1,0 +1,1 @@
+"""The worker: owns the device, the model and (from M1) the KV cache."""

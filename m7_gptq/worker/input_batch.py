@@ -1,0 +1,224 @@
+"""The step's inputs: the scheduler's plain ints turned into the model's flat batch.
+
+Introduced in M2 (where a sequence's one block is its whole slot; M3's blocks are
+small, and nothing here changes). Each scheduled sequence computes the new tokens at
+positions `[num_computed, num_computed + n)`: a whole prompt, the one token sampled
+last step, or (M5) a chunk of a prompt: the same case. They are laid one after the
+other into one flat batch of `T` tokens, with
+
+- `positions`: each token's position in its sequence (for the rotary embedding);
+- `slot_mapping`: the cache slot its K/V are written to, from the block table;
+- `query_start_loc`, `seq_lens`, padded `block_tables`: where each sequence's tokens
+  are in the batch, and how many keys it has once they are written (attention's view);
+- `logits_indices`: the row of each sequence's last token, the one whose logits give
+  its next token (M5: of the sequences that sample one: not a chunk inside its prompt).
+
+M4 makes this cheap enough that the GPU no longer waits for it. `InputBatch` is made
+once and kept: each running sequence owns a row of a block table that is only appended
+to (the scheduler sends a sequence's new blocks, not its whole table), and of a table of
+its sampling parameters, written once when it starts. A step's arrays are computed with
+numpy in a few vectorized operations (no Python loop over tokens) into pinned host
+buffers and copied to device buffers allocated once, without waiting. Those device
+buffers are also what a CUDA graph reads (`worker/cuda_graph.py`): their addresses never
+change. M5: a step can be padded to a graph's size, its tokens with tokens that write to
+slot -1 (nowhere), its sequences with empty ones (no new token, no keys).
+"""
+
+import itertools
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..attention.metadata import AttentionMetadata
+from ..model_executor.layers.sampler import SamplingTensors
+from ..sampling_params import SamplingParams
+from ..utils import cdiv
+
+
+@dataclass
+class ModelInputs:
+    input_ids: torch.Tensor  # [T]
+    positions: torch.Tensor  # [T]
+    attn_metadata: AttentionMetadata
+    logits_indices: torch.Tensor  # [S] the last tokens of the sequences that sample (M5)
+
+
+def slot_of(block_ids: list[int], block_size: int, position: int) -> int:
+    """Where token `position` of a sequence holding blocks `block_ids` is in the cache."""
+    return block_ids[position // block_size] * block_size + position % block_size
+
+
+class StepBuffers:
+    """One step's arrays at their largest, allocated once: pinned on the host (so the
+    copy to the GPU need not wait), or on the device."""
+
+    def __init__(self, max_num_seqs: int, max_num_tokens: int, max_blocks_per_seq: int,
+                 device: torch.device, pin_memory: bool = False) -> None:
+        def buffer(*shape: int) -> torch.Tensor:
+            return torch.zeros(shape, dtype=torch.long, device=device, pin_memory=pin_memory)
+        self.input_ids = buffer(max_num_tokens)
+        self.positions = buffer(max_num_tokens)
+        self.slot_mapping = buffer(max_num_tokens)
+        self.query_start_loc = buffer(max_num_seqs + 1)
+        self.seq_lens = buffer(max_num_seqs)
+        self.block_tables = buffer(max_num_seqs, max_blocks_per_seq)
+        self.logits_indices = buffer(max_num_seqs)
+        self.sampling = torch.zeros(5, max_num_seqs, dtype=torch.float32, device=device,
+                                    pin_memory=pin_memory)
+
+    def names(self) -> list[str]:
+        return list(vars(self))
+
+
+# columns of the sampling parameter table, one row per running sequence
+TEMPERATURE, TOP_K, TOP_P, MIN_P, GREEDY = range(5)
+
+
+class InputBatch:
+    """The worker's lasting view of the running sequences, and each step's inputs."""
+
+    def __init__(self, max_num_seqs: int, max_num_tokens: int, max_blocks_per_seq: int,
+                 block_size: int, device: torch.device) -> None:
+        self.block_size, self.device = block_size, device
+        self.max_num_seqs, self.max_num_tokens = max_num_seqs, max_num_tokens
+        # Per running sequence (a row each), kept from step to step.
+        self.block_table = np.zeros((max_num_seqs, max_blocks_per_seq), dtype=np.int64)
+        self.sampling_table = np.zeros((max_num_seqs, 5), dtype=np.float32)
+        self.rows: dict[str, int] = {}  # request id -> its row
+        self.free_rows = list(range(max_num_seqs - 1, -1, -1))
+        self.step_rows = np.zeros(0, dtype=np.int64)  # the rows of the last step, in order
+        self.sampled: list[int] = []  # which of the last step's sequences sample (M5)
+        pin = device.type == "cuda"
+        self.host = StepBuffers(max_num_seqs, max_num_tokens, max_blocks_per_seq, "cpu", pin)
+        self.gpu = StepBuffers(max_num_seqs, max_num_tokens, max_blocks_per_seq, device)
+
+    # -- the lasting part ---------------------------------------------------------------
+    def forget(self, request_ids: list[str]) -> None:
+        """These sequences' blocks were freed: their rows go back."""
+        for request_id in request_ids:
+            row = self.rows.pop(request_id, None)
+            if row is not None:
+                self.free_rows.append(row)
+
+    def _update_row(self, scheduled, params: SamplingParams) -> int:
+        """The sequence's row, with its block table brought up to date."""
+        row = self.rows.get(scheduled.request_id)
+        if scheduled.is_new:
+            if row is None:
+                row = self.rows[scheduled.request_id] = self.free_rows.pop()
+            self.sampling_table[row] = (params.temperature or 1.0, params.top_k,
+                                        params.top_p, params.min_p, params.greedy)
+        elif row is None:
+            raise RuntimeError(f"request {scheduled.request_id!r}: no block table kept for it "
+                               "(its first step never reached the worker)")
+        # The new blocks follow those that hold the tokens already computed (the same rule
+        # as the scheduler's), so a step sent again after a failed one writes the same.
+        start = 0 if scheduled.is_new else cdiv(scheduled.num_computed_tokens, self.block_size)
+        new = scheduled.new_block_ids
+        self.block_table[row, start:start + len(new)] = new
+        return row
+
+    # -- one step -------------------------------------------------------------------------
+    def prepare(self, scheduled: list, params: list[SamplingParams],
+                pad_to: tuple[int, int] | None = None) -> ModelInputs:
+        """The model's inputs for the scheduled sequences (duck-typed `ScheduledSequence`s:
+        request_id, new_token_ids, num_computed_tokens, new_block_ids, is_new,
+        next_token_id). With `pad_to` = (tokens, sequences), the step grows to that size
+        with padding (M5)."""
+        rows = np.fromiter((self._update_row(s, p) for s, p in zip(scheduled, params)),
+                           dtype=np.int64, count=len(scheduled))
+        query_lens = np.fromiter((len(s.new_token_ids) for s in scheduled), dtype=np.int64,
+                                 count=len(scheduled))
+        computed = np.fromiter((s.num_computed_tokens for s in scheduled), dtype=np.int64,
+                               count=len(scheduled))
+        num_tokens = int(query_lens.sum())
+        token_ids = np.fromiter(itertools.chain.from_iterable(s.new_token_ids for s in scheduled),
+                                dtype=np.int64, count=num_tokens)
+        self.step_rows = rows
+        # A chunk that stops inside its prompt samples nothing (M5).
+        self.sampled = [i for i, s in enumerate(scheduled) if s.next_token_id is None]
+        return self._fill(rows, query_lens, computed, token_ids, pad_to)
+
+    def _fill(self, rows: np.ndarray, query_lens: np.ndarray, computed: np.ndarray,
+              token_ids: np.ndarray, pad_to: tuple[int, int] | None) -> ModelInputs:
+        num_seqs, num_tokens = len(rows), len(token_ids)
+        starts = np.zeros(num_seqs + 1, dtype=np.int64)
+        np.cumsum(query_lens, out=starts[1:])
+        seq_of_token = np.repeat(np.arange(num_seqs), query_lens)
+        positions = np.arange(num_tokens) - starts[seq_of_token] + computed[seq_of_token]
+        blocks = self.block_table[rows[seq_of_token], positions // self.block_size]
+        seq_lens = computed + query_lens
+
+        padded_tokens, padded_seqs = (num_tokens, num_seqs) if pad_to is None else pad_to
+        h = {name: getattr(self.host, name).numpy() for name in self.host.names()}
+        h["input_ids"][:num_tokens] = token_ids
+        h["positions"][:num_tokens] = positions
+        h["slot_mapping"][:num_tokens] = blocks * self.block_size + positions % self.block_size
+        h["query_start_loc"][:num_seqs + 1] = starts
+        h["seq_lens"][:num_seqs] = seq_lens
+        h["block_tables"][:num_seqs] = self.block_table[rows]
+        num_sampled = len(self.sampled)
+        h["logits_indices"][:num_sampled] = starts[1:][self.sampled] - 1
+        # padding: tokens at position 0 written nowhere and of no sequence; sequences
+        # with no new token and no keys (M5)
+        h["input_ids"][num_tokens:padded_tokens] = 0
+        h["positions"][num_tokens:padded_tokens] = 0
+        h["slot_mapping"][num_tokens:padded_tokens] = -1
+        h["query_start_loc"][num_seqs + 1:padded_seqs + 1] = num_tokens
+        h["seq_lens"][num_seqs:padded_seqs] = 0
+
+        g = self.gpu
+        # The host buffers are reused next step: safe, because every step ends by copying
+        # its sampled tokens back, which waits for these copies to be done.
+        for name, length in (("input_ids", padded_tokens), ("positions", padded_tokens),
+                             ("slot_mapping", padded_tokens),
+                             ("query_start_loc", padded_seqs + 1),
+                             ("seq_lens", padded_seqs), ("block_tables", padded_seqs),
+                             ("logits_indices", num_sampled)):
+            getattr(g, name)[:length].copy_(getattr(self.host, name)[:length],
+                                            non_blocking=True)
+        metadata = AttentionMetadata(
+            query_start_loc=g.query_start_loc[:padded_seqs + 1],
+            seq_lens=g.seq_lens[:padded_seqs], block_tables=g.block_tables[:padded_seqs],
+            slot_mapping=g.slot_mapping[:padded_tokens],
+            max_query_len=int(query_lens.max()), max_seq_len=int(seq_lens.max()))
+        return ModelInputs(g.input_ids[:padded_tokens], g.positions[:padded_tokens], metadata,
+                           g.logits_indices[:num_sampled])
+
+    def sampling_tensors(self) -> SamplingTensors:
+        """The last step's sampling parameters, gathered from the kept table (M5: of its
+        sequences that sample)."""
+        rows = self.step_rows[self.sampled]
+        table = self.sampling_table[rows]  # [B, 5]
+        num_seqs = len(rows)
+        columns = self.gpu.sampling[:, :num_seqs]
+        if table[:, GREEDY].all():  # one argmax: no parameter is read, none is copied
+            return SamplingTensors(*columns, all_greedy=True)
+        self.host.sampling.numpy()[:, :num_seqs] = table.T
+        columns.copy_(self.host.sampling[:, :num_seqs], non_blocking=True)
+        return SamplingTensors(columns[TEMPERATURE], columns[TOP_K].long(), columns[TOP_P],
+                               columns[MIN_P], columns[GREEDY].bool(), all_greedy=False)
+
+
+@dataclass
+class _NewSequence:
+    request_id: str
+    new_token_ids: list[int]
+    num_computed_tokens: int
+    new_block_ids: list[int]
+    is_new: bool = True
+    next_token_id: int | None = None
+
+
+def prepare_inputs(new_token_ids: list[list[int]], num_computed_tokens: list[int],
+                   block_ids: list[list[int]], block_size: int,
+                   device: torch.device) -> ModelInputs:
+    """One flat batch from each sequence's new tokens, start position and block ids, in a
+    batch of its own (for tests and for profiling a step)."""
+    max_blocks = max(len(blocks) for blocks in block_ids)
+    batch = InputBatch(len(new_token_ids), sum(len(ids) for ids in new_token_ids), max_blocks,
+                       block_size, device)
+    scheduled = [_NewSequence(str(i), ids, start, blocks) for i, (ids, start, blocks)
+                 in enumerate(zip(new_token_ids, num_computed_tokens, block_ids))]
+    return batch.prepare(scheduled, [SamplingParams()] * len(scheduled))
