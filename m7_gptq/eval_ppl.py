@@ -71,17 +71,17 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def provenance(argv: list[str]) -> dict:
-    """Command, git commit, machine and versions: the bench's fields when run from the
-    repository, a minimal set otherwise."""
+def provenance(argv: list[str], device: str) -> dict:
+    """Command, git commit, machine (with the GPU when `device` is one) and versions: the
+    bench's fields when run from the repository, a minimal set otherwise."""
     prog = f"python -m {__package__}.eval_ppl"
     try:
         from bench.provenance import provenance as bench_provenance
     except ImportError:
         import torch
-        return dict(command=shlex.join([prog, *argv]), machine=platform.node(),
+        return dict(command=shlex.join([*shlex.split(prog), *argv]), machine=platform.node(),
                     versions=dict(python=platform.python_version(), torch=torch.__version__))
-    return bench_provenance(prog, argv, device="cpu")
+    return bench_provenance(prog, argv, device=device)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -121,7 +121,8 @@ def main(argv=None) -> int:
               f"{results[-1]['tokens']} tokens ({results[-1]['seconds']:.1f} s)")
     print(table(results))
     if args.out:
-        report = dict(provenance(argv), text=args.text_file or "stdlib:heldout",
+        device = "cuda" if results[0]["device"].startswith("cuda") else "cpu"
+        report = dict(provenance(argv, device), text=args.text_file or "stdlib:heldout",
                       seq_len=args.seq_len, results=results)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(report, indent=1) + "\n")

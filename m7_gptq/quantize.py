@@ -298,7 +298,7 @@ def _linear_shapes(mc: ModelConfig) -> set[tuple[int, int]]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    args.command = shlex.join([f"python -m {__package__}.quantize",
+    args.command = shlex.join(["python", "-m", f"{__package__}.quantize",
                                *(sys.argv[1:] if argv is None else argv)])
     try:
         return _quantize(args)

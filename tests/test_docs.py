@@ -355,6 +355,129 @@ def test_kernel_table_shows_decode_and_prefill_with_their_goals(tmp_path, monkey
         render(f"<!-- kernel-table: file={_fake_profile(tmp_path).name} -->")
 
 
+def _fake_ppl(folder: Path) -> Path:
+    results = _provenance_fields("python -m m7_gptq.eval_ppl --model default --model /q/gptq "
+                                 "--out /tmp/ppl.json")
+    gptq = {"quant_method": "gptq", "bits": 4, "group_size": 64, "desc_act": True,
+            "sym": True, "damp_percent": 0.01, "checkpoint_format": "gptq", "lm_head": False}
+    results.update(text="stdlib:heldout", seq_len=512, results=[
+        {"model": "default", "perplexity": 12.3456, "nll": 2.51, "tokens": 32704,
+         "windows": 64, "seq_len": 512, "seconds": 80.0, "quantization": None, "device": "cpu"},
+        {"model": "/q/gptq", "perplexity": 13.0, "nll": 2.56, "tokens": 32704, "windows": 64,
+         "seq_len": 512, "seconds": 90.0, "quantization": gptq, "device": "cpu"}])
+    path = folder / "gptq-ppl-test.json"
+    path.write_text(json.dumps(results))
+    return path
+
+
+def _fake_quant_log(folder: Path, method: str, desc_act: bool, scale: float) -> Path:
+    config = {"quant_method": "gptq", "bits": 4, "group_size": 64, "desc_act": desc_act,
+              "sym": True, "damp_percent": 0.01, "checkpoint_format": "gptq", "lm_head": False}
+    names = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+             "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+    log = {"model": "default", "method": method, "quantization_config": config,
+           "num_samples": 128, "seq_len": 512, "calibration": "stdlib:calibration",
+           "command": f"'python -m m7_gptq.quantize' --model default --method {method} "
+                      "--out /tmp/q4", "seconds": 42.0, "device": "cpu",
+           "layers": [{"layer": i, "seconds": 1.0,
+                       "errors": {n: scale * (i + 1) * (j + 1) for j, n in enumerate(names)}}
+                      for i in range(3)]}
+    path = folder / f"quantize-log-{method}{'-act' if desc_act else ''}.json"
+    path.write_text(json.dumps(log))
+    return path
+
+
+def _fake_gptq_kernels(folder: Path) -> Path:
+    results = _provenance_fields("python3 tools/bench_gptq_kernels.py --out /tmp/g.json")
+    shape = {"kind": "shape", "count": 2, "max_abs_err": 0.001, "tolerance": 0.01, "plan": {}}
+    results.update(stage="m7_gptq", bits=4, group_size=64, dtype="bfloat16", rows=[
+        {**shape, "m": 1, "linears": "q_proj, o_proj", "k": 896, "n": 896, "torch_us": 8.25,
+         "gptq_us": 4.5, "torch_gbps": 194.6, "gptq_gbps": 101.3, "ratio": 1.8333, "ok": True},
+        {**shape, "m": 1, "linears": "down_proj", "k": 4864, "n": 896, "count": 1,
+         "torch_us": 12.0, "gptq_us": 50.0, "torch_gbps": 726.0, "gptq_gbps": 46.0,
+         "ratio": 0.24, "ok": False},
+        {"kind": "layer", "m": 1, "linears": 3, "torch_us": 28.5, "gptq_us": 59.0,
+         "ratio": 0.483, "ok": False},
+        {"kind": "sweep", "m": 1, "linears": "down_proj", "k": 4864, "n": 896, "count": 1,
+         "config": {"fill": 0}, "label": "fill=0", "us": 3.0, "plan": {}, "error": None}])
+    path = folder / "gptq-kernels-test.json"
+    path.write_text(json.dumps(results))
+    return path
+
+
+def test_ppl_table_shows_each_model_against_the_first(tmp_path, monkeypatch):
+    render = _render_in(tmp_path, monkeypatch)
+    path = _fake_ppl(tmp_path)
+    out = render(f"<!-- ppl-table: file={path.name} -->")
+    assert "| model | quantization | perplexity | vs first | tokens |" in out
+    assert "| `default` | none | 12.346 | +0.000 | 32704 |" in out
+    assert "| `/q/gptq` | 4-bit, groups of 64, act-order | 13.000 | +0.654 | 32704 |" in out
+    assert "held-out half of the standard library" in out and "windows of 512 tokens" in out
+    assert "measured at commit `fedcba9876` (with uncommitted changes)" in out
+    assert "--out" not in out
+    with pytest.raises(ValueError, match="no results file nothing.json"):
+        render("<!-- ppl-table: file=nothing.json -->")
+    with pytest.raises(ValueError, match="not a results file of python -m m7_gptq.eval_ppl"):
+        render(f"<!-- ppl-table: file={_fake_kernels(tmp_path).name} -->")
+    with pytest.raises(ValueError, match="bad option"):
+        render(f"<!-- ppl-table: file={path.name} rows=m7 -->")
+
+
+def test_quant_error_marker_draws_one_line_per_log(tmp_path, monkeypatch):
+    """A quant-error marker shows the plot that quant_error_plots draws at build time and
+    a table of the mean error per kind of linear, one column per log; a file that is not
+    a quantize log, or a missing one, stops the build with its name."""
+    pytest.importorskip("matplotlib")
+    hooks = _load_tool("mkdocs_hooks")
+    monkeypatch.setenv("FOLOVLLM_RESULTS_DIR", str(tmp_path))
+    page = SimpleNamespace(file=SimpleNamespace(src_uri="m7_gptq.md"))
+    render = lambda text: hooks.on_page_markdown(text, page, None, files=None)  # noqa: E731
+    rtn = _fake_quant_log(tmp_path, "rtn", False, 1e-3)
+    gptq = _fake_quant_log(tmp_path, "gptq", True, 1e-4)
+    marker = f"<!-- quant-error: files={rtn.name},{gptq.name} -->"
+    out = render(marker)
+    image = hooks._quant_error_name([rtn.name, gptq.name])
+    assert f"](bench-results/{image})" in out
+    assert "| linear | RTN | GPTQ + act-order |" in out
+    # q_proj: (1 + 2 + 3) / 3 * 1 * scale; down_proj: the same times 7
+    assert "| `q_proj` | 2.00e-03 | 2.00e-04 |" in out
+    assert "| `down_proj` | 1.40e-02 | 1.40e-03 |" in out
+    assert "| all linears | 8.00e-03 | 8.00e-04 |" in out
+    assert "4-bit, groups of 64" in out and "128 sequences of 512 tokens" in out
+    # the recorded command, its program unquoted and without --out
+    assert "```bash\npython -m m7_gptq.quantize --model default --method rtn\n```" in out
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "m7_gptq.md").write_text(marker)
+    assert hooks.quant_error_plots(docs)[image].startswith(b"\x89PNG")
+    with pytest.raises(ValueError, match="no results file nothing.json"):
+        render(f"<!-- quant-error: files={rtn.name},nothing.json -->")
+    with pytest.raises(ValueError, match="not a quantize log"):
+        render(f"<!-- quant-error: files={_fake_ppl(tmp_path).name} -->")
+    with pytest.raises(ValueError, match="use files="):
+        render(f"<!-- quant-error: file={rtn.name} -->")
+
+
+def test_gptq_kernel_table_shows_shapes_and_layer_sums(tmp_path, monkeypatch):
+    render = _render_in(tmp_path, monkeypatch)
+    path = _fake_gptq_kernels(tmp_path)
+    out = render(f"<!-- gptq-kernel-table: file={path.name} -->")
+    assert ("| M | linears | K × N | bf16 µs | 4-bit µs | bf16 GB/s | 4-bit GB/s | speed-up |"
+            in out)
+    assert "| 1 | q_proj, o_proj | 896 × 896 | 8.2 | 4.5 | 195 | 101 | 1.83× |" in out
+    assert "| 1 | down_proj | 4864 × 896 | 12.0 | WRONG | 726 | - | - |" in out  # no number
+    assert "| 1 | **layer** (3 linears) |  | 28.5 | WRONG |  |  | - |" in out
+    assert "fill=0" not in out  # the sweep rows are for tuning, not for the page
+    assert "Test GPU 80GB (132 SMs; host: 16 CPU cores)" in out and "4 bits" in out
+    assert "```bash\npython3 tools/bench_gptq_kernels.py\n```" in out
+    with pytest.raises(ValueError, match="no results file nothing.json"):
+        render("<!-- gptq-kernel-table: file=nothing.json -->")
+    with pytest.raises(ValueError, match="not a results file of tools/bench_gptq_kernels.py"):
+        render(f"<!-- gptq-kernel-table: file={_fake_quant_log(tmp_path, 'rtn', False, 1).name} -->")
+    with pytest.raises(ValueError, match="has no shape rows"):
+        render(f"<!-- gptq-kernel-table: file={_fake_kernels(tmp_path).name} -->")
+
+
 def test_stage_tests_marker_lists_test_files_with_what_they_check():
     hooks = _load_tool("mkdocs_hooks")
     page = SimpleNamespace(file=SimpleNamespace(src_uri="m3_paged_kv.md"))

@@ -38,6 +38,21 @@ holds markers (HTML comments) that this hook replaces when the site is built:
   prompts or prompt chunks, and each step's tokens against the token budget; drawn at
   build time by `trace_steps.plot_timeline`, only the named rows with `rows=`. A missing
   file stops the build and names it.
+- `<!-- ppl-table: file=NAME.json -->`: the perplexities that `python -m m7_gptq.eval_ppl
+  --out` wrote (a file of `bench/results/`): one row per model, its quantization, its
+  perplexity and the difference from the first row, and the tokens scored; with the
+  text it was scored on and the file's provenance.
+- `<!-- quant-error: files=A.json,B.json -->`: the per-layer log (`quantize_log.json`)
+  that `python -m m7_gptq.quantize` writes beside each checkpoint, one file per method
+  (files of `bench/results/`): each linear layer's relative output error on its
+  calibration inputs, drawn at build time as one line per file over the decoder layers
+  (the mean of the layer's seven linears), and a table of the mean per kind of linear.
+  A file that is not such a log stops the build and names it.
+- `<!-- gptq-kernel-table: file=NAME.json -->`: M7's W4A16 matmul against bf16
+  `torch.matmul`, as `tools/bench_gptq_kernels.py` measured it (a file of
+  `bench/results/`): per number of rows M, each linear shape's microseconds, the weight
+  bytes read per second and the speed-up, and the sum over a decoder layer's seven
+  linears; with the machine and the file's provenance.
 - `<!-- notebook-figure: m2_batching timeline Caption text -->`: the plot that the cell
   tagged `figure:timeline` of `notebooks/m2_batching.ipynb` drew, from the outputs
   committed in the notebook (`tools/run_notebooks.py` saves them).
@@ -47,7 +62,8 @@ It also adds files that live outside `docs/` to the site without copying them in
 mkdocs-jupyter), the bench plots (drawn from the results files at build time, only the
 rows a table shows, and the ITL CDFs and step timelines the pages ask for, under
 `bench-results/`) and the
-tagged notebook plots (under `notebook-figures/`). Set `FOLOVLLM_RESULTS_DIR` to read
+tagged notebook plots (under `notebook-figures/`) and the quantization-error plots
+(under `bench-results/`). Set `FOLOVLLM_RESULTS_DIR` to read
 results from another folder (e.g. `bench/scratch`, to preview a local run).
 """
 
@@ -82,7 +98,7 @@ FIGURE_TAG = "figure:"  # a notebook cell tagged figure:NAME is a figure of the 
 
 _MARKER = re.compile(r"<!--\s*(stage-diff|stage-tree|stage-map|stage-tests|bench-table|"
                      r"bench-all|notebook-figure|profile-table|kernel-table|itl-cdf|memory-table|"
-                     r"step-timeline)"
+                     r"step-timeline|ppl-table|quant-error|gptq-kernel-table)"
                      r"\s*:?\s*(.*?)\s*-->")
 _HTML_SLOT = "FOLOVLLM-HTML-{}"  # a paragraph the rendered HTML replaces (on_page_content)
 
@@ -99,6 +115,8 @@ def on_files(files, config):
     for name, data in sorted(bench_plots(Path(config.docs_dir)).items()):
         files.append(File.generated(config, f"{PLOTS_URI}/{name}", content=data))
     for name, data in sorted(step_timelines(Path(config.docs_dir)).items()):
+        files.append(File.generated(config, f"{PLOTS_URI}/{name}", content=data))
+    for name, data in sorted(quant_error_plots(Path(config.docs_dir)).items()):
         files.append(File.generated(config, f"{PLOTS_URI}/{name}", content=data))
     for (stem, name), data in sorted(notebook_figures().items()):
         files.append(File.generated(config, f"{FIGURES_URI}/{stem}-{name}.png", content=data))
@@ -143,6 +161,12 @@ def on_page_markdown(markdown, page, config, files):
                 return _step_timeline(_options(args, where), page, where)
             if kind == "memory-table":
                 return _memory_table(_options(args, where, allowed=("file",)), where)
+            if kind == "ppl-table":
+                return _ppl_table(_options(args, where, allowed=("file",)), where)
+            if kind == "quant-error":
+                return _quant_error(_files_option(args, where), page, where)
+            if kind == "gptq-kernel-table":
+                return _gptq_kernel_table(_options(args, where, allowed=("file",)), where)
             return _bench_all(page)
         except FileNotFoundError as exc:
             raise ValueError(f"{where}: {exc}") from exc
@@ -770,3 +794,257 @@ def _step_timeline(options: dict[str, str], page, where: str) -> str:
             f"over the budget). Recorded on {_machine_text(results)}; the picture counts "
             "steps, not seconds, so another machine draws the same one.</small>\n\n"
             + provenance(results, path))
+
+
+# -- M7: perplexity, quantization error, GPTQ kernels --------------------------------
+def _results_json(name: str, where: str) -> tuple[dict, Path]:
+    """A JSON file of the results folder, as a dict, and its path."""
+    path = results_dir() / name
+    if not path.is_file():
+        raise FileNotFoundError(f"no results file {name} in {_shown_path(results_dir())}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise ValueError(f"{where}: {name} is not JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: {name} holds {type(data).__name__}, not a results object")
+    return data, path
+
+
+def _quantization_text(cfg: dict | None) -> str:
+    """{"bits": 4, "group_size": 64, "desc_act": true, ...} -> "4-bit, groups of 64,
+    act-order"; None -> "none"."""
+    if not cfg:
+        return "none"
+    size = cfg.get("group_size")
+    parts = [f"{cfg.get('bits')}-bit",
+             "per channel" if size == -1 else f"groups of {size}"]
+    parts += ["act-order"] if cfg.get("desc_act") else []
+    parts += [] if cfg.get("sym", True) else ["asymmetric"]
+    return ", ".join(parts)
+
+
+_TEXTS = {"stdlib:heldout": "the held-out half of the standard library's docstrings and "
+                            "comments (`m7_gptq/calibration.py`)",
+          "stdlib:calibration": "the calibration half of the standard library's docstrings "
+                                "and comments (`m7_gptq/calibration.py`)"}
+
+
+def _ppl_table(options: dict[str, str], where: str) -> str:
+    """The perplexities of `python -m m7_gptq.eval_ppl --out`: one row per model."""
+    results, path = _results_json(options["file"], where)
+    rows = results.get("results")
+    if not rows or not all(isinstance(r, dict) and "perplexity" in r for r in rows):
+        raise ValueError(f"{where}: {options['file']} is not a results file of "
+                         "python -m m7_gptq.eval_ppl (it needs results that each have "
+                         "'perplexity')")
+    base = rows[0]["perplexity"]
+    body = []
+    for r in rows:
+        name = r.get("label") or f"`{r.get('model')}`"
+        body.append([name, r.get("method") or "-" if r.get("quantization") else "-",
+                     _quantization_text(r.get("quantization")), f"{r['perplexity']:.3f}",
+                     f"{r['perplexity'] - base:+.3f}", str(r.get("tokens", "-"))])
+    if not any(r.get("method") for r in rows):  # files that do not name the method
+        body = [cells[:1] + cells[2:] for cells in body]
+        headers = ["model", "quantization", "perplexity", "vs first", "tokens"]
+    else:
+        headers = ["model", "method", "quantization", "perplexity", "vs first", "tokens"]
+    text = results.get("text") or "stdlib:heldout"
+    text = _TEXTS.get(text, f"`{text}`")
+    seq_len = results.get("seq_len") or rows[0].get("seq_len")
+    caption = (f"Perplexity (lower is better) on {text}, in windows of {seq_len} tokens, "
+               f"each scored through the engine; on {_machine_text(results)}.")
+    return "\n".join([caption, "", _md_table(headers, body, right_from=len(headers) - 3)]) \
+        + "\n" + provenance(results, path)
+
+
+def _files_option(args: str, where: str) -> list[str]:
+    words = args.split()
+    if len(words) != 1 or not words[0].startswith("files="):
+        raise ValueError(f"{where}: use files=A.json,B.json: quantize logs "
+                         "(quantize_log.json of python -m m7_gptq.quantize) copied into "
+                         "bench/results/, one per method")
+    files = [name for name in words[0][len("files="):].split(",") if name]
+    if not files:
+        raise ValueError(f"{where}: files= names no file")
+    return files
+
+
+_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _quant_log(name: str, where: str) -> tuple[dict, Path]:
+    """A quantize log (`python -m m7_gptq.quantize`'s quantize_log.json), checked."""
+    log, path = _results_json(name, where)
+    layers = log.get("layers")
+    if not layers or not all(isinstance(layer, dict) and isinstance(layer.get("errors"), dict)
+                             and layer["errors"] for layer in layers):
+        raise ValueError(f"{where}: {name} is not a quantize log of python -m m7_gptq.quantize "
+                         "(it needs layers that each have errors)")
+    return log, path
+
+
+def _log_labels(logs: list[dict]) -> list[str]:
+    """"RTN", "GPTQ", "GPTQ + act-order"; with the grid when the logs' grids differ."""
+    labels = [str(log.get("method", "?")).upper()
+              + (" + act-order" if (log.get("quantization_config") or {}).get("desc_act")
+                 else "") for log in logs]
+    grids = [_quantization_text({**(log.get("quantization_config") or {}), "desc_act": False})
+             for log in logs]
+    if len(set(grids)) > 1 or len(set(labels)) < len(labels):
+        labels = [f"{label} ({grid})" for label, grid in zip(labels, grids)]
+    return labels
+
+
+def _layer_means(log: dict) -> list[tuple[int, float]]:
+    return [(layer.get("layer", i), sum(layer["errors"].values()) / len(layer["errors"]))
+            for i, layer in enumerate(log["layers"])]
+
+
+def _quant_error_name(files: list[str]) -> str:
+    import hashlib
+
+    return f"quant-error-{hashlib.sha256(','.join(files).encode()).hexdigest()[:12]}.png"
+
+
+def quant_error_plots(docs_dir: Path) -> dict[str, bytes]:
+    """File name -> PNG of every quant-error plot the pages ask for, drawn from the logs
+    when the site is built: the mean relative output error of each decoder layer's
+    linears, one line per log."""
+    wanted = {}
+    for page in docs_dir.rglob("*.md"):
+        for match in _MARKER.finditer(page.read_text(encoding="utf-8")):
+            if match.group(1) == "quant-error":
+                where = f"{page.name}: {match.group(0)}"
+                files = _files_option(match.group(2), where)
+                wanted[_quant_error_name(files)] = (files, where)
+    plots = {}
+    if not wanted:
+        return plots
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, (files, where) in sorted(wanted.items()):
+            if not all((results_dir() / f).is_file() for f in files):
+                continue  # the marker itself reports the missing file
+            logs = [_quant_log(f, where)[0] for f in files]
+            fig, ax = plt.subplots(figsize=(8, 4))
+            for log, label in zip(logs, _log_labels(logs)):
+                points = _layer_means(log)
+                ax.plot([x for x, _ in points], [y for _, y in points], "o-", markersize=3,
+                        label=label)
+            ax.set_yscale("log")
+            ax.set_xlabel("decoder layer")
+            ax.set_ylabel("relative output error")
+            ax.set_title("||WX - QX||² / ||WX||² on the calibration inputs, "
+                         "mean of the layer's 7 linears", fontsize=10)
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend()
+            fig.tight_layout()
+            png = Path(tmp) / "errors.png"
+            fig.savefig(png, dpi=110)
+            plt.close(fig)
+            plots[name] = png.read_bytes()
+    return plots
+
+
+def _command_of(log: dict) -> dict:
+    """The log with its command's program as separate words (a command recorded as
+    "'python -m m7_gptq.quantize' --model ..." is read as what it means)."""
+    command = log.get("command")
+    if not command:
+        return log
+    words = shlex.split(command)
+    if words and " " in words[0]:
+        words = words[0].split() + words[1:]
+    return dict(log, command=shlex.join(words))
+
+
+def _quant_error(files: list[str], page, where: str) -> str:
+    """The per-layer error plot (drawn by quant_error_plots), a table of the mean error
+    per kind of linear, and where each log came from."""
+    loaded = [_quant_log(name, where) for name in files]
+    logs = [log for log, _ in loaded]
+    labels = _log_labels(logs)
+    body = []
+    kinds = [k for k in _LINEARS if any(name.endswith(k) for log in logs
+                                        for layer in log["layers"] for name in layer["errors"])]
+    for kind in kinds + ["all"]:
+        cells = [f"`{kind}`" if kind != "all" else "all linears"]
+        for log in logs:
+            values = [e for layer in log["layers"] for name, e in layer["errors"].items()
+                      if kind == "all" or name.endswith(kind)]
+            cells.append(f"{sum(values) / len(values):.2e}" if values else "-")
+        body.append(cells)
+    prefix = "../" * page.file.src_uri.count("/")
+    alt = ("Relative output error of each decoder layer's linears, mean of seven, per "
+           f"method: {', '.join(labels)}")
+    first = logs[0]
+    grids = {_quantization_text({**(log.get("quantization_config") or {}), "desc_act": False})
+             for log in logs}
+    setting = (f"{grids.pop()}; " if len(grids) == 1 else "")
+    calib = (f"{first.get('num_samples')} sequences of {first.get('seq_len')} tokens of "
+             f"{_TEXTS.get(first.get('calibration'), first.get('calibration'))}")
+    out = [f"\n![{alt}]({prefix}{PLOTS_URI}/{_quant_error_name(files)})\n",
+           f"<small>`{first.get('model')}`, {setting}each linear's relative output error "
+           f"‖WX − QX‖² / ‖WX‖² on its calibration inputs, {calib}, as the quantizer "
+           "logged it; the table gives the mean over the layers per kind of linear.</small>",
+           "", _md_table(["linear"] + labels, body, right_from=1)]
+    for (log, path), label in zip(loaded, labels):
+        log = _command_of(log)
+        took = (f", {log['seconds']:.0f} s on {log.get('device', 'an unrecorded device')}"
+                if isinstance(log.get("seconds"), (int, float)) else "")
+        if log.get("git_commit"):
+            out += ["", f"**{label}**{took}.", "", provenance(log, path)]
+            continue
+        out += ["", f"<small>**{label}**: from `{_shown_path(path)}` (its commit was not "
+                f"recorded){took}.</small>"]
+        command = reproduce_command(log)
+        if command:
+            out += ["", "```bash", command, "```"]
+    return "\n".join(out) + "\n"
+
+
+def _gptq_kernel_table(options: dict[str, str], where: str) -> str:
+    """tools/bench_gptq_kernels.py's shape and layer rows, M by M."""
+    results, path = _tool_results(options, where, "tools/bench_gptq_kernels.py", "kind")
+    rows = [r for r in results["rows"] if r["kind"] in ("shape", "layer")]
+    if not any(r["kind"] == "shape" for r in rows):
+        raise ValueError(f"{where}: {options['file']} has no shape rows")
+    bits, group = results.get("bits", 4), results.get("group_size", 64)
+    dtype = str(results.get("dtype") or "bfloat16")
+    dense = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}.get(dtype, dtype)
+    headers = ["M", "linears", "K × N", f"{dense} µs", f"{bits}-bit µs", f"{dense} GB/s",
+               f"{bits}-bit GB/s", "speed-up"]
+    body = []
+    for r in rows:
+        if r["kind"] == "layer":
+            body.append([str(r.get("m")), f"**layer** ({r.get('linears')} linears)", "",
+                         _num(r.get("torch_us"), ".1f"),
+                         _num(r.get("gptq_us"), ".1f") if r.get("ok") else "WRONG", "", "",
+                         _num(r.get("ratio"), ".2f") + "×" if r.get("ok") and
+                         r.get("ratio") is not None else "-"])
+            continue
+        bad = None if r.get("ok") else ("failed" if r.get("error") else "WRONG")
+        body.append([str(r.get("m")), r.get("linears", ""), f"{r.get('k')} × {r.get('n')}",
+                     _num(r.get("torch_us"), ".1f"), bad or _num(r.get("gptq_us"), ".1f"),
+                     _num(r.get("torch_gbps"), ".0f"),
+                     "-" if bad else _num(r.get("gptq_gbps"), ".0f"),
+                     "-" if bad or r.get("ratio") is None else f"{r['ratio']:.2f}×"])
+    caption = (f"Matrix products of one decoder layer's linear shapes, x [M, K] in "
+               f"{dense}: `torch.matmul` with the weight in {dense}, and M7's `gptq_matmul` "
+               f"with it in {bits} bits (groups of {group}), on {_machine_text(results)}. "
+               f"GB/s: the weight's bytes read per second ({dense}: the whole weight; "
+               f"{bits}-bit: the packed codes, scales and zeros); speed-up: the {dense} "
+               f"time over the {bits}-bit one; **layer**: the seven linears of a decoder "
+               "layer summed.")
+    lines = [caption, ""]
+    if not results.get("timings_meaningful", True):
+        lines += [("<small>These timings mean nothing: the kernels ran under the Triton "
+                   "interpreter on a CPU.</small>"), ""]
+    return "\n".join(lines + [_md_table(headers, body, right_from=3)]) + "\n" \
+        + provenance(results, path)
