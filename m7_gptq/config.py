@@ -236,7 +236,8 @@ class EngineConfig:
         if model_config.quantization_config is not None:
             return "gptq"
         _require(self.quantization is None or self.model.startswith("dummy:"),
-                 "quantization", f"{self.model!r} is not a GPTQ checkpoint (its config.json "
-                 "has no quantization_config); make one with `python -m m7_gptq.quantize "
-                 f"--model {self.model} --out DIR` and load DIR")
+                 "quantization", f"{self.model!r} is not a GPTQ checkpoint (no "
+                 "quantization_config in its config.json, no quantize_config.json); make one "
+                 f"with `python -m {__package__}.quantize --model {self.model} --out DIR` "
+                 "and load DIR")
         return self.quantization

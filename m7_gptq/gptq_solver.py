@@ -9,8 +9,10 @@ columns not yet quantized (the Optimal Brain Surgeon update, OBS):
     w_rest -= (w_j - q_j) / [H⁻¹]_jj * [H⁻¹]_j,rest
 
 where H⁻¹ is the inverse Hessian of the columns still free. That matrix shrinks by one
-column each step; its rows are exactly the rows of U, the upper Cholesky factor of H⁻¹
-(H⁻¹ = Uᵀ U), divided by the diagonal, so one factorization serves every step.
+column each step. With U the upper Cholesky factor of the full H⁻¹ (H⁻¹ = Uᵀ U), row j
+of U holds, up to the factor U_jj, row j of the inverse at step j: the ratio the
+update needs, [H⁻¹]_j,rest / [H⁻¹]_jj, is U_j,rest / U_jj, and (w_j - q_j) / U_jj is
+the error to spread. So one factorization serves every step.
 
 Details that make it work on real layers:
 - dead inputs (H_jj == 0, never active) get H_jj = 1 and a zero weight;

@@ -133,14 +133,14 @@ def quantize_layer(layer, hessians: dict, config: GPTQConfig, method: str) -> tu
     for GPTQ {linear name: RTN's error on the same inputs}, for comparison)."""
     tensors, errors, rtn_errors = {}, {}, {}
     for group in SHARED_INPUT:
-        h = hessians[group[0]]
+        h = hessians[group[0]].cpu()  # the solver runs on the CPU: one weight at a time
         for name in group:
             linear = layer.get_submodule(name)
-            w = linear.weight.data.float()
-            q = gptq_quantize(w, h.cpu(), config) if method == "gptq" else rtn_quantize(w, config)
+            w = linear.weight.data.float().cpu()
+            q = gptq_quantize(w, h, config) if method == "gptq" else rtn_quantize(w, config)
             packed = pack_layer(q.codes, q.scales, q.zeros, q.g_idx, config.bits)
             stored = dequantize(packed["qweight"], packed["qzeros"], packed["scales"].float(),
-                                packed["g_idx"], config.bits).t().to(w.device)  # as saved
+                                packed["g_idx"], config.bits).t()  # the weight as saved
             errors[name] = output_error(w, stored, h)
             if method == "gptq":
                 rtn_errors[name] = output_error(w, rtn_quantize(w, config).dequantize(), h)
@@ -172,7 +172,7 @@ def quantize_model(net, windows: list[list[int]], config: GPTQConfig, method: st
         log.append(dict(layer=i, seconds=round(seconds, 3), errors=errors,
                         **(dict(rtn_errors=rtn_errors) if rtn_errors else {})))
         worst = max(errors, key=errors.get)
-        bar.write(f"layer {i:3d}: {seconds:6.2f} s  mean error {sum(errors.values()) / 7:.3e}"
+        bar.write(f"layer {i:3d}: {seconds:6.2f} s  mean error {sum(errors.values()) / len(errors):.3e}"
                   f"  worst {worst} {errors[worst]:.3e}")
     return tensors, log
 

@@ -94,7 +94,8 @@ def load_model_config(model: str) -> ModelConfig:
         hf_config = json.loads((path / "config.json").read_text())
         quantization = read_quantization_config(path, hf_config)  # checked here (M7)
     except (OSError, json.JSONDecodeError) as exc:
-        raise ValueError(f"model: cannot read the config of {path}: {exc}") from exc
+        raise ValueError(f"model: cannot read config.json or quantize_config.json in "
+                         f"{path}: {exc}") from exc
     model_config = ModelConfig.from_hf_config(hf_config)
     model_config.quantization_config = None if quantization is None else quantization.to_dict()
     return model_config

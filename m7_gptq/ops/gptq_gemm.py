@@ -16,8 +16,11 @@ words, unpacks it (a shift and a mask per code), applies its group's zero and sc
 and multiplies with x, accumulating in fp32 (`tl.dot` on tensor cores, or element by
 element for one row). A K-step lies inside one group (one row of scales and of packed
 zero points) or covers whole groups (a row of each per group, broadcast over the
-group's rows): no per-element gather. A kernel reads 4 bits per weight instead of 16:
-in a decode step, where a matmul is bound by reading its weight, that is the point.
+group's rows): no per-element gather. A kernel reads 4 bits per weight instead of 16,
+which pays where a matmul is bound by reading its weight: one row (gemv). Measured on
+qwen2.5-0.5b's small layers (bench/results/gptq-kernels-*.json) even that path only
+matches cuBLAS, as a kernel's fixed cost is most of its time there; with more rows the
+4-bit paths are slower than bf16 cuBLAS.
 
 Four paths, chosen by the number of rows M (thresholds measured on an H100 at
 qwen2.5-0.5b's layer shapes, see `tools/bench_gptq_kernels.py --sweep`):
@@ -32,7 +35,7 @@ qwen2.5-0.5b's layer shapes, see `tools/bench_gptq_kernels.py --sweep`):
 - decode (M = 2 .. 16): the tensor-core kernel with BLOCK_M = 16 (the rows padded for
   free), K split the same way; a second small kernel adds the splits in order.
 - dequant (M >= 17: batches and prompt chunks): one kernel writes the weight out in
-  bf16, then cuBLAS multiplies. On these small layers this measured faster than the
+  x's dtype, then cuBLAS multiplies. On these small layers this measured faster than the
   fused tiles below, whose dequantization work is repeated for every row tile.
 - prefill (not a default; `path="prefill"`): the tensor-core kernel with BLOCK_M x
   BLOCK_N output tiles, each program sweeping all of K, the weight never written out.
@@ -59,8 +62,9 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 INTERPRETER_SMS = 4  # a pretend multiprocessor count under the interpreter: a few splits
 
 # Launch settings per path. On the GPU: the fastest of `tools/bench_gptq_kernels.py
-# --sweep` on an H100 at qwen2.5-0.5b's shapes (its results file records them). Under
-# the interpreter (the CPU tests): small tiles.
+# --sweep` on an H100 at qwen2.5-0.5b's shapes (bench/results/gptq-kernels-h100-
+# 20261127-011243.json, the sweep these were picked from). Under the interpreter (the
+# CPU tests): small tiles.
 GPU_CONFIGS = {
     "gemv": dict(block_n=64, block_k=64, num_warps=4, num_stages=3, fill=4,
                  last_adds=True),
@@ -280,7 +284,8 @@ def default_config(m: int, path: str | None = None) -> dict:
     may change it)."""
     if path is None:
         path = ("gemv" if m == 1 else "decode" if m <= DECODE_MAX_M
-                else "prefill" if m < DEQUANT_MIN_M else "dequant")
+                else "prefill" if m < DEQUANT_MIN_M  # none while DEQUANT_MIN_M is 17
+                else "dequant")
     table = INTERPRETER_CONFIGS if INTERPRETED else GPU_CONFIGS
     return {"path": path, **table[path]}
 
@@ -310,9 +315,10 @@ def launch_plan(m: int, n: int, k: int, group_size: int, sms: int, bits: int = 4
     `default_config(m)` updated with `config`, BLOCK_K fitted to the group, the grid and
     the split of K. A function of the shapes only (CUDA graphs need that).
 
-    With fill > 0, a matmul too small to give `fill` programs per multiprocessor even
-    with every K-step its own split (at M = 1, N = 128, K = 896 is 2 x 14 tiles of 64)
-    first gets narrower column tiles (down to 16), then K is split."""
+    On the tensor-core paths, with fill > 0, a matmul too small to give `fill` programs
+    per multiprocessor even with every K-step its own split (at M = 2, N = 128, K = 896:
+    4 x 7 tiles of 32 columns and 128 rows of K) first gets narrower column tiles (down
+    to 16), then K is split."""
     plan = default_config(m, config.get("path")) | config
     if plan["path"] == "dequant":
         plan.update(grid=(k * bits // 32, triton.cdiv(n, plan["block_n"])), splits=1)
@@ -324,6 +330,9 @@ def launch_plan(m: int, n: int, k: int, group_size: int, sms: int, bits: int = 4
         block_k = plan["block_k"] = max(32 // bits, fitting_block_k(
             min(plan["block_k"], group_size), group_size, k))
         tiles_n, k_steps = triton.cdiv(n, plan["block_n"]), k // block_k
+        if tiles_n > MAX_COLUMN_TILES:
+            raise ValueError(f"gptq_matmul: {tiles_n} column tiles of {plan['block_n']} "
+                             f"exceed the gemv path's {MAX_COLUMN_TILES} split counters")
         splits, steps = split_k(tiles_n, k_steps, plan["fill"], sms)
         plan.update(grid=(tiles_n, splits), splits=splits, k_per_split=steps * block_k)
         return plan

@@ -143,7 +143,10 @@ def unpack(packed: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
 def fit_grid(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero point per row of `w` ([rows, n]) for a `bits`-bit grid covering the
     row's range (and 0). Asymmetric: z in [1, 2^bits - 1] (format v1 stores z - 1, so
-    z = 0 cannot be written); symmetric: z = 2^(bits - 1) and the grid covers +-max|w|."""
+    z = 0 cannot be written: a row with no negative weight loses its top step, its
+    largest code standing for (2^bits - 2) steps). Symmetric: z = 2^(bits - 1) and the
+    grid runs from -max|w| to (2^(bits-1) - 1) / 2^(bits-1) of +max|w| (the top code is
+    one short, as in AutoGPTQ)."""
     max_code = 2 ** bits - 1
     lo = w.min(dim=1).values.clamp(max=0)
     hi = w.max(dim=1).values.clamp(min=0)
@@ -222,6 +225,9 @@ class GPTQLinear(nn.Module):
         super().__init__()
         rows = config.rows_per_group(in_features)
         pf = config.pack_factor
+        if rows % 16:  # the kernels' smallest tile of K (tl.dot's)
+            raise ValueError(f"quantization_config.group_size: groups of {rows} rows are "
+                             "not supported; the kernels need a multiple of 16")
         if in_features % pf or out_features % pf or in_features % rows:
             raise ValueError(
                 f"quantization: a {in_features} x {out_features} linear layer cannot hold "
@@ -271,6 +277,8 @@ class GPTQLinear(nn.Module):
             x = x[..., self.input_perm]
         if self.weight is not None:  # the CPU reference
             return F.linear(x, self.weight, self.bias)
+        # imported here: Triton may be imported only after ops/ has chosen whether it
+        # runs compiled or interpreted
         from ....ops.gptq_gemm import gptq_matmul  # the kernels, on CUDA
         y = gptq_matmul(x.reshape(-1, self.in_features), self.qweight, self.scales,
                         self.qzeros, self.config.rows_per_group(self.in_features),
