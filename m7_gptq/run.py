@@ -15,8 +15,8 @@ text before every prompt, and the table's `cached` column shows how many of each
 prompt's tokens were found in the cache; --n samples several replies per prompt.
 M7 runs GPTQ checkpoints (`--model DIR` of a folder `python -m m7_gptq.quantize`
 wrote, or a GPTQ checkpoint of the Llama family in the same format, v1; found by
-itself) and prints what the
-weights take; --quantization gptq rounds a dummy model's random weights to 4 bits.
+itself) and prints what the weights take; --quantization gptq rounds a dummy model's
+random weights to 4 bits.
 """
 
 import argparse
