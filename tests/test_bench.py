@@ -33,7 +33,7 @@ SUMMARY_KEYS = {"ttft_mean_ms", "ttft_p50_ms", "ttft_p99_ms", "tpot_mean_ms", "t
                 "requests_per_s", "total_time_s", "peak_memory_mib", "max_concurrent_seqs",
                 "throughput_ratio", "roofline_fraction", "kv_cache", "runs", "spread",
                 "itl_mean_ms", "itl_p50_ms", "itl_p99_ms", "itl_max_ms", "itl_quantiles_ms",
-                "itl_gaps", *PREFIX_KEYS}
+                "itl_gaps", "weights", *PREFIX_KEYS}
 TINY_VOCAB = 512  # dummy:tiny-llama
 
 
@@ -95,6 +95,8 @@ def test_end_to_end_on_cpu(tmp_path, workload, output_len, extra, plot):
     for row in results["rows"]:
         assert set(row["summary"]) == SUMMARY_KEYS
         assert all(row["summary"][key] is None for key in PREFIX_KEYS)  # no prefix cache
+        weights = row["summary"]["weights"]  # the model's bytes; none measured for hf
+        assert weights is None if row["milestone"] == "hf" else weights["total"] > 0
         assert [s["output_len"] for s in row["samples"]] == expected
         for s in row["samples"]:
             assert s["prompt_len"] == 8
@@ -1094,3 +1096,19 @@ def test_published_results_files_still_render():
         assert plain.startswith(f"{results['workload']} workload")
         if not report.has_prefix_cache(results):
             assert "Prefix cache" not in plain
+
+
+def test_weights_table_compares_the_gptq_layers_with_their_unquantized_size():
+    """M7 rows report what the weights take; the table shows the GPTQ layers' share."""
+    results = {"rows": [
+        {"milestone": "m6", "summary": {"weights": {"total": 3 * 2**20}}},
+        {"milestone": "m7:quantization=gptq",
+         "summary": {"weights": {"total": 2 * 2**20, "quantized": 2**19, "dense": 2**21}}},
+        {"milestone": "hf", "summary": {"weights": None}}]}
+    assert report.has_quantized_weights(results)
+    headers, rows = report.weights_table_rows(results)
+    assert headers[0] == "milestone" and headers[-1] == "ratio"
+    assert rows[0] == ["m6", "3.0", "-", "-", "-"]
+    assert rows[1] == ["m7:quantization=gptq", "2.0", "0.5", "2.0", "0.250x"]
+    assert rows[2] == ["hf", "-", "-", "-", "-"]
+    assert not report.has_quantized_weights({"rows": results["rows"][:1]})
