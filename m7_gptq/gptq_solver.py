@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import torch
 
 from .model_executor.layers.quantization.gptq import (GPTQConfig, fit_grid, from_codes,
-                                                      to_codes)
+                                                      round_to_nearest, to_codes)
 
 BLOCK_SIZE = 128
 
@@ -138,16 +138,6 @@ def _current_columns(w: torch.Tensor, block: torch.Tensor, errors: torch.Tensor,
 
 
 def rtn_quantize(weight: torch.Tensor, config: GPTQConfig) -> QuantizedWeight:
-    """Round to nearest: each group of columns on its own grid, nothing compensated
-    (the same grid and format as GPTQ; `gptq.rtn_layer` packs the same numbers)."""
-    w = weight.float()
-    rows = config.rows_per_group(w.shape[1])
-    codes, scales, zeros = torch.empty_like(w), [], []
-    for start in range(0, w.shape[1], rows):
-        scale, zero = fit_grid(w[:, start:start + rows], config.bits, config.sym)
-        codes[:, start:start + rows] = to_codes(w[:, start:start + rows], scale, zero,
-                                                config.bits)
-        scales.append(scale)
-        zeros.append(zero)
-    g_idx = (torch.arange(w.shape[1]) // rows).to(torch.int32)
-    return QuantizedWeight(codes, torch.stack(scales), torch.stack(zeros), g_idx)
+    """Round to nearest, the baseline: the format module's `round_to_nearest` (the same
+    grid as GPTQ, nothing compensated), in the solver's result type."""
+    return QuantizedWeight(*round_to_nearest(weight, config))

@@ -192,23 +192,27 @@ def pack_layer(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                 g_idx=g_idx.to(torch.int32).contiguous())
 
 
-def rtn_layer(weight: torch.Tensor, config: GPTQConfig) -> dict[str, torch.Tensor]:
-    """Round-to-nearest: each group of input rows of `weight` ([out, in]) on its own grid,
-    as checkpoint tensors. The baseline GPTQ is compared with, and how a dummy model
-    gets quantized weights."""
-    out_features, in_features = weight.shape
-    rows = config.rows_per_group(in_features)
+def round_to_nearest(weight: torch.Tensor, config: GPTQConfig) -> tuple[torch.Tensor, ...]:
+    """Round-to-nearest (RTN): each group of input rows of `weight` ([out, in]) on its own
+    grid, nothing compensated. (codes [out, in], scales [groups, out], zeros [groups,
+    out], g_idx [in]): the baseline GPTQ is compared with."""
     w = weight.float()
-    codes = torch.empty_like(w)
-    scales, zeros = [], []
-    for start in range(0, in_features, rows):
+    rows = config.rows_per_group(w.shape[1])
+    codes, scales, zeros = torch.empty_like(w), [], []
+    for start in range(0, w.shape[1], rows):
         block = w[:, start:start + rows]
         scale, zero = fit_grid(block, config.bits, config.sym)
         codes[:, start:start + rows] = to_codes(block, scale, zero, config.bits)
         scales.append(scale)
         zeros.append(zero)
-    g_idx = torch.arange(in_features) // rows
-    return pack_layer(codes, torch.stack(scales), torch.stack(zeros), g_idx, config.bits)
+    g_idx = (torch.arange(w.shape[1]) // rows).to(torch.int32)
+    return codes, torch.stack(scales), torch.stack(zeros), g_idx
+
+
+def rtn_layer(weight: torch.Tensor, config: GPTQConfig) -> dict[str, torch.Tensor]:
+    """`round_to_nearest` as checkpoint tensors: how a dummy model gets quantized
+    weights."""
+    return pack_layer(*round_to_nearest(weight, config), config.bits)
 
 
 # --- the layer ----------------------------------------------------------------------------
@@ -334,10 +338,11 @@ def weight_bytes(model: nn.Module) -> dict[str, int]:
     quantized = dense = 0
     for layer in model.modules():
         if isinstance(layer, GPTQLinear):
-            kept = [layer.qweight, layer.qzeros, layer.scales, layer.g_idx, layer.input_perm]
-            size = sum(t.numel() * t.element_size() for t in kept if t is not None)
-            quantized += size
-            total += size - sum(t.numel() * t.element_size() for t in kept[:4])  # the perm
+            kept = [layer.qweight, layer.qzeros, layer.scales, layer.g_idx]
+            if layer.input_perm is not None:  # not a parameter: not in `total` yet
+                kept.append(layer.input_perm)
+                total += layer.input_perm.numel() * layer.input_perm.element_size()
+            quantized += sum(t.numel() * t.element_size() for t in kept)
             dense += layer.in_features * layer.out_features * layer.scales.element_size()
             if layer.weight is not None:  # the CPU's dequantized copy
                 total += layer.weight.numel() * layer.weight.element_size()
