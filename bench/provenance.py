@@ -1,6 +1,6 @@
 """Where a measurement came from: command line, git commit, machine, versions.
 
-Introduced with M4's kernel benchmark. `bench/kernels.py` and `tools/profile_step.py`
+Introduced with M4's kernel benchmark. `bench/attention_kernels.py` and `tools/profile_step.py`
 write results files with the same provenance fields as `bench/compare.py`'s (command,
 git_commit, git_dirty, date, machine, versions); this module builds them from
 compare.py's own helpers (`git_info`, `cpu_name`, `_version`) and adds what a kernel
@@ -51,7 +51,7 @@ def versions() -> dict:
 
 def provenance(prog: str, argv: list[str], device: str = "cuda") -> dict:
     """The fields every results file opens with; `prog` is how the command was run
-    (e.g. "python3 bench/kernels.py"), `argv` its arguments."""
+    (e.g. "python3 bench/attention_kernels.py"), `argv` its arguments."""
     commit, dirty = git_info()
     return {"command": shlex.join([*shlex.split(prog), *argv]),
             "git_commit": commit, "git_dirty": dirty,

@@ -1,4 +1,4 @@
-"""The kernel benchmark (bench/kernels.py) and the step profiler (tools/profile_step.py)
+"""The kernel benchmark (bench/attention_kernels.py) and the step profiler (tools/profile_step.py)
 on the CPU: their smoke runs end to end in a subprocess, the JSON they write, the table
 printer, the goal summary, and the profiler-event bookkeeping on made-up events.
 
@@ -18,7 +18,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench import kernels  # noqa: E402
+from bench import attention_kernels  # noqa: E402
 from bench.provenance import format_table  # noqa: E402
 
 PROVENANCE_KEYS = {"command", "git_commit", "git_dirty", "date", "machine", "versions"}
@@ -42,7 +42,7 @@ def _run(script: str, *args: str, timeout: int = 120) -> subprocess.CompletedPro
 
 
 @pytest.mark.parametrize("script, words", [
-    ("bench/kernels.py", ["--interpret-smoke", "--quick", "--out"]),
+    ("bench/attention_kernels.py", ["--interpret-smoke", "--quick", "--out"]),
     ("tools/profile_step.py", ["--stages", "--batches", "--m4-eager", "--steps", "--device"]),
 ])
 def test_help(script, words):
@@ -54,7 +54,7 @@ def test_help(script, words):
 
 def test_kernels_interpret_smoke_writes_the_json(tmp_path):
     out = tmp_path / "k.json"
-    proc = _run("bench/kernels.py", "--interpret-smoke", "--out", str(out))
+    proc = _run("bench/attention_kernels.py", "--interpret-smoke", "--out", str(out))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "meaningless" in proc.stdout
     data = json.loads(out.read_text())
@@ -78,7 +78,7 @@ def test_kernels_interpret_smoke_writes_the_json(tmp_path):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without CUDA")
 def test_kernels_refuses_without_cuda(tmp_path):
-    proc = _run("bench/kernels.py", "--out", str(tmp_path / "k.json"), timeout=60)
+    proc = _run("bench/attention_kernels.py", "--out", str(tmp_path / "k.json"), timeout=60)
     assert proc.returncode == 2
     assert "needs a CUDA GPU" in proc.stderr
     assert not (tmp_path / "k.json").exists()
@@ -102,13 +102,13 @@ def test_table_printer_formats_rows():
              "kernel_us": 120.0, "tflops": 150.0, "max_abs_err": 0.01, "sdpa_us": 100.0,
              "sdpa_tflops": 180.0, "ratio_vs_sdpa": 0.83, "sdpa_max_abs_err": 0.008,
              "ok": True}]
-    decode = kernels.decode_table(rows).splitlines()
+    decode = attention_kernels.decode_table(rows).splitlines()
     assert decode[0].split()[:3] == ["model", "batch", "ctx"]
     assert len(decode) == 2 + 4  # header, rule, one line per decode row
     assert "80.0" in decode[2] and decode[2].rstrip().endswith("ok")
     assert decode[3].rstrip().endswith("WRONG")
     assert decode[4].rstrip().endswith("skipped") and decode[5].rstrip().endswith("ERROR")
-    prefill = kernels.prefill_table(rows).splitlines()
+    prefill = attention_kernels.prefill_table(rows).splitlines()
     assert len(prefill) == 3 and "4x512" in prefill[2] and "0.83" in prefill[2]
     assert all(len(line) <= 120 for line in decode + prefill)
 
@@ -126,17 +126,17 @@ def test_goals_take_the_rows_that_decide_them():
     rows = [_decode_row(copy_fraction=0.7), _decode_row(context=4096, copy_fraction=0.55),
             _decode_row(batch=1, copy_fraction=0.1),  # batch 1 does not count
             {"kind": "prefill", "ratio_vs_sdpa": 0.9}, {"kind": "prefill", "ratio_vs_sdpa": 0.8}]
-    goals = kernels.goals(rows)
+    goals = attention_kernels.goals(rows)
     assert goals["decode_copy_fraction"]["min"] == 0.55
     assert goals["decode_copy_fraction"]["met"] is False
     assert goals["prefill_vs_sdpa"]["min"] == 0.8 and goals["prefill_vs_sdpa"]["met"] is True
-    assert kernels.goals([])["decode_copy_fraction"]["met"] is None
+    assert attention_kernels.goals([])["decode_copy_fraction"]["met"] is None
 
 
 def test_causal_flops():
     # one prompt of 3 tokens: 1 + 2 + 3 = 6 visible pairs, 4 FLOPs x heads x head_dim each
-    assert kernels.causal_flops([3], heads=2, head_dim=8) == 6 * 4 * 2 * 8
-    assert kernels.causal_flops([3, 1], 1, 1) == 4 * (6 + 1)
+    assert attention_kernels.causal_flops([3], heads=2, head_dim=8) == 6 * 4 * 2 * 8
+    assert attention_kernels.causal_flops([3, 1], 1, 1) == 4 * (6 + 1)
 
 
 def test_profile_step_cpu_smoke(tmp_path):

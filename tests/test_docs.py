@@ -268,7 +268,7 @@ def _fake_profile(folder: Path) -> Path:
 
 def _fake_kernels(folder: Path) -> Path:
     shape = {"model": "qwen-test", "heads": 14, "kv_heads": 2, "head_dim": 64, "block_size": 16}
-    results = _provenance_fields("python3 bench/kernels.py --out /tmp/k.json")
+    results = _provenance_fields("python3 bench/attention_kernels.py --out /tmp/k.json")
     results.update(
         device="cuda", dtype="bfloat16", timings_meaningful=True, block_size=16,
         copy_bandwidth_gbps=2976.9, matmul_tflops=791.6,
@@ -336,7 +336,7 @@ def test_kernel_table_shows_decode_and_prefill_with_their_goals(tmp_path, monkey
            "the lowest there is 44%: not met." in decode
     assert "`qwen-test`: 14 query heads, 2 KV heads, head_dim 64" in decode
     assert "prompts × length" not in decode
-    assert "```bash\npython3 bench/kernels.py\n```" in decode
+    assert "```bash\npython3 bench/attention_kernels.py\n```" in decode
     assert "measured at commit `fedcba9876` (with uncommitted changes)" in decode
     prefill = render(f"<!-- kernel-table: file={path.name} part=prefill -->")
     assert "| model | prompts × length | µs | TFLOP/s | SDPA flash TFLOP/s | ratio |" in prefill
@@ -351,7 +351,7 @@ def test_kernel_table_shows_decode_and_prefill_with_their_goals(tmp_path, monkey
         render(f"<!-- kernel-table: file={path.name} part=both -->")
     with pytest.raises(ValueError, match="bad option"):
         render(f"<!-- kernel-table: file={path.name} model=qwen-test -->")
-    with pytest.raises(ValueError, match="not a results file of bench/kernels.py"):
+    with pytest.raises(ValueError, match="not a results file of bench/attention_kernels.py"):
         render(f"<!-- kernel-table: file={_fake_profile(tmp_path).name} -->")
 
 

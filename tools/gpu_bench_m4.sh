@@ -3,7 +3,7 @@
 #   throughput, dummy:qwen2.5-0.5b, 64 prompts, 768 MiB of KV cache: m3, m4
 #   throughput, dummy:qwen3-0.6b, 256 prompts (nano-vllm's offline workload): m3, m4
 #   latency, dummy:qwen2.5-0.5b, 128 in / 128 out, 3 repeats: m3, m4, hf
-#   the kernel benchmark (bench/kernels.py) and the step profile (tools/profile_step.py)
+#   the kernel benchmark (bench/attention_kernels.py) and the step profile (tools/profile_step.py)
 # Files go to $RESULTS (outside the synced tree), then into $OUT/m4-results.tar.
 # The GPU copy has no usable .git: pass FOLOVLLM_GIT_COMMIT (and FOLOVLLM_GIT_DIRTY).
 #   FOLOVLLM_GIT_COMMIT=<sha> bash tools/gpu_bench_m4.sh [parts...]
@@ -28,7 +28,7 @@ for part in $parts; do
         --model dummy:qwen3-0.6b $common;;
     latency) python3 bench/compare.py --milestones m3,m4,hf --workload latency \
         --input-len 128 --output-len 128 --repeat 3 --model dummy:qwen2.5-0.5b $common;;
-    kernels) python3 bench/kernels.py --out "$RESULTS/kernels-${gpu:-gpu}-$day.json";;
+    kernels) python3 bench/attention_kernels.py --out "$RESULTS/kernels-${gpu:-gpu}-$day.json";;
     profile) python3 tools/profile_step.py --stages m3_paged_kv,m4_flash_attn --m4-eager \
         --batches 1,64,256 --model dummy:qwen2.5-0.5b \
         --out "$RESULTS/profile-dummy-qwen2.5-0.5b-cuda-${gpu:-gpu}-$day.json";;

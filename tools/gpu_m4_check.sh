@@ -19,7 +19,7 @@ for part in $parts; do
       python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py -k m4 2>&1 \
         | tail -8 | tee -a "$OUT/tests.txt";;
     kernels)
-      python3 bench/kernels.py --out "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.txt";;
+      python3 bench/attention_kernels.py --out "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.txt";;
     profile)
       python3 tools/profile_step.py --stages m3_paged_kv,m4_flash_attn --m4-eager \
         --batches 1,64,256 --out "$OUT/profile.json" 2>&1 | tee "$OUT/profile.txt";;

@@ -28,7 +28,7 @@ holds markers (HTML comments) that this hook replaces when the site is built:
   whether it ran eager or as CUDA graphs. With the machine, the date, the commit and the
   command that produced it.
 - `<!-- kernel-table: file=NAME.json [part=decode|prefill] -->`: the attention kernels
-  measured by `bench/kernels.py` (a file of `bench/results/`): decode rows (time, KV
+  measured by `bench/attention_kernels.py` (a file of `bench/results/`): decode rows (time, KV
   bytes read per second and that as a share of the copy bandwidth, M3's path beside) and
   prefill rows (TFLOP/s beside torch's flash SDPA); both tables without `part=`. With
   the same provenance, and the goals the file records.
@@ -369,7 +369,7 @@ def _shown_path(path: Path) -> str:
     return path.relative_to(REPO_ROOT).as_posix() if path.is_relative_to(REPO_ROOT) else path.name
 
 
-# compare.py's --out-dir, the --out FILE.json of bench/kernels.py, profile_step.py and
+# compare.py's --out-dir, the --out FILE.json of bench/attention_kernels.py, profile_step.py and
 # trace_steps.py, and trace_steps.py's --png
 _NOT_RESULTS = {"--out-dir": 1, "--out": 1, "--png": 1, "--no-progress": 0, "--no-plot": 0,
                 "--publish": 0}
@@ -707,7 +707,7 @@ def _kernel_table(options: dict[str, str], where: str) -> str:
     part = options.get("part")
     if part not in (None, "decode", "prefill"):
         raise ValueError(f"{where}: part= is decode or prefill, not {part!r}")
-    results, path = _tool_results(options, where, "bench/kernels.py", "kind")
+    results, path = _tool_results(options, where, "bench/attention_kernels.py", "kind")
     parts = [part] if part else ["decode", "prefill"]
     missing = [p for p in parts if not any(r["kind"] == p for r in results["rows"])]
     if missing:

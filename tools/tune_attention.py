@@ -6,7 +6,7 @@ decode defaults in m4_flash_attn/ops/paged_attention.py were chosen from.
 For each candidate (block_m, block_n, num_warps, num_stages) of the varlen kernel and
 (block_n, num_warps, num_stages, splits per SM) of the decode kernel, on the attention
 shapes of qwen2.5-0.5b and qwen3-0.6b in bf16, it times the kernel as a CUDA graph
-(bench/kernels.py's Timer), checks its output once against the reference, and prints
+(bench/attention_kernels.py's Timer), checks its output once against the reference, and prints
 the fastest candidates per shape. Needs CUDA.
 """
 
@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from bench.kernels import BLOCK_SIZE, MODELS, Timer, max_err, paged_cache, reference  # noqa: E402
+from bench.attention_kernels import BLOCK_SIZE, MODELS, Timer, max_err, paged_cache, reference  # noqa: E402
 from m4_flash_attn.ops import paged_attention as ops  # noqa: E402
 
 PREFILL_SHAPES = [(4, 512), (1, 4096), (8, 1024)]  # (prompts, length)

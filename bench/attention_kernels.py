@@ -1,4 +1,4 @@
-"""M4's attention kernels against the hardware and against torch: `python3 bench/kernels.py`.
+"""M4's attention kernels against the hardware and against torch: `python3 bench/attention_kernels.py`.
 
 Introduced with M4. On a CUDA GPU, in bf16, on the attention shapes of two models
 (qwen2.5-0.5b: 14 query heads, 2 kv heads, head_dim 64; qwen3-0.6b: 16 / 8 / 128), with
@@ -28,9 +28,9 @@ checked once per shape against an fp32 reference (`paged_attention_ref`, on the 
 from the same inputs; a row whose error is over the tolerance is marked WRONG in the
 table and in the JSON (`ok`: false) and the command exits 1.
 
-    python3 bench/kernels.py                     # the full set, ~35 s on an H100
-    python3 bench/kernels.py --quick --out k.json
-    python3 bench/kernels.py --interpret-smoke   # CPU: tiny shapes, Triton interpreter
+    python3 bench/attention_kernels.py                     # the full set, ~35 s on an H100
+    python3 bench/attention_kernels.py --quick --out k.json
+    python3 bench/attention_kernels.py --interpret-smoke   # CPU: tiny shapes, Triton interpreter
 
 Without CUDA it refuses (exit code 2), unless `--interpret-smoke`: tiny fp32 shapes on
 the CPU under TRITON_INTERPRET=1, to check that the script itself works; its timings
@@ -61,7 +61,7 @@ if str(REPO) not in sys.path:  # run as a script: make the stages and `bench` im
 from bench.compare import scratch_dir  # noqa: E402
 from bench.provenance import format_table, provenance  # noqa: E402
 
-PROG = "python3 bench/kernels.py"
+PROG = "python3 bench/attention_kernels.py"
 BLOCK_SIZE = 16
 # name -> (query heads, kv heads, head_dim), from the models' public config.json files
 MODELS = {"qwen2.5-0.5b": (14, 2, 64), "qwen3-0.6b": (16, 8, 128)}
@@ -497,7 +497,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     if not args.interpret_smoke and not torch.cuda.is_available():
-        print("error: bench/kernels.py needs a CUDA GPU (torch sees none); "
+        print("error: bench/attention_kernels.py needs a CUDA GPU (torch sees none); "
               "--interpret-smoke checks the script on the CPU instead", file=sys.stderr)
         return 2
     smoke = args.interpret_smoke
