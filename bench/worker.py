@@ -3,8 +3,9 @@
 Introduced with the bench (M1). `bench/compare.py` writes a spec (which stage or `hf`,
 the workload, the engine settings), starts this worker with the same Python, and reads
 the result back: per-request samples, total time, peak memory, KV-cache use and the most
-sequences the row ran at once (`max_concurrent_seqs`: the engine's KV stats, else the
-most outputs one step returned; for `hf`, its largest batch). A fresh process per row
+sequences the row ran at once (`max_concurrent_seqs`: the engine's KV stats, whose peaks
+are reset after the untimed warm-up, else the most outputs one step returned; for `hf`,
+its largest batch). A fresh process per row
 keeps one row's memory and warm caches from leaking into the next.
 
 - a stage row builds `LLM(config=stage.EngineConfig(**kwargs))`, keeping only the keys
@@ -176,6 +177,8 @@ def run_stage(spec: dict) -> dict:
     gc.collect()
     gc.freeze()  # as vLLM does after start-up: no collection walks these objects mid-run
     warmup_kv = engine.kv_cache_stats() if hasattr(engine, "kv_cache_stats") else None
+    if hasattr(engine, "reset_stats"):  # peaks (sequences at once, KV slots) of the timed run
+        engine.reset_stats()
 
     n = wl.num_prompts
     order = sorted(range(n), key=lambda i: (wl.arrival_times[i], i))

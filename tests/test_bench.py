@@ -1112,3 +1112,22 @@ def test_weights_table_compares_the_gptq_layers_with_their_unquantized_size():
     assert rows[1] == ["m7:quantization=gptq", "2.0", "0.5", "2.0", "0.250x"]
     assert rows[2] == ["hf", "-", "-", "-", "-"]
     assert not report.has_quantized_weights({"rows": results["rows"][:1]})
+
+
+@pytest.mark.parametrize("package", ["m2_batching", "m3_paged_kv", "m6_prefix_cache"])
+def test_a_latency_run_reports_one_sequence_at_once_after_a_wide_warm_up(monkeypatch,
+                                                                          package):
+    """The CUDA warm-up sends a batch at once; the timed requests of a latency run go one
+    at a time, so the peaks the row reports are the timed run's: 1 at once, no more KV
+    slots than one request holds, and no preemption."""
+    wl = build_workload("latency", vocab_size=256, num_prompts=2, input_len=8, output_len=3)
+    monkeypatch.setattr(worker, "warmup_prompts",
+                        lambda wl, vocab, device: [list(range(1, 9))] * 4)
+    result = worker.run_stage({
+        "milestone": package[:2], "package": package, "workload": wl.to_dict(),
+        "engine": {"model": "dummy:tiny-llama", "device": "cpu", "dtype": "float32",
+                   "seed": 0}, "device": "cpu", "progress": False, "overrides": {}})
+    assert result["max_concurrent_seqs"] == 1
+    assert result["kv_cache"]["max_concurrent_seqs"] == 1
+    assert result["kv_cache"]["used_token_slots_peak"] <= 8 + 3
+    assert result["kv_cache"].get("num_preemptions", 0) == 0

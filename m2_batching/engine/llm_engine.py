@@ -98,6 +98,10 @@ class LLMEngine:
                 "used_token_slots_peak": s.used_token_slots_peak,
                 "max_concurrent_seqs": s.max_concurrent_seqs}
 
+    def reset_stats(self) -> None:
+        """Start kv_cache_stats()'s peaks over from now, e.g. after an untimed warm-up."""
+        self.scheduler.reset_stats()
+
     # -- one step ---------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Run one scheduled batch; return an output for each sequence that advanced (and

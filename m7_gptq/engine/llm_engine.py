@@ -146,6 +146,10 @@ class LLMEngine:
                 "prefix_cache_hit_rate": kv.prefix_cache_hits / kv.prefix_cache_queries
                 if kv.prefix_cache_queries else None}
 
+    def reset_stats(self) -> None:
+        """Start kv_cache_stats()'s peaks over from now, e.g. after an untimed warm-up."""
+        self.scheduler.reset_stats()
+
     def reset_prefix_cache(self) -> None:
         """Forget every cached block (M6), e.g. to time a run from a cold cache. Refused
         while requests run: their blocks are in use."""

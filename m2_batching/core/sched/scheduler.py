@@ -45,6 +45,11 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def reset_stats(self) -> None:
+        """Start the peaks over from now (the bench calls it after its warm-up)."""
+        self.used_token_slots_peak = self.used_token_slots
+        self.max_concurrent_seqs = len(self.running)
+
     @property
     def used_token_slots(self) -> int:
         """Tokens whose keys and values are in the KV cache now."""

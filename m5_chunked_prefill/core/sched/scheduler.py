@@ -68,6 +68,14 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def reset_stats(self) -> None:
+        """Start the peaks and the preemption count over from now (the bench calls it after
+        its warm-up)."""
+        self.used_token_slots_peak = self.used_token_slots
+        self.reserved_token_slots_peak = self.reserved_token_slots
+        self.max_concurrent_seqs = len(self.running)
+        self.num_preemptions = 0
+
     @property
     def used_token_slots(self) -> int:
         """Tokens whose keys and values are in the KV cache now."""
