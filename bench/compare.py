@@ -21,7 +21,8 @@ interleaved (m1, m2, m3, m1, m2, ...); the summary is the median of each metric.
 
 Results go to bench/scratch/ (gitignored) as <workload>-<model>-<device>-<date>.json with
 a PNG plot of the same name; `--publish` writes them to bench/results/ (committed, shown
-by the docs) instead, and `--out-dir` overrides both (the environment variables
+by the docs) instead, and only from a clean tree at a known commit (it refuses otherwise),
+and `--out-dir` overrides both (the environment variables
 FOLOVLLM_BENCH_SCRATCH and FOLOVLLM_BENCH_RESULTS move the two folders, for tests).
 
 A file holds: command (the exact argv), git_commit and git_dirty (FOLOVLLM_GIT_COMMIT and
@@ -750,6 +751,23 @@ def _check_args(args: argparse.Namespace) -> None:
         if value is not None and args.workload != "chat":
             raise BenchError(f"{flag} applies to the chat workload only (multi-turn "
                              "conversations: --workload chat)")
+    if args.publish:
+        check_publishable()
+
+
+def check_publishable() -> None:
+    """--publish writes what the docs show, so it must name code one can check out: a
+    known commit and no uncommitted change to tracked files."""
+    commit, dirty = git_info()
+    if commit is None:
+        raise BenchError("--publish: no git commit is known for this tree (on a copy "
+                         "without .git, set FOLOVLLM_GIT_COMMIT and FOLOVLLM_GIT_DIRTY=0/1)")
+    if dirty is not False:
+        why = "has uncommitted changes" if dirty else "may have uncommitted changes " \
+              "(FOLOVLLM_GIT_DIRTY not set)"
+        raise BenchError(f"--publish: the tree at {commit[:10]} {why}; commit first so "
+                         "the results name code one can check out, or leave out --publish "
+                         "(the run goes to the gitignored scratch folder)")
 
 
 def out_dir_of(args: argparse.Namespace) -> Path:

@@ -295,6 +295,18 @@ def test_git_info_overrides(monkeypatch):
     assert re.fullmatch(r"[0-9a-f]{40}", commit) and isinstance(dirty, bool)
 
 
+@pytest.mark.parametrize("dirty, message", [
+    ("1", "has uncommitted changes"), (None, "may have uncommitted changes")])
+def test_publish_refuses_a_tree_with_uncommitted_changes(tmp_path, dirty, message):
+    env = {"FOLOVLLM_BENCH_RESULTS": str(tmp_path / "r"), "FOLOVLLM_GIT_COMMIT": "a" * 40}
+    if dirty is not None:
+        env["FOLOVLLM_GIT_DIRTY"] = dirty
+    proc = run_compare("--milestones", "m1", "--model", "dummy:tiny-llama", "--device",
+                       "cpu", "--publish", env=env)
+    assert proc.returncode == 2 and message in proc.stderr
+    assert "--publish" in proc.stderr and not (tmp_path / "r").exists()
+
+
 def test_combine_runs_takes_medians_and_keeps_the_spread():
     runs = []
     for tokps, at_once in ((30.0, 4), (10.0, 4), (20.0, 5)):
