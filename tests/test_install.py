@@ -11,8 +11,12 @@ when present.
 """
 
 import importlib.metadata
+import re
+import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from conftest import REPO_ROOT
 
@@ -72,3 +76,37 @@ def test_no_module_of_ours_shadows_an_installed_or_standard_package():
                if name in taken and name not in ("conftest", "__init__")}
     assert not clashes, (f"these modules would hide the package of the same name when their "
                          f"folder is first on sys.path; rename them: {clashes}")
+
+
+# -- the documented commands that no other test runs -------------------------------------
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True,
+                          timeout=300, cwd=REPO_ROOT)
+
+
+@pytest.mark.parametrize("module", ["m7_gptq.quantize", "m7_gptq.eval_ppl"])
+def test_m7_tools_print_their_help(module):
+    proc = _run("-m", module, "--help")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.startswith("usage:") and "--model" in proc.stdout
+
+
+def test_report_prints_a_committed_results_file_as_a_module():
+    path = sorted((Path(REPO_ROOT) / "bench" / "results").glob("throughput-*.json"))[-1]
+    proc = _run("-m", "bench.report", str(path))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.startswith("throughput workload") and "tok/s" in proc.stdout
+
+
+def test_constraints_pin_every_package_but_torch():
+    """constraints.txt pins exact versions and leaves torch and what a torch build pins
+    to the Makefile (a GPU user's CUDA build stays); `make install` uses it by default."""
+    lines = [line for line in (Path(REPO_ROOT) / "constraints.txt").read_text().splitlines()
+             if line and not line.startswith("#")]
+    names = [line.split("==")[0] for line in lines]
+    assert all(re.fullmatch(r"[a-z0-9-]+==[\w.+!-]+", line) for line in lines), lines
+    assert {"transformers", "tokenizers", "mkdocs-material", "pytest", "kernels"} <= set(names)
+    assert not {"torch", "triton", "folovllm"} & set(names)
+    assert not [n for n in names if n.startswith("nvidia-")]
+    makefile = (Path(REPO_ROOT) / "Makefile").read_text()
+    assert "-c constraints.txt" in makefile and re.search(r"^TORCH \?= torch==", makefile, re.M)
