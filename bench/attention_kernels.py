@@ -5,7 +5,11 @@ Introduced with M4. On a CUDA GPU, in bf16, on the attention shapes of two model
 a paged cache of 16-token blocks whose blocks lie shuffled in the pool, it measures:
 
 - copy bandwidth: a 1 GiB device-to-device copy (bench/roofline.py's `measure`), bytes
-  read + written per second: what a memory-bound kernel can hope for;
+  read + written per second; and read bandwidth: a Triton kernel that only reads 1 GiB
+  (`read_bandwidth`). A decode kernel only reads, and HBM serves reads alone faster than
+  a copy's mix of reads and writes, so a decode row can pass 100% of the copy bandwidth
+  (not an L2 effect: the L2 is emptied and the largest caches are GiBs); its share of
+  the read bandwidth is the bound it cannot pass;
 - the paged decode kernel (`paged_decode_attention`, split-K with `decode_num_splits`)
   at batch 1, 16, 64, 256 x context 512, 1024, 4096: time, KV bytes read per second
   (sum over sequences of seq_len x kv_heads x head_dim x 2 (K and V) x 2 bytes) and that
@@ -252,6 +256,39 @@ def copy_bandwidth(device: str) -> dict:
     return {"bandwidth_gbps": 2 * src.numel() * 4 / seconds / 1e9, "matmul_tflops": None}
 
 
+def read_bandwidth(timer: "Timer", device: str) -> float:
+    """GB/s of a kernel that reads a 1 GiB buffer once (each program sums its part): the
+    most a kernel that only reads can get; a small buffer under the interpreter (smoke)."""
+    import torch
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def read_all(x_ptr, out_ptr, n, BLOCK: tl.constexpr, ITERS: tl.constexpr):
+        start = tl.program_id(0) * BLOCK * ITERS
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for i in range(ITERS):
+            offs = start + i * BLOCK + tl.arange(0, BLOCK)
+            acc += tl.load(x_ptr + offs, mask=offs < n, other=0.0).to(tl.float32)
+        tl.store(out_ptr + tl.program_id(0), tl.sum(acc, axis=0))
+
+    block, iters = (4096, 16) if device == "cuda" else (64, 2)
+    n = 2 ** 29 if device == "cuda" else 4096  # 1 GiB of bf16 (smoke: 16 KiB of fp32)
+    x = torch.ones(n, dtype=torch.bfloat16 if device == "cuda" else torch.float32,
+                   device=device)
+    programs = triton.cdiv(n, block * iters)
+    out = torch.empty(programs, dtype=torch.float32, device=device)
+
+    def kernel():
+        read_all[(programs,)](x, out, n, BLOCK=block, ITERS=iters, num_warps=8)
+
+    kernel()
+    if float(out.sum()) != n:
+        raise RuntimeError("read_bandwidth: the read kernel summed the buffer wrongly")
+    ms = timer.graph_ms(kernel)
+    return n * x.element_size() / ms / 1e6
+
+
 def reference(q, k_cache, v_cache, starts, seq_lens, tables, scale: float):
     """`paged_attention_ref` in fp32 from the same inputs, on the CPU (it indexes its
     inputs with CPU tensors, so it runs there): [T, heads, d], float32, on the CPU."""
@@ -311,7 +348,8 @@ def decode_row(model: str, shape, batch: int, context: int, ctx: dict) -> dict:
     ms = timer.graph_ms(kernel)
     row["timing"] = timer.last_method
     row.update(kernel_us=ms * 1e3, gbps=kv_bytes / ms / 1e6,
-               copy_fraction=kv_bytes / ms / 1e6 / ctx["copy_gbps"])
+               copy_fraction=kv_bytes / ms / 1e6 / ctx["copy_gbps"],
+               read_fraction=kv_bytes / ms / 1e6 / ctx["read_gbps"])
     if ctx["m3"] and 2 * kv_bytes <= ctx["m3_max_bytes"]:
         m3_reference(row, q, k_cache, v_cache, starts, seq_lens, tables, want, ctx)
     elif ctx["m3"]:
@@ -449,11 +487,12 @@ def _status(row: dict) -> str:
 
 
 def decode_table(rows: list[dict]) -> str:
-    headers = ["model", "batch", "ctx", "splits", "us", "GB/s", "% copy", "err",
+    headers = ["model", "batch", "ctx", "splits", "us", "GB/s", "% copy", "% read", "err",
                "m3 us", "m3 md us", "x m3", "check"]
     body = [[r["model"], r["batch"], r["context"], r.get("num_splits"),
              _f(r.get("kernel_us"), ".1f"), _f(r.get("gbps"), ".0f"),
              _f(None if r.get("copy_fraction") is None else 100 * r["copy_fraction"], ".1f"),
+             _f(None if r.get("read_fraction") is None else 100 * r["read_fraction"], ".1f"),
              _f(r.get("max_abs_err"), ".1e"), _f(r.get("m3_us"), ".1f"),
              _f(r.get("m3_metadata_us"), ".0f"), _f(r.get("m3_speedup"), ".1f"), _status(r)]
             for r in rows if r["kind"] == "decode"]
@@ -517,12 +556,16 @@ def main(argv: list[str] | None = None) -> int:
     began = time.perf_counter()
     bw = copy_bandwidth(device)
     num_sms = SMOKE_SMS if smoke else results["machine"]["sm_count"]
+    timer = Timer(device, args.quick or smoke)
+    read_gbps = read_bandwidth(timer, device)
     ctx = {"device": device, "dtype": dtype, "itemsize": dtype.itemsize,
-           "timer": Timer(device, args.quick or smoke), "num_sms": num_sms,
+           "timer": timer, "num_sms": num_sms,
            "tol": TOLERANCE[dtype_name], "copy_gbps": bw["bandwidth_gbps"],
+           "read_gbps": read_gbps,
            "m3": not args.no_m3, "m3_max_bytes": args.m3_max_gib * 2 ** 30}
     gpu = results["machine"]["gpu"] or "CPU (Triton interpreter)"
-    print(f"{gpu}, {num_sms} SMs; copy bandwidth {bw['bandwidth_gbps']:.0f} GB/s"
+    print(f"{gpu}, {num_sms} SMs; copy bandwidth {bw['bandwidth_gbps']:.0f} GB/s, read "
+          f"bandwidth {read_gbps:.0f} GB/s"
           + (f", bf16 matmul {bw['matmul_tflops']:.0f} TFLOP/s" if bw.get("matmul_tflops")
              else "") + f"; {dtype_name}, block_size {BLOCK_SIZE}", flush=True)
     if smoke:
@@ -559,6 +602,7 @@ def main(argv: list[str] | None = None) -> int:
                 "the L2 is emptied before every call" if not smoke
                 else "wall time of 1 call under the Triton interpreter"),
         block_size=BLOCK_SIZE, tolerance=ctx["tol"], copy_bandwidth_gbps=bw["bandwidth_gbps"],
+        read_bandwidth_gbps=read_gbps,
         matmul_tflops=bw.get("matmul_tflops"), goals=None if smoke else goals(rows),
         rows=rows,
         seconds=time.perf_counter() - began)

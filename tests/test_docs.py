@@ -355,6 +355,21 @@ def test_kernel_table_shows_decode_and_prefill_with_their_goals(tmp_path, monkey
         render(f"<!-- kernel-table: file={_fake_profile(tmp_path).name} -->")
 
 
+def test_kernel_table_shows_the_share_of_read_bandwidth_when_measured(tmp_path, monkeypatch):
+    """A decode kernel only reads: over 100% of the copy bandwidth is possible, and the
+    table then says why, beside the share of the read bandwidth."""
+    render = _render_in(tmp_path, monkeypatch)
+    path = _fake_kernels(tmp_path)
+    results = json.loads(path.read_text())
+    results["read_bandwidth_gbps"] = 3600.0
+    results["rows"][0].update(copy_fraction=1.08, read_fraction=0.89)
+    path.write_text(json.dumps(results))
+    decode = render(f"<!-- kernel-table: file={path.name} part=decode -->")
+    assert "| splits | µs | GB/s | % of copy | % of read | M3 path µs |" in decode
+    assert "| 25.5 | 1314 | 108% | 89% | 128.0 |" in decode
+    assert "read bandwidth (3600 GB/s" in decode and "can pass 100%" in decode
+
+
 def _fake_ppl(folder: Path) -> Path:
     results = _provenance_fields("python -m m7_gptq.eval_ppl --model default --model /q/gptq "
                                  "--out /tmp/ppl.json")

@@ -660,7 +660,9 @@ def _goal_line(goal: dict | None, what: str, fmt) -> str:
 def _decode_part(results: dict) -> str:
     rows = [r for r in results["rows"] if r["kind"] == "decode"]
     with_m3 = any(r.get("m3_us") is not None for r in rows)
+    with_read = any(r.get("read_fraction") is not None for r in rows)
     headers = ["model", "batch", "context", "splits", "µs", "GB/s", "% of copy"]
+    headers += ["% of read"] if with_read else []
     headers += ["M3 path µs"] if with_m3 else []
     body = []
     for r in rows:
@@ -669,6 +671,8 @@ def _decode_part(results: dict) -> str:
                  _num(r.get("num_splits"), "d"),
                  bad or _num(r.get("kernel_us"), ".1f"), "-" if bad else _num(r.get("gbps"), ".0f"),
                  "-" if bad else _share(r.get("copy_fraction"))]
+        if with_read:
+            cells.append("-" if bad else _share(r.get("read_fraction")))
         if with_m3:
             m3_bad = r.get("m3_ok") is False
             cells.append("WRONG" if m3_bad else _num(r.get("m3_us"), ".1f"))
@@ -676,6 +680,12 @@ def _decode_part(results: dict) -> str:
     bandwidth = results.get("copy_bandwidth_gbps")
     copy = (f"; % of copy: the KV bytes read per second over the copy bandwidth of this GPU "
             f"({bandwidth:.0f} GB/s, a device-to-device copy)" if bandwidth else "")
+    read_bw = results.get("read_bandwidth_gbps")
+    if with_read and read_bw:
+        copy += (f"; % of read: over the read bandwidth ({read_bw:.0f} GB/s, a kernel that "
+                 "only reads 1 GiB). A decode kernel only reads, and HBM serves reads alone "
+                 "faster than a copy's mix of reads and writes, so its share of the copy "
+                 "bandwidth can pass 100% (the L2 is emptied before every call)")
     m3 = ("; M3 path: gather the keys through the block table, then torch's SDPA, eager "
           "(its metadata build not counted)" if with_m3 else "")
     return (f"**Decode** (`paged_decode_attention`, one query per sequence, in "
