@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, STAGES, stages_with
 
 # Imported by transformers, torch or triton when installed, so possibly absent here.
 OPTIONAL_IMPORTS = {"kernels", "flash_attn", "accelerate", "bitsandbytes", "optimum",
@@ -84,8 +84,11 @@ def _run(*args: str) -> subprocess.CompletedProcess:
                           timeout=300, cwd=REPO_ROOT)
 
 
-@pytest.mark.parametrize("module", ["m7_gptq.quantize", "m7_gptq.eval_ppl"])
-def test_m7_tools_print_their_help(module):
+@pytest.mark.parametrize("module", ["m7_gptq.quantize", "m7_gptq.eval_ppl"]
+                         + [f"{stage}.run" for stage in stages_with("forward")
+                            if "generate" not in STAGES[stage]])
+def test_tools_without_a_cli_test_print_their_help(module):
+    """The stages that generate have their --help checked flag by flag in test_cli.py."""
     proc = _run("-m", module, "--help")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.startswith("usage:") and "--model" in proc.stdout
