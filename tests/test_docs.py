@@ -11,6 +11,7 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -85,13 +86,15 @@ def test_stage_diff_html_puts_the_lesson_first():
     lesson = stage_diff.read_lesson(new)
     out = stage_diff.format_html(old, new, diffs, lesson)
     assert f"<code>python tools/stage_diff.py {old} {new}</code>" in out
-    blocks = re.findall(r'<details id="([^"]+)" class="stage-diff"( open)?>', out)
+    blocks = re.findall(r'<details id="([^"]+)"([^>]*)>', out)
     key = [stage_diff.anchor(e.path) for e in lesson.entries if e.key]
     rest = [stage_diff.anchor(e.path) for e in lesson.entries if not e.key]
-    # One block per changed file: the idea's files first and open, in LESSON order.
+    # One block per changed file: the idea's files first, in LESSON order; every block
+    # closed (a page leads with its idea, not with pages of code) and kept out of the
+    # search index (tools/search_check.py: the code's tokens break the theme's search).
     assert [anchor for anchor, _ in blocks] == key + rest
-    assert all(is_open for _, is_open in blocks[:len(key)])
-    assert not any(is_open for _, is_open in blocks[len(key):])
+    assert all(attrs == ' class="stage-diff" data-search-exclude' for _, attrs in blocks)
+    assert "Click a file to open its diff." in out
     assert "diff-core-block_pool-py" in key
     # The table links every block, in the same order, and says why each file changed.
     table, blocks_html = out[:out.index("</table>")], out[out.index("</table>"):]
@@ -123,7 +126,7 @@ def test_stage_diff_html_escapes_and_falls_back_to_text(tmp_path):
     diffs = stage_diff.stage_diff("a", "b", root=tmp_path)
     lesson = stage_diff.parse_lesson("# t\n## the idea\nm.py  # uses `<b>` & co\n")
     out = stage_diff.format_html("a", "b", diffs, lesson, root=tmp_path)
-    assert out.index('id="diff-m-py" class="stage-diff" open') < out.index('id="diff-NOTES"')
+    assert out.index('id="diff-m-py" class="stage-diff"') < out.index('id="diff-NOTES"')
     assert "uses <code>&lt;b&gt;</code> &amp; co" in out
     # The docstring spans two lines: each line is a string token, closed on its line.
     # (Pygments escapes quotes as &quot; before 2.21, not from 2.21 on: both are HTML)
@@ -139,6 +142,29 @@ def test_stage_diff_cli_rejects_a_missing_stage():
     result = _run(str(STAGE_DIFF), "m0_init", "m9_nothing")
     assert result.returncode == 2
     assert "m9_nothing" in result.stderr
+
+
+def test_search_check_finds_the_token_set_merges_that_break_the_search():
+    """tools/search_check.py builds lunr's automaton over the terms as the theme's search
+    worker does: a node with digit edges `0`->2 and `1`->2 has lunr's key "00212", and so
+    has a different node with the one edge `0`->212: lunr merges them, and the words under
+    the second one are lost (node 212 here is the one reached by "y0": 1 is the root, 2
+    the shared final leaf, the filler word takes the ids up to it)."""
+    search_check = _load_tool("search_check")
+    words = {"a", "b" + "c" * 204, "x0", "x1", "y0q", "y0r", "y0s"}
+    (merge,) = search_check.token_set_collisions(words)
+    assert merge.key == "00212" and merge.prefix == "y"
+    assert merge.kept == (False, (("0", 2), ("1", 2))) and merge.dropped == (False, (("0", 212),))
+    # The same shape with letters for edges gives unambiguous keys: nothing merged.
+    assert search_check.token_set_collisions({w.replace("0", "p").replace("1", "q")
+                                              for w in words}) == []
+    # The terms are the index's text outside tags, split at its separator, lower-cased,
+    # without stop words.
+    index = {"config": {"separator": r"[\s\-]+", "pipeline": ["stopWordFilter"]},
+             "docs": [{"location": "a/", "title": "The <code>Block</code> pool",
+                       "text": "<p>a free-list of blocks<br/>x</p>"}]}
+    assert search_check.terms_of(index, {"the", "of", "a"}) == {
+        "block", "pool", "free", "list", "blocks", "x"}
 
 
 def _fake_results(folder: Path, workload: str, milestones: list[str], date: str) -> Path:
@@ -510,7 +536,8 @@ def test_site_shows_generated_diffs(site):
     for page in sorted((REPO_ROOT / "docs").glob("m[1-9]_*.md")):
         built = _page_text(site / page.stem / "index.html")
         assert f"+++ {page.stem}/" in built, page.name
-        assert 'class="stage-diff" open' in (site / page.stem / "index.html").read_text()
+        built_html = (site / page.stem / "index.html").read_text()
+        assert 'class="stage-diff" data-search-exclude>' in built_html
     # M0 has no earlier stage: its page shows its file tree instead.
     m0_page = _page_text(site / "m0_init" / "index.html")
     assert "model_executor/" in m0_page and "+++ " not in m0_page
@@ -520,6 +547,37 @@ def test_site_shows_generated_diffs(site):
     for nb in (REPO_ROOT / "notebooks").glob("*.ipynb"):
         assert (site / "notebooks" / nb.stem / "index.html").is_file(), nb.name
     assert "Benchmarks" in _page_text(site / "benchmarks" / "index.html")
+
+
+def _search_sections(site: Path) -> dict[str, dict]:
+    index = json.loads((site / "search" / "search_index.json").read_text(encoding="utf-8"))
+    return {doc["location"]: doc for doc in index["docs"]}
+
+
+def test_site_search_index_keeps_the_search_working(site):
+    """The theme's search (lunr, in the browser) answers from the built index: no terms
+    that make lunr merge different parts of its automaton (tools/search_check.py: with
+    them, "block" and "prefix cache" found nothing), and the generated diffs' code kept
+    out of the index while their file table, which says what changed and why, stays in."""
+    search_check = _load_tool("search_check")
+    merges = search_check.check_index(site / "search" / "search_index.json")
+    assert not merges, search_check.describe(merges)
+    sections = _search_sections(site)
+    diff = sections["m3_paged_kv/#the-diff-from-m2"]
+    assert "block_pool.py" in diff["text"] and "python tools/stage_diff.py" in diff["text"]
+    assert "class BlockPool" not in diff["text"]  # the code of the diff is not indexed
+    assert not any("+class " in doc["text"] for doc in sections.values())
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="needs Node.js to run the theme's "
+                    "search worker (the check above runs without it)")
+def test_site_search_finds_common_words(site):
+    """The theme's own search worker, run in Node.js over the built index, finds results
+    for the words a reader looks for."""
+    search_check = _load_tool("search_check")
+    queries = ["prefix cache", "block", "preemption", "GPTQ"]
+    counts = search_check.theme_search(site / "search" / "search_index.json", queries)
+    assert all(counts[q] > 0 for q in queries), counts
 
 
 def _pages(site: Path) -> list[Path]:

@@ -57,6 +57,9 @@ holds markers (HTML comments) that this hook replaces when the site is built:
   tagged `figure:timeline` of `notebooks/m2_batching.ipynb` drew, from the outputs
   committed in the notebook (`tools/run_notebooks.py` saves them).
 
+After the build it checks the search index (`tools/search_check.py`) and stops the
+build if the theme's search would fail on it.
+
 It also adds files that live outside `docs/` to the site without copying them into
 `docs/`: the notebooks (`notebooks/*.ipynb`, rendered with their outputs by
 mkdocs-jupyter), the bench plots (drawn from the results files at build time, only the
@@ -88,6 +91,7 @@ from mkdocs.structure.files import File
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(REPO_ROOT))
+import search_check  # noqa: E402  (tools/search_check.py: the search index, checked)
 import stage_diff  # noqa: E402  (tools/stage_diff.py, next to this file)
 import trace_steps  # noqa: E402  (tools/trace_steps.py: step timelines; matplotlib to draw)
 from bench.stages import ALL_STAGES  # noqa: E402  (the one list of stages)
@@ -185,6 +189,22 @@ def on_page_content(html_text, page, config, files):
             raise ValueError(f"{page.file.src_uri}: lost the place of generated block {n}")
         html_text = html_text.replace(slot, fragment)
     return html_text
+
+
+@event_priority(-100)  # after the search plugin has written the index
+def on_post_build(config):
+    """Stop the build if the theme's search would break on this site's search index
+    (`tools/search_check.py`: terms that make lunr merge different subtrees)."""
+    index = Path(config.site_dir) / "search" / "search_index.json"
+    if not index.is_file():
+        return
+    collisions = search_check.check_index(index)
+    if collisions:
+        from mkdocs.exceptions import PluginError
+
+        raise PluginError(f"{index}: the search would fail for some words: "
+                          + search_check.describe(collisions)
+                          + "\nKeep generated code out of the index (data-search-exclude).")
 
 
 def _words(args: str, n: int, where: str) -> list[str]:

@@ -18,7 +18,11 @@ A stage's `LESSON` is the manifest of the files its idea changes from the stage 
     config.py                 # block_size, ...
 
 Each path is relative to the stage folder and says why it changed in a `#` comment.
-The docs page lists the idea's files first, open, and the others after them, closed.
+The docs page lists the idea's files first and the others after them, each closed
+until the reader opens it. The code of the blocks is kept out of the site's search
+index (`data-search-exclude`): thousands of code tokens with digits in them break the
+theme's search (`tools/search_check.py` says how), and the file table above them,
+which is indexed, names every file and why it changed.
 """
 
 from __future__ import annotations
@@ -226,14 +230,14 @@ def _diff_lines(d: FileDiff, old_src: list[str], new_src: list[str]) -> list[str
 
 def _file_block(old: str, new: str, d: FileDiff, entry: LessonEntry | None,
                 root: Path) -> str:
-    """A file's collapsible block: summary line, then its highlighted diff."""
+    """A file's collapsible block, closed: summary line, then its highlighted diff,
+    kept out of the search index."""
     old_src = _highlighted(root / old / d.path, d.path) if d.status != "added" else []
     new_src = _highlighted(root / new / d.path, d.path) if d.status != "removed" else []
     why = f' <span class="stage-diff-why">{_inline(entry.why)}</span>' \
         if entry and entry.why else ""
-    is_open = " open" if entry and entry.key else ""
     return "\n".join([
-        f'<details id="{anchor(d.path)}" class="stage-diff"{is_open}>',
+        f'<details id="{anchor(d.path)}" class="stage-diff" data-search-exclude>',
         f'<summary><code>{html.escape(d.path)}</code> <span class="stage-diff-stat">'
         f'{d.status}, {_counts(d)}</span>{why}</summary>',
         '<div class="highlight"><pre><code><span class="diff-lines">'
@@ -265,8 +269,9 @@ def _intro(old: str, new: str, rows: list[tuple[FileDiff, LessonEntry | None]]) 
             f"diff. {len(rows)} files changed, "
             f"+{sum(d.added for d, _ in rows)} \u2212{sum(d.removed for d, _ in rows)} lines.")
     if key:
-        text += (f" The {key} in bold carry the idea and are open below, in reading "
-                 f"order; the other {len(rows) - key} follow from it (click to open).")
+        text += (f" The {key} in bold carry the idea and come first below, in reading "
+                 f"order; the other {len(rows) - key} follow from it.")
+    text += " Click a file to open its diff."
     return f"<p>{text}</p>"
 
 
@@ -274,8 +279,8 @@ def format_html(old: str, new: str, diffs: list[FileDiff], lesson: Lesson | None
                 root: Path = REPO_ROOT) -> str:
     """The docs' HTML fragment: a line on where it comes from, a table of the changed
     files, then one `<details>` block per file with its Pygments-highlighted diff. With a
-    `lesson` (normally `read_lesson(new)`) the idea's files come first, open, and every
-    file shows why it changed; the others are closed."""
+    `lesson` (normally `read_lesson(new)`) the idea's files come first and every file
+    shows why it changed. Every block starts closed and out of the search index."""
     if not diffs:
         return (f"<p><code>{html.escape(old)}</code> and <code>{html.escape(new)}</code> "
                 f"are identical.</p>\n")
