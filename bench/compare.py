@@ -683,7 +683,8 @@ def plot(results: dict, path: Path) -> Path | None:
     fig, axes = plt.subplots(grid, 2, figsize=(9, 6.4 if grid == 2 else 8.8))
     for ax in axes.flat[len(panels):]:
         ax.set_visible(False)
-    labels = [tick_label(n) for n in names]
+    # the room under a bar, in characters of the smaller tick font: a panel is ~260 pt wide
+    labels, key = report.bar_labels(names, fit=int(260 / len(names) / (0.6 * 8)))
     small = max(len(line) for n in labels for line in n.split("\n")) > 12
     for index, (ax, (values, label)) in enumerate(zip(axes.flat, panels)):
         bars = ax.bar(range(len(labels)), [v or 0 for v in values], tick_label=labels,
@@ -710,9 +711,11 @@ def plot(results: dict, path: Path) -> Path | None:
             ax.yaxis.set_major_locator(MaxNLocator(integer=True))
         ax.margins(y=0.18)
     runs = (results.get("config") or {}).get("repeat") or 1
-    legend = "hatched: one request at a time" + (
-        f"; median of {runs} runs, error bars: min-max" if runs > 1 else "")
-    fig.suptitle(report.caption(results).replace("`", "") + "\n" + legend, fontsize=10)
+    legend = "; ".join((["hatched: one request at a time"] if 1 in at_once else [])
+                       + ([f"error bars: min-max of the {runs} runs"] if runs > 1 else [])
+                       + ([key] if key else []))
+    fig.suptitle(report.caption(results).replace("`", "") + ("\n" + legend if legend else ""),
+                 fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
