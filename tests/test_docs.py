@@ -349,6 +349,42 @@ def test_profile_table_shows_the_pinned_profile_with_its_provenance(tmp_path, mo
         render(f"<!-- profile-table: file={compare_file.name} -->")
 
 
+def test_profile_table_tells_the_weights_apart_and_mixed_steps_by_their_own_steps(
+        tmp_path, monkeypatch):
+    """A file with quantized rows names each row's weights (M7: bf16 and 4-bit GPTQ rows of
+    one stage). A file of mixed steps, which get dearer step by step, sets its CPU and GPU
+    times against the profiled wall time of the same steps: no GPU busy over 100% and no
+    CPU time of zero because the unprofiled steps were cheaper."""
+    render = _render_in(tmp_path, monkeypatch)
+
+    def row(setting, batch, **fields):
+        return {"row": "m7_gptq" + (f":{setting}" if setting else ""), "stage": "m7_gptq",
+                "setting": setting, "batch": batch, "graph_launches_per_step": 1.0,
+                "gpu_time_source": "profiler: sum of kernel durations",
+                "kernels_per_step": 366.0,
+                "config": {"dtype": "auto", "device": "cuda",
+                           "quantization": "gptq" if setting else None}, **fields}
+    results = _provenance_fields("python3 tools/profile_step.py --stages m7,m7:gptq")
+    results.update(device="cuda", model="dummy:tiny-llama", prompt_len=200, steps=20, rows=[
+        row(None, 1, wall_ms=2.5, cpu_ms=1.75, gpu_ms=1.25, gpu_busy=0.5),
+        row("gptq", 1, wall_ms=1.75, cpu_ms=0.625, gpu_ms=1.25, gpu_busy=0.714)])
+    (tmp_path / "profile-m7.json").write_text(json.dumps(results))
+    out = render("<!-- profile-table: file=profile-m7.json -->")
+    assert "| `m7_gptq` (bf16, CUDA graphs) | 1 | 2.50 | 1.75 | 1.25 | 50% | 366 |" in out
+    assert "| `m7_gptq` (4-bit GPTQ, CUDA graphs) | 1 | 1.75 | 0.625 | 1.25 | 71% | 366 |" in out
+
+    mixed = dict(results, rows=[
+        row(None, 16, mixed_budget=512, wall_ms=6.75, cpu_ms=0.0, gpu_ms=10.0, gpu_busy=1.48,
+            wall_ms_profiled=12.5, cpu_ms_profiled=2.75, blocked_ms=9.75)])
+    mixed["rows"][0]["config"]["quantization"] = None
+    (tmp_path / "profile-mixed.json").write_text(json.dumps(mixed))
+    out = render("<!-- profile-table: file=profile-mixed.json -->")
+    assert ("| stage | batch | wall ms/step | profiled wall ms | CPU ms | GPU ms | GPU busy | "
+            "kernels/step |") in out
+    assert "| `m7_gptq` (CUDA graphs) | 16 | 6.75 | 12.5 | 2.75 | 10.0 | 80% | 366 |" in out
+    assert "Each step costs more than the one before it" in out
+
+
 def test_kernel_table_shows_decode_and_prefill_with_their_goals(tmp_path, monkeypatch):
     render = _render_in(tmp_path, monkeypatch)
     path = _fake_kernels(tmp_path)
