@@ -18,6 +18,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 STAGE_DIFF = REPO_ROOT / "tools" / "stage_diff.py"
@@ -165,6 +166,16 @@ def test_search_check_finds_the_token_set_merges_that_break_the_search():
                        "text": "<p>a free-list of blocks<br/>x</p>"}]}
     assert search_check.terms_of(index, {"the", "of", "a"}) == {
         "block", "pool", "free", "list", "blocks", "x"}
+    # The site's separator (mkdocs.yml) leaves bare numbers out; words with digits stay.
+    config = yaml.load((REPO_ROOT / "mkdocs.yml").read_text(), Loader=_IgnoreTags)
+    (search,) = [p["search"] for p in config["plugins"] if isinstance(p, dict) and "search" in p]
+    index = {"config": {"separator": search["separator"], "pipeline": []}, "docs": [
+        {"location": "b/", "title": "M4 on an H100",
+         "text": "<p>qwen2.5-0.5b: 1.157 ms, 1024 tokens (12:30), m4_flash_attn, 0x7f, "
+                 "20261126-191458.json x[7]</p>"}]}
+    assert search_check.terms_of(index, set()) == {
+        "m4", "on", "an", "h100", "qwen2.5", "0.5b:", "ms,", "tokens", "(", "),",
+        "m4_flash_attn,", "0x7f,", "191458.json", "x[", "]"}
 
 
 def _fake_results(folder: Path, workload: str, milestones: list[str], date: str) -> Path:
@@ -585,6 +596,14 @@ def test_site_shows_generated_diffs(site):
     assert "Benchmarks" in _page_text(site / "benchmarks" / "index.html")
 
 
+class _IgnoreTags(yaml.SafeLoader):
+    """mkdocs.yml's YAML, its !!python/name tags read as plain strings."""
+
+
+_IgnoreTags.add_multi_constructor("tag:yaml.org,2002:python/",
+                                  lambda loader, suffix, node: None)
+
+
 def _search_sections(site: Path) -> dict[str, dict]:
     index = json.loads((site / "search" / "search_index.json").read_text(encoding="utf-8"))
     return {doc["location"]: doc for doc in index["docs"]}
@@ -594,10 +613,16 @@ def test_site_search_index_keeps_the_search_working(site):
     """The theme's search (lunr, in the browser) answers from the built index: no terms
     that make lunr merge different parts of its automaton (tools/search_check.py: with
     them, "block" and "prefix cache" found nothing), and the generated diffs' code kept
-    out of the index while their file table, which says what changed and why, stays in."""
+    out of the index while their summary lines, which say what changed and why, stay in."""
     search_check = _load_tool("search_check")
     merges = search_check.check_index(site / "search" / "search_index.json")
     assert not merges, search_check.describe(merges)
+    # no bare numbers among the terms (mkdocs.yml's separator): they made such merges
+    # likely after almost any edit
+    index = json.loads((site / "search" / "search_index.json").read_text(encoding="utf-8"))
+    terms = search_check.terms_of(index, search_check.theme_stop_words())
+    assert {"block", "preemption", "gptq", "m4_flash_attn", "h100"} <= terms
+    assert not [t for t in terms if re.fullmatch(r"[0-9][0-9.,:]*", t)]
     sections = _search_sections(site)
     diff = sections["m3_paged_kv/#the-diff-from-m2"]
     assert "block_pool.py" in diff["text"] and "python tools/stage_diff.py" in diff["text"]

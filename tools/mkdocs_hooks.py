@@ -204,7 +204,9 @@ def on_post_build(config):
 
         raise PluginError(f"{index}: the search would fail for some words: "
                           + search_check.describe(collisions)
-                          + "\nKeep generated code out of the index (data-search-exclude).")
+                          + "\nKeep generated code and data out of the index "
+                          "(data-search-exclude), or bare numbers (the search plugin's "
+                          "separator in mkdocs.yml).")
 
 
 def _words(args: str, n: int, where: str) -> list[str]:

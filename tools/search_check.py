@@ -10,8 +10,12 @@ nothing in between. When edge characters are digits the key is ambiguous (edges
 subtrees share a key, one replaces the other, the automaton accepts terms the index
 never had, and a query that reaches one of them fails with "Cannot read properties of
 undefined (reading '_index')": the reader sees "No matching documents" for words the
-site is full of. Terms with digits are what make it likely; the generated stage diffs
-used to put thousands of them in the index.
+site is full of. Bare numbers are what make it likely (a table of measurements, a commit
+hash, the line numbers and constants of code: thousands of terms that branch on digits);
+with them in the index almost any edit of a page gave such a merge somewhere. So the
+site's `separator` (mkdocs.yml) makes a bare number a separator rather than a term, and
+the generated stage diffs keep their code out of the index; words with digits in them
+(m4, h100, qwen2.5) are still terms, and are few.
 
 This module builds the same automaton the same way, from the built index, and reports
 every merge of two subtrees that are not equal:
@@ -53,7 +57,8 @@ def _text_parts(value: str) -> list[str]:
 
 def _js_separator(pattern: str) -> re.Pattern:
     """The index's separator (a JavaScript regular expression) in Python. The theme's
-    default, `[\\s\\-]+`, and the usual classes read the same in both."""
+    default, `[\\s\\-]+`, the site's (mkdocs.yml), character classes and fixed-width
+    look-arounds read the same in both."""
     return re.compile(pattern)
 
 
