@@ -90,21 +90,23 @@ def test_stage_diff_html_puts_the_lesson_first():
     blocks = re.findall(r'<details id="([^"]+)"([^>]*)>', out)
     key = [stage_diff.anchor(e.path) for e in lesson.entries if e.key]
     rest = [stage_diff.anchor(e.path) for e in lesson.entries if not e.key]
-    # One block per changed file: the idea's files first, in LESSON order; every block
-    # closed (a page leads with its idea, not with pages of code) and kept out of the
-    # search index (tools/search_check.py: the code's tokens break the theme's search).
+    # One block per changed file: the idea's files first, in LESSON order and marked;
+    # every block closed (a page leads with its idea, not with pages of code).
     assert [anchor for anchor, _ in blocks] == key + rest
-    assert all(attrs == ' class="stage-diff" data-search-exclude' for _, attrs in blocks)
-    assert "Click a file to open its diff." in out
+    assert [attrs for _, attrs in blocks] == (
+        [' class="stage-diff stage-diff-idea"'] * len(key) + [' class="stage-diff"'] * len(rest))
+    assert f"The first {len(key)} carry the idea" in out
+    assert "Click a file to open its diff." in out and "<table>" not in out
     assert "diff-core-block_pool-py" in key
-    # The table links every block, in the same order, and says why each file changed.
-    table, blocks_html = out[:out.index("</table>")], out[out.index("</table>"):]
-    assert re.findall(r'<a href="#([^"]+)">', table) == key + rest
-    for entry in lesson.entries:  # in the table and in the file's summary line
-        why = entry.why.replace("`", "")
-        assert why in _text(table) and why in _text(blocks_html), entry.path
+    # Each summary line says why its file changed.
+    summaries = re.findall(r"<summary>(.*?)</summary>", out, re.S)
+    for entry, summary in zip([e for e in lesson.entries if e.key]
+                              + [e for e in lesson.entries if not e.key], summaries):
+        assert entry.path in summary and entry.why.replace("`", "") in _text(summary)
     # Lines are highlighted by Pygments and escaped; the text is the CLI's diff exactly.
-    assert '<div class="highlight"><pre><code>' in out
+    # The code is kept out of the search index (tools/search_check.py: its tokens break
+    # the theme's search); the summary lines are not.
+    assert out.count('<div class="highlight" data-search-exclude><pre><code>') == len(blocks)
     assert '<span class="k">class</span>' in out and '<span class="diff-sign">+</span>' in out
     bodies = re.findall(r'<span class="diff-lines">(.*?)</span></code></pre>', out, re.S)
     shown = sorted(_text(body) for body in bodies)
@@ -127,7 +129,8 @@ def test_stage_diff_html_escapes_and_falls_back_to_text(tmp_path):
     diffs = stage_diff.stage_diff("a", "b", root=tmp_path)
     lesson = stage_diff.parse_lesson("# t\n## the idea\nm.py  # uses `<b>` & co\n")
     out = stage_diff.format_html("a", "b", diffs, lesson, root=tmp_path)
-    assert out.index('id="diff-m-py" class="stage-diff"') < out.index('id="diff-NOTES"')
+    assert out.index('id="diff-m-py" class="stage-diff stage-diff-idea"') < out.index(
+        'id="diff-NOTES" class="stage-diff"')
     assert "uses <code>&lt;b&gt;</code> &amp; co" in out
     # The docstring spans two lines: each line is a string token, closed on its line.
     # (Pygments escapes quotes as &quot; before 2.21, not from 2.21 on: both are HTML)
@@ -584,7 +587,7 @@ def test_site_shows_generated_diffs(site):
         built = _page_text(site / page.stem / "index.html")
         assert f"+++ {page.stem}/" in built, page.name
         built_html = (site / page.stem / "index.html").read_text()
-        assert 'class="stage-diff" data-search-exclude>' in built_html
+        assert 'class="stage-diff stage-diff-idea">' in built_html
     # M0 has no earlier stage: its page shows its file tree instead.
     m0_page = _page_text(site / "m0_init" / "index.html")
     assert "model_executor/" in m0_page and "+++ " not in m0_page

@@ -4,9 +4,8 @@ Docs tooling, introduced with M1. Registered in `mkdocs.yml` under `hooks:`. A p
 holds markers (HTML comments) that this hook replaces when the site is built:
 
 - `<!-- stage-diff: m0_init m1_basic -->`: the diff between two stages as highlighted
-  HTML: a table of the changed files (why each changed, from the later stage's LESSON),
-  then one collapsible block per file, the files that carry the idea first and open
-  (`tools/stage_diff.py`).
+  HTML: one closed block per changed file, its summary line saying why it changed (from
+  the later stage's LESSON), the files that carry the idea first (`tools/stage_diff.py`).
 - `<!-- stage-tree: m0_init -->`: a stage's file tree with line counts.
 - `<!-- stage-map -->`: the table of all stages (`bench/stages.py`), linking the ones
   that have a page.
