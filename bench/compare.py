@@ -77,6 +77,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import textwrap
 import threading
 import time
 from pathlib import Path
@@ -714,8 +715,8 @@ def plot(results: dict, path: Path) -> Path | None:
     legend = "; ".join((["hatched: one request at a time"] if 1 in at_once else [])
                        + ([f"error bars: min-max of the {runs} runs"] if runs > 1 else [])
                        + ([key] if key else []))
-    fig.suptitle(report.caption(results).replace("`", "") + ("\n" + legend if legend else ""),
-                 fontsize=10)
+    title = [report.caption(results).replace("`", "")] + ([legend] if legend else [])
+    fig.suptitle("\n".join(textwrap.fill(line, 100) for line in title), fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
