@@ -53,7 +53,7 @@ _CHECKS_JS = """() => {
     });
     return {
       headings: seen('h1, h2').map(h => h.textContent.replace('¶', '').trim()),
-      pictures: seen('img, .mermaid').length,
+      pictures: seen('img, .mermaid, svg[role=img]').length,
       tables: seen('table').length,
       code_blocks: seen('pre').map(p => p.innerText.trim().split('\\n')[0].slice(0, 60)),
     };
@@ -99,7 +99,7 @@ def serve(folder: Path) -> tuple[http.server.ThreadingHTTPServer, str]:
 
 
 def check_pages(site: Path, pages: list[str], out: Path, width: int,
-                chromium: str) -> list[dict]:
+                chromium: str, open_folds: bool = False) -> list[dict]:
     from playwright.sync_api import sync_playwright
 
     server, base = serve(site)
@@ -115,8 +115,19 @@ def check_pages(site: Path, pages: list[str], out: Path, width: int,
                 page = context.new_page()
                 page.goto(base + page_path, wait_until="networkidle")
                 page.wait_for_timeout(1500)  # diagrams draw after load
-                found = page.evaluate(_CHECKS_JS)
+                found = page.evaluate(_CHECKS_JS)  # as a reader first sees the page
                 name = (page_path.strip("/").replace("/", "-") or "home") + ".png"
+                if open_folds:  # then every fold opened, to see what is inside them
+                    page.evaluate("document.querySelectorAll('article details')"
+                                  ".forEach(d => d.open = true)")
+                    page.wait_for_timeout(1500)
+                    opened = page.evaluate(_CHECKS_JS)
+                    found.update(page_height_open=opened["page_height"],
+                                 diagrams=opened["diagrams"],
+                                 diagrams_drawn=opened["diagrams_drawn"],
+                                 images_broken=opened["images_broken"],
+                                 tables_too_wide=opened["tables_too_wide"])
+                    name = name[:-4] + "-open.png"
                 page.screenshot(path=str(out / name), full_page=True)
                 found.update(page=page_path or "/", screenshot=name,
                              ok=(found["diagrams_drawn"] == found["diagrams"]
@@ -193,6 +204,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="where the screenshots and report.json go (default: site-shots/)")
     p.add_argument("--width", type=int, default=1366, help="window width in px (1366)")
     p.add_argument("--chromium", default="/usr/bin/chromium", help="the Chromium binary")
+    p.add_argument("--open-folds", action="store_true",
+                   help="open every fold (<details>) before the screenshot and the checks "
+                        "of diagrams, images and tables; the height and words are still "
+                        "measured with the folds closed")
     p.add_argument("--search", action="append", default=[], metavar="WORDS",
                    help="also search the site for WORDS in its search box (repeatable)")
     args = p.parse_args(argv)
@@ -204,13 +219,16 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
-    results = check_pages(args.site, args.pages, args.out, args.width, args.chromium)
+    results = check_pages(args.site, args.pages, args.out, args.width, args.chromium,
+                          args.open_folds)
     for r in results:
         print(f"{'ok  ' if r['ok'] else 'FAIL'} {r['page']:<28} diagrams {r['diagrams_drawn']}/"
               f"{r['diagrams']} drawn, {r['images'] - len(r['images_broken'])}/{r['images']} "
               f"images, {len(r['tables_too_wide'])}/{r['tables']} tables too wide, page "
               f"{r['page_width']} px wide, {r['page_height']} px tall, {r['words']} words "
-              f"shown ({r['words_with_folds']} with the folds) -> {args.out / r['screenshot']}")
+              f"shown ({r['words_with_folds']} with the folds)"
+              + (f", {r['page_height_open']} px with the folds open" if "page_height_open" in r
+                 else "") + f" -> {args.out / r['screenshot']}")
         first = r["first_screens"]
         print(f"     first two screens: {first['pictures']} pictures, {first['tables']} "
               f"tables, headings {first['headings']}, code {first['code_blocks']}")
