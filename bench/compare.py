@@ -703,7 +703,7 @@ def plot(results: dict, path: Path) -> Path | None:
             text = report.at_once_text(v).split()[0] if counts else report.fmt_number(v)
             ax.annotate(text, (bar.get_x() + bar.get_width() / 2,
                                lh[1] if lh else bar.get_height()),
-                        ha="center", va="bottom", fontsize=10)
+                        ha="center", va="bottom", fontsize=10 if len(names) <= 6 else 8)
         ax.set_title(label, fontsize=11)
         ax.tick_params(labelsize=10)
         if small:  # long row names (rows with settings) share the width
