@@ -10,8 +10,8 @@ nothing in between. When edge characters are digits the key is ambiguous (edges
 subtrees share a key, one replaces the other, the automaton accepts terms the index
 never had, and a query that reaches one of them fails with "Cannot read properties of
 undefined (reading '_index')": the reader sees "No matching documents" for words the
-site is full of. Bare numbers are what make it likely (a table of measurements, a commit
-hash, the line numbers and constants of code: thousands of terms that branch on digits);
+site is full of. Bare numbers are what make it likely (the results tables, the constants
+in the diffs' code, the notebooks' outputs: thousands of terms that branch on digits);
 with them in the index almost any edit of a page gave such a merge somewhere. So the
 site's `separator` (mkdocs.yml) makes a bare number a separator rather than a term, and
 the generated stage diffs keep their code out of the index; words with digits in them
