@@ -78,6 +78,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import textwrap
 import threading
 import time
 from pathlib import Path
@@ -684,7 +685,8 @@ def plot(results: dict, path: Path) -> Path | None:
     fig, axes = plt.subplots(grid, 2, figsize=(9, 6.4 if grid == 2 else 8.8))
     for ax in axes.flat[len(panels):]:
         ax.set_visible(False)
-    labels = [tick_label(n) for n in names]
+    # the room under a bar, in characters of the smaller tick font: a panel is ~260 pt wide
+    labels, key = report.bar_labels(names, fit=int(260 / len(names) / (0.6 * 8)))
     small = max(len(line) for n in labels for line in n.split("\n")) > 12
     for index, (ax, (values, label)) in enumerate(zip(axes.flat, panels)):
         bars = ax.bar(range(len(labels)), [v or 0 for v in values], tick_label=labels,
@@ -702,7 +704,7 @@ def plot(results: dict, path: Path) -> Path | None:
             text = report.at_once_text(v).split()[0] if counts else report.fmt_number(v)
             ax.annotate(text, (bar.get_x() + bar.get_width() / 2,
                                lh[1] if lh else bar.get_height()),
-                        ha="center", va="bottom", fontsize=10)
+                        ha="center", va="bottom", fontsize=10 if len(names) <= 6 else 8)
         ax.set_title(label, fontsize=11)
         ax.tick_params(labelsize=10)
         if small:  # long row names (rows with settings) share the width
@@ -711,9 +713,11 @@ def plot(results: dict, path: Path) -> Path | None:
             ax.yaxis.set_major_locator(MaxNLocator(integer=True))
         ax.margins(y=0.18)
     runs = (results.get("config") or {}).get("repeat") or 1
-    legend = "hatched: one request at a time" + (
-        f"; median of {runs} runs, error bars: min-max" if runs > 1 else "")
-    fig.suptitle(report.caption(results).replace("`", "") + "\n" + legend, fontsize=10)
+    legend = "; ".join((["hatched: one request at a time"] if 1 in at_once else [])
+                       + ([f"error bars: min-max of the {runs} runs"] if runs > 1 else [])
+                       + ([key] if key else []))
+    title = [report.caption(results).replace("`", "")] + ([legend] if legend else [])
+    fig.suptitle("\n".join(textwrap.fill(line, 100) for line in title), fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -51,6 +51,29 @@ COLORS = ["#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#da
           "#8c8c8c", "#ccb974"]  # one per row, in the file's order, in every plot
 
 
+def bar_labels(names: list[str], fit: int) -> tuple[list[str], str]:
+    """The labels under a plot's bars, one per row, and a key for them ("" when none is
+    needed). A row with settings (`m5:max_num_batched_tokens=4096`) shows its stage over
+    its settings when each line fits in `fit` characters (the room under one bar);
+    otherwise it shows its stage and a letter, "m5 (a)", and the key spells the settings
+    out: "(a) max_num_batched_tokens=4096". Rows with the same settings share a letter."""
+    split = [name.split(":", 1) for name in names]
+    stacked = [stage + ("\n" + rest[0].replace(":", " ") if rest else "")
+               for stage, *rest in split]
+    if max(len(line) for label in stacked for line in label.split("\n")) <= fit:
+        return stacked, ""
+    letters: dict[str, str] = {}
+    labels = []
+    for stage, *rest in split:
+        if not rest:
+            labels.append(stage)
+            continue
+        settings = rest[0].replace(":", " ")
+        letter = letters.setdefault(settings, chr(ord("a") + len(letters)))
+        labels.append(f"{stage} ({letter})")
+    return labels, ", ".join(f"({letter}) {settings}" for settings, letter in letters.items())
+
+
 def load_results(path: str | Path) -> dict:
     """One results file, as the dict compare.py wrote."""
     return json.loads(Path(path).read_text())
@@ -340,10 +363,28 @@ def _arrivals(results: dict) -> str:
 
 
 def why_header(results: dict) -> str:
+    """What sets the rows apart: one sequence at a time (latency), the arrival rate (online),
+    batching where the rows ran different numbers of sequences at once, or what a step
+    costs where they all ran the same number."""
     if results.get("workload") == "latency":
         return (f"Why the rows differ ({_arrivals(results)}): every row runs one sequence at "
                 "a time here, so batching cannot help; the rows differ only in what one "
                 "step of one sequence costs.")
+    cfg = results.get("config") or {}
+    if results.get("workload") == "online" and cfg.get("request_rate"):
+        return (f"Why the rows differ ({_arrivals(results)}): a row that keeps up produces "
+                "tokens as fast as the requests ask for them, so its tokens/s is set by the "
+                "arrivals, not by the stage; the rows differ in latency, and a row that "
+                "cannot keep up falls behind (fewer tokens/s, TTFT growing as requests queue).")
+    counts = {at_once(results, row) for row in results["rows"]} - {None}
+    if counts == {1}:
+        return (f"Why the rows differ ({_arrivals(results)}): every row ran one sequence at "
+                "a time, so batching cannot help; the rows differ only in what one step of "
+                "one sequence costs.")
+    if len(counts) == 1:
+        return (f"Why the rows differ ({_arrivals(results)}): every row ran up to "
+                f"{counts.pop()} sequences at once, so batching does not set them apart; "
+                "they differ in what a step with that many sequences costs.")
     return (f"Why the rows differ ({_arrivals(results)}): a decode step reads all the weights "
             "once however many sequences it carries, so running more at once gives more "
             "tokens/s (until compute is the limit).")

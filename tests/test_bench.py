@@ -626,6 +626,62 @@ def test_why_lines_come_from_the_run():
         "m3: one request at a time (M3 paged KV; the latency workload sends no more)")
 
 
+def test_why_header_says_what_sets_these_rows_apart():
+    """The header under a table says something true of that table: batching only where
+    the rows ran different numbers of sequences at once."""
+    results = _five_rows()  # 1, 5, 16, 16 and 64 at once
+    assert "running more at once gives more tokens/s" in report.why_header(results)
+    for row in results["rows"]:
+        row["summary"]["max_concurrent_seqs"] = 32
+        row["summary"]["kv_cache"] = None
+    header = report.why_header(results)
+    assert header == ("Why the rows differ (256 requests, all arriving at t=0): every row ran "
+                      "up to 32 sequences at once, so batching does not set them apart; they "
+                      "differ in what a step with that many sequences costs.")
+    for row in results["rows"]:
+        row["summary"]["max_concurrent_seqs"] = 1
+    assert "every row ran one sequence at a time" in report.why_header(results)
+    results.update(workload="online", config={"num_prompts": 200, "request_rate": 10.0})
+    assert report.why_header(results).startswith(
+        "Why the rows differ (200 requests arriving at random, 10 per second): a row that "
+        "keeps up produces tokens as fast as the requests ask for them")
+
+
+def test_bar_labels_fit_under_their_bars():
+    """Rows with settings show them under the stage when they fit, else a letter and a
+    key; rows with the same settings share the letter."""
+    names = ["m4", "m5", "m5:max_num_batched_tokens=4096", "m5:enable_chunked_prefill=false"]
+    assert report.bar_labels(names, fit=40) == (
+        ["m4", "m5", "m5\nmax_num_batched_tokens=4096", "m5\nenable_chunked_prefill=false"], "")
+    assert report.bar_labels(names, fit=13) == (
+        ["m4", "m5", "m5 (a)", "m5 (b)"],
+        "(a) max_num_batched_tokens=4096, (b) enable_chunked_prefill=false")
+    same = ["m5:enable_chunked_prefill=false", "m6:enable_chunked_prefill=false:block_size=32",
+            "m6:enable_chunked_prefill=false"]
+    assert report.bar_labels(same, fit=8)[0] == ["m5 (a)", "m6 (b)", "m6 (a)"]
+    assert report.bar_labels(["m1", "hf"], fit=3) == (["m1", "hf"], "")
+
+
+def test_plot_says_hatched_only_when_a_bar_is(tmp_path, monkeypatch):
+    """The plot's legend says "hatched" only when a row ran one request at a time (its bar
+    is hatched), and spells out the settings of rows too long to name under their bars."""
+    pytest.importorskip("matplotlib")
+    import matplotlib.figure
+
+    titles = []
+    real = matplotlib.figure.Figure.suptitle
+    monkeypatch.setattr(matplotlib.figure.Figure, "suptitle",
+                        lambda fig, text, **kw: titles.append(text) or real(fig, text, **kw))
+    results = _five_rows()  # m1 ran one at a time
+    compare.plot(results, tmp_path / "a.png")
+    assert "hatched: one request at a time" in titles[-1]
+    results["rows"] = [r for r in results["rows"] if r["milestone"] != "m1"]
+    results["rows"][0]["milestone"] = "m2:max_num_batched_tokens=4096"
+    compare.plot(results, tmp_path / "b.png")
+    assert "hatched" not in titles[-1]
+    assert "(a) max_num_batched_tokens=4096" in titles[-1]
+
+
 def test_at_once_reads_older_files():
     old = {"workload": "throughput", "config": {"num_prompts": 64}}
     kv_row = _row("m2", kv_cache={"max_concurrent_seqs": 16})

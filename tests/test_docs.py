@@ -11,12 +11,14 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 STAGE_DIFF = REPO_ROOT / "tools" / "stage_diff.py"
@@ -85,22 +87,26 @@ def test_stage_diff_html_puts_the_lesson_first():
     lesson = stage_diff.read_lesson(new)
     out = stage_diff.format_html(old, new, diffs, lesson)
     assert f"<code>python tools/stage_diff.py {old} {new}</code>" in out
-    blocks = re.findall(r'<details id="([^"]+)" class="stage-diff"( open)?>', out)
+    blocks = re.findall(r'<details id="([^"]+)"([^>]*)>', out)
     key = [stage_diff.anchor(e.path) for e in lesson.entries if e.key]
     rest = [stage_diff.anchor(e.path) for e in lesson.entries if not e.key]
-    # One block per changed file: the idea's files first and open, in LESSON order.
+    # One block per changed file: the idea's files first, in LESSON order and marked;
+    # every block closed (a page leads with its idea, not with pages of code).
     assert [anchor for anchor, _ in blocks] == key + rest
-    assert all(is_open for _, is_open in blocks[:len(key)])
-    assert not any(is_open for _, is_open in blocks[len(key):])
+    assert [attrs for _, attrs in blocks] == (
+        [' class="stage-diff stage-diff-idea"'] * len(key) + [' class="stage-diff"'] * len(rest))
+    assert f"The first {len(key)} carry the idea" in out
+    assert "Click a file to open its diff." in out and "<table>" not in out
     assert "diff-core-block_pool-py" in key
-    # The table links every block, in the same order, and says why each file changed.
-    table, blocks_html = out[:out.index("</table>")], out[out.index("</table>"):]
-    assert re.findall(r'<a href="#([^"]+)">', table) == key + rest
-    for entry in lesson.entries:  # in the table and in the file's summary line
-        why = entry.why.replace("`", "")
-        assert why in _text(table) and why in _text(blocks_html), entry.path
+    # Each summary line says why its file changed.
+    summaries = re.findall(r"<summary>(.*?)</summary>", out, re.S)
+    for entry, summary in zip([e for e in lesson.entries if e.key]
+                              + [e for e in lesson.entries if not e.key], summaries):
+        assert entry.path in summary and entry.why.replace("`", "") in _text(summary)
     # Lines are highlighted by Pygments and escaped; the text is the CLI's diff exactly.
-    assert '<div class="highlight"><pre><code>' in out
+    # The code is kept out of the search index (tools/search_check.py: its tokens break
+    # the theme's search); the summary lines are not.
+    assert out.count('<div class="highlight" data-search-exclude><pre><code>') == len(blocks)
     assert '<span class="k">class</span>' in out and '<span class="diff-sign">+</span>' in out
     bodies = re.findall(r'<span class="diff-lines">(.*?)</span></code></pre>', out, re.S)
     shown = sorted(_text(body) for body in bodies)
@@ -123,7 +129,8 @@ def test_stage_diff_html_escapes_and_falls_back_to_text(tmp_path):
     diffs = stage_diff.stage_diff("a", "b", root=tmp_path)
     lesson = stage_diff.parse_lesson("# t\n## the idea\nm.py  # uses `<b>` & co\n")
     out = stage_diff.format_html("a", "b", diffs, lesson, root=tmp_path)
-    assert out.index('id="diff-m-py" class="stage-diff" open') < out.index('id="diff-NOTES"')
+    assert out.index('id="diff-m-py" class="stage-diff stage-diff-idea"') < out.index(
+        'id="diff-NOTES" class="stage-diff"')
     assert "uses <code>&lt;b&gt;</code> &amp; co" in out
     # The docstring spans two lines: each line is a string token, closed on its line.
     # (Pygments escapes quotes as &quot; before 2.21, not from 2.21 on: both are HTML)
@@ -139,6 +146,39 @@ def test_stage_diff_cli_rejects_a_missing_stage():
     result = _run(str(STAGE_DIFF), "m0_init", "m9_nothing")
     assert result.returncode == 2
     assert "m9_nothing" in result.stderr
+
+
+def test_search_check_finds_the_token_set_merges_that_break_the_search():
+    """tools/search_check.py builds lunr's automaton over the terms as the theme's search
+    worker does: a node with digit edges `0`->2 and `1`->2 has lunr's key "00212", and so
+    has a different node with the one edge `0`->212: lunr merges them, and the words under
+    the second one are lost (node 212 here is the one reached by "y0": 1 is the root, 2
+    the shared final leaf, the filler word takes the ids up to it)."""
+    search_check = _load_tool("search_check")
+    words = {"a", "b" + "c" * 204, "x0", "x1", "y0q", "y0r", "y0s"}
+    (merge,) = search_check.token_set_collisions(words)
+    assert merge.key == "00212" and merge.prefix == "y"
+    assert merge.kept == (False, (("0", 2), ("1", 2))) and merge.dropped == (False, (("0", 212),))
+    # The same shape with letters for edges gives unambiguous keys: nothing merged.
+    assert search_check.token_set_collisions({w.replace("0", "p").replace("1", "q")
+                                              for w in words}) == []
+    # The terms are the index's text outside tags, split at its separator, lower-cased,
+    # without stop words.
+    index = {"config": {"separator": r"[\s\-]+", "pipeline": ["stopWordFilter"]},
+             "docs": [{"location": "a/", "title": "The <code>Block</code> pool",
+                       "text": "<p>a free-list of blocks<br/>x</p>"}]}
+    assert search_check.terms_of(index, {"the", "of", "a"}) == {
+        "block", "pool", "free", "list", "blocks", "x"}
+    # The site's separator (mkdocs.yml) leaves bare numbers out; words with digits stay.
+    config = yaml.load((REPO_ROOT / "mkdocs.yml").read_text(), Loader=_IgnoreTags)
+    (search,) = [p["search"] for p in config["plugins"] if isinstance(p, dict) and "search" in p]
+    index = {"config": {"separator": search["separator"], "pipeline": []}, "docs": [
+        {"location": "b/", "title": "M4 on an H100",
+         "text": "<p>qwen2.5-0.5b: 1.157 ms, 1024 tokens (12:30), m4_flash_attn, 0x7f, "
+                 "20261126-191458.json x[7]</p>"}]}
+    assert search_check.terms_of(index, set()) == {
+        "m4", "on", "an", "h100", "qwen2.5", "0.5b:", "ms,", "tokens", "(", "),",
+        "m4_flash_attn,", "0x7f,", "191458.json", "x[", "]"}
 
 
 def _fake_results(folder: Path, workload: str, milestones: list[str], date: str) -> Path:
@@ -321,6 +361,42 @@ def test_profile_table_shows_the_pinned_profile_with_its_provenance(tmp_path, mo
     compare_file = _fake_results(tmp_path, "latency", ["m1"], "2026-01-01T00:00:00Z")
     with pytest.raises(ValueError, match="not a results file of tools/profile_step.py"):
         render(f"<!-- profile-table: file={compare_file.name} -->")
+
+
+def test_profile_table_tells_the_weights_apart_and_mixed_steps_by_their_own_steps(
+        tmp_path, monkeypatch):
+    """A file with quantized rows names each row's weights (M7: bf16 and 4-bit GPTQ rows of
+    one stage). A file of mixed steps, which get dearer step by step, sets its CPU and GPU
+    times against the profiled wall time of the same steps: no GPU busy over 100% and no
+    CPU time of zero because the unprofiled steps were cheaper."""
+    render = _render_in(tmp_path, monkeypatch)
+
+    def row(setting, batch, **fields):
+        return {"row": "m7_gptq" + (f":{setting}" if setting else ""), "stage": "m7_gptq",
+                "setting": setting, "batch": batch, "graph_launches_per_step": 1.0,
+                "gpu_time_source": "profiler: sum of kernel durations",
+                "kernels_per_step": 366.0,
+                "config": {"dtype": "auto", "device": "cuda",
+                           "quantization": "gptq" if setting else None}, **fields}
+    results = _provenance_fields("python3 tools/profile_step.py --stages m7,m7:gptq")
+    results.update(device="cuda", model="dummy:tiny-llama", prompt_len=200, steps=20, rows=[
+        row(None, 1, wall_ms=2.5, cpu_ms=1.75, gpu_ms=1.25, gpu_busy=0.5),
+        row("gptq", 1, wall_ms=1.75, cpu_ms=0.625, gpu_ms=1.25, gpu_busy=0.714)])
+    (tmp_path / "profile-m7.json").write_text(json.dumps(results))
+    out = render("<!-- profile-table: file=profile-m7.json -->")
+    assert "| `m7_gptq` (bf16, CUDA graphs) | 1 | 2.50 | 1.75 | 1.25 | 50% | 366 |" in out
+    assert "| `m7_gptq` (4-bit GPTQ, CUDA graphs) | 1 | 1.75 | 0.625 | 1.25 | 71% | 366 |" in out
+
+    mixed = dict(results, rows=[
+        row(None, 16, mixed_budget=512, wall_ms=6.75, cpu_ms=0.0, gpu_ms=10.0, gpu_busy=1.48,
+            wall_ms_profiled=12.5, cpu_ms_profiled=2.75, blocked_ms=9.75)])
+    mixed["rows"][0]["config"]["quantization"] = None
+    (tmp_path / "profile-mixed.json").write_text(json.dumps(mixed))
+    out = render("<!-- profile-table: file=profile-mixed.json -->")
+    assert ("| stage | batch | wall ms/step | profiled wall ms | CPU ms | GPU ms | GPU busy | "
+            "kernels/step |") in out
+    assert "| `m7_gptq` (CUDA graphs) | 16 | 6.75 | 12.5 | 2.75 | 10.0 | 80% | 366 |" in out
+    assert "Each step costs more than the one before it" in out
 
 
 def test_kernel_table_shows_decode_and_prefill_with_their_goals(tmp_path, monkeypatch):
@@ -525,7 +601,8 @@ def test_site_shows_generated_diffs(site):
     for page in sorted((REPO_ROOT / "docs").glob("m[1-9]_*.md")):
         built = _page_text(site / page.stem / "index.html")
         assert f"+++ {page.stem}/" in built, page.name
-        assert 'class="stage-diff" open' in (site / page.stem / "index.html").read_text()
+        built_html = (site / page.stem / "index.html").read_text()
+        assert 'class="stage-diff stage-diff-idea">' in built_html
     # M0 has no earlier stage: its page shows its file tree instead.
     m0_page = _page_text(site / "m0_init" / "index.html")
     assert "model_executor/" in m0_page and "+++ " not in m0_page
@@ -535,6 +612,51 @@ def test_site_shows_generated_diffs(site):
     for nb in (REPO_ROOT / "notebooks").glob("*.ipynb"):
         assert (site / "notebooks" / nb.stem / "index.html").is_file(), nb.name
     assert "Benchmarks" in _page_text(site / "benchmarks" / "index.html")
+
+
+class _IgnoreTags(yaml.SafeLoader):
+    """mkdocs.yml's YAML, its !!python/name tags read as plain strings."""
+
+
+_IgnoreTags.add_multi_constructor("tag:yaml.org,2002:python/",
+                                  lambda loader, suffix, node: None)
+
+
+def _search_sections(site: Path) -> dict[str, dict]:
+    index = json.loads((site / "search" / "search_index.json").read_text(encoding="utf-8"))
+    return {doc["location"]: doc for doc in index["docs"]}
+
+
+def test_site_search_index_keeps_the_search_working(site):
+    """The theme's search (lunr, in the browser) answers from the built index: no terms
+    that make lunr merge different parts of its automaton (tools/search_check.py: with
+    them, "block" and "prefix cache" found nothing), and the generated diffs' code kept
+    out of the index while their summary lines, which say what changed and why, stay in."""
+    search_check = _load_tool("search_check")
+    merges = search_check.check_index(site / "search" / "search_index.json")
+    assert not merges, search_check.describe(merges)
+    # no bare numbers among the terms (mkdocs.yml's separator): they made such merges
+    # likely after almost any edit
+    index = json.loads((site / "search" / "search_index.json").read_text(encoding="utf-8"))
+    terms = search_check.terms_of(index, search_check.theme_stop_words())
+    assert {"block", "preemption", "gptq", "m4_flash_attn", "h100"} <= terms
+    assert not [t for t in terms if re.fullmatch(r"[0-9][0-9.,:]*", t)]
+    sections = _search_sections(site)
+    diff = sections["m3_paged_kv/#the-diff-from-m2"]
+    assert "block_pool.py" in diff["text"] and "python tools/stage_diff.py" in diff["text"]
+    assert "class BlockPool" not in diff["text"]  # the code of the diff is not indexed
+    assert not any("+class " in doc["text"] for doc in sections.values())
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="needs Node.js to run the theme's "
+                    "search worker (the check above runs without it)")
+def test_site_search_finds_common_words(site):
+    """The theme's own search worker, run in Node.js over the built index, finds results
+    for the words a reader looks for."""
+    search_check = _load_tool("search_check")
+    queries = ["prefix cache", "block", "preemption", "GPTQ"]
+    counts = search_check.theme_search(site / "search" / "search_index.json", queries)
+    assert all(counts[q] > 0 for q in queries), counts
 
 
 def _pages(site: Path) -> list[Path]:

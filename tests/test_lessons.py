@@ -7,9 +7,9 @@ comment saying why it changed. The paths sit in two sections, each opened by its
     ## the idea     the files that carry the idea, in the order to read them
     ## around it    the files that follow from it (docstrings, config, demo, packages)
 
-Other `#` lines are comments. The docs page of a stage shows the idea's files first and
-open, the others collapsed, each with its why (`tools/stage_diff.py`, which also holds
-the parser, `read_lesson`). The first stage (m0_init) lists no files: nothing comes
+Other `#` lines are comments. The docs page of a stage shows the idea's files first, then
+the others, each closed until opened and with its why (`tools/stage_diff.py`, which also
+holds the parser, `read_lesson`). The first stage (m0_init) lists no files: nothing comes
 before it. Every later stage has at least one file under `## the idea`.
 
 For each pair of neighbouring stages present (bench/stages.py), the files that differ

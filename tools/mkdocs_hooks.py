@@ -4,9 +4,8 @@ Docs tooling, introduced with M1. Registered in `mkdocs.yml` under `hooks:`. A p
 holds markers (HTML comments) that this hook replaces when the site is built:
 
 - `<!-- stage-diff: m0_init m1_basic -->`: the diff between two stages as highlighted
-  HTML: a table of the changed files (why each changed, from the later stage's LESSON),
-  then one collapsible block per file, the files that carry the idea first and open
-  (`tools/stage_diff.py`).
+  HTML: one closed block per changed file, its summary line saying why it changed (from
+  the later stage's LESSON), the files that carry the idea first (`tools/stage_diff.py`).
 - `<!-- stage-tree: m0_init -->`: a stage's file tree with line counts.
 - `<!-- stage-map -->`: the table of all stages (`bench/stages.py`), linking the ones
   that have a page.
@@ -57,6 +56,9 @@ holds markers (HTML comments) that this hook replaces when the site is built:
   tagged `figure:timeline` of `notebooks/m2_batching.ipynb` drew, from the outputs
   committed in the notebook (`tools/run_notebooks.py` saves them).
 
+After the build it checks the search index (`tools/search_check.py`) and stops the
+build if the theme's search would fail on it.
+
 It also adds files that live outside `docs/` to the site without copying them into
 `docs/`: the notebooks (`notebooks/*.ipynb`, rendered with their outputs by
 mkdocs-jupyter), the bench plots (drawn from the results files at build time, only the
@@ -88,6 +90,7 @@ from mkdocs.structure.files import File
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(REPO_ROOT))
+import search_check  # noqa: E402  (tools/search_check.py: the search index, checked)
 import stage_diff  # noqa: E402  (tools/stage_diff.py, next to this file)
 import trace_steps  # noqa: E402  (tools/trace_steps.py: step timelines; matplotlib to draw)
 from bench.stages import ALL_STAGES  # noqa: E402  (the one list of stages)
@@ -185,6 +188,24 @@ def on_page_content(html_text, page, config, files):
             raise ValueError(f"{page.file.src_uri}: lost the place of generated block {n}")
         html_text = html_text.replace(slot, fragment)
     return html_text
+
+
+@event_priority(-100)  # after the search plugin has written the index
+def on_post_build(config):
+    """Stop the build if the theme's search would break on this site's search index
+    (`tools/search_check.py`: terms that make lunr merge different subtrees)."""
+    index = Path(config.site_dir) / "search" / "search_index.json"
+    if not index.is_file():
+        return
+    collisions = search_check.check_index(index)
+    if collisions:
+        from mkdocs.exceptions import PluginError
+
+        raise PluginError(f"{index}: the search would fail for some words: "
+                          + search_check.describe(collisions)
+                          + "\nKeep generated code and data out of the index "
+                          "(data-search-exclude), or bare numbers (the search plugin's "
+                          "separator in mkdocs.yml).")
 
 
 def _words(args: str, n: int, where: str) -> list[str]:
@@ -562,36 +583,76 @@ def _share(x) -> str:
     return f"{p:.0f}%" if p >= 9.95 else f"{p:.1f}%"
 
 
-def _profile_stage(row: dict) -> str:
-    """The stage, and for a stage that can replay CUDA graphs, whether this row did."""
+def _quantized(row: dict) -> str | None:
+    """The row's quantization method ("gptq"), None for weights as loaded."""
+    return ((row.get("engine_args") or {}).get("quantization")
+            or (row.get("config") or {}).get("quantization")
+            or ("gptq" if row.get("setting") == "gptq" else None))
+
+
+_DTYPE_NAMES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
+
+
+def _weights_text(row: dict) -> str:
+    """What the row's linear weights were: "4-bit GPTQ", or their dtype ("bf16"; the
+    engine's dtype "auto" is bf16 on CUDA, fp32 on the CPU)."""
+    method = _quantized(row)
+    if method:
+        return "4-bit GPTQ" if method == "gptq" else method
+    config = row.get("config") or {}
+    dtype = config.get("dtype") or "auto"
+    if dtype == "auto":
+        device = config.get("device") or (row.get("engine_args") or {}).get("device")
+        dtype = "bfloat16" if device == "cuda" else "float32" if device == "cpu" else "auto"
+    return _DTYPE_NAMES.get(dtype, dtype)
+
+
+def _profile_stage(row: dict, weights: bool = False) -> str:
+    """The stage; with `weights`, what its weights were (a file with quantized rows);
+    and for a stage that can replay CUDA graphs, whether this row did."""
     stage = next((s for s in ALL_STAGES if s.package == row.get("stage")), None)
     name = f"`{row.get('stage') or row.get('row')}`"
+    notes = [_weights_text(row)] if weights else []
     graphs_possible = stage is not None and "flash_attn" in stage.features
-    if row.get("setting") is None and not graphs_possible:
-        return name
     launches = row.get("graph_launches_per_step")
-    if launches is None:  # a row that failed: what it was asked to run
-        if row.get("setting") is None:
-            return name
-        return name + (" (CUDA graphs)" if row["setting"] == "graphs" else " (eager)")
-    return name + (" (CUDA graphs)" if launches > 0 else " (eager)")
+    if launches is not None and (graphs_possible or row.get("setting") is not None):
+        notes.append("CUDA graphs" if launches > 0 else "eager")
+    elif launches is None and row.get("setting") in ("graphs", "eager"):
+        # a row that failed: what it was asked to run
+        notes.append("CUDA graphs" if row["setting"] == "graphs" else "eager")
+    return name + (f" ({', '.join(notes)})" if notes else "")
 
 
 def _profile_table(options: dict[str, str], where: str) -> str:
     results, path = _tool_results(options, where, "tools/profile_step.py", "wall_ms")
+    # Mixed steps (--mixed-budget) get dearer from one step to the next: each chunk of the
+    # long prompt attends to every chunk before it. The unprofiled steps (wall ms) come
+    # first and the profiled ones (CPU, GPU) after them, so a row's GPU and CPU times are
+    # set against the wall time of the same, profiled, steps.
+    mixed = any(row.get("mixed_budget") for row in results["rows"])
+    weights = any(_quantized(row) for row in results["rows"])
     headers = ["stage", "batch", "wall ms/step", "CPU ms", "GPU ms", "GPU busy", "kernels/step"]
+    if mixed:
+        headers[3:3] = ["profiled wall ms"]
     body, events = [], False
     for row in results["rows"]:
+        name = _profile_stage(row, weights)
         if row.get("error"):
-            body.append([_profile_stage(row), str(row.get("batch")), "failed", "-", "-", "-", "-"])
+            body.append([name, str(row.get("batch")), "failed"] + ["-"] * (len(headers) - 3))
             continue
         gpu = _num(row.get("gpu_ms"))
         if row.get("gpu_ms") is not None and \
                 not str(row.get("gpu_time_source", "profiler")).startswith("profiler"):
             gpu, events = gpu + "*", True
-        body.append([_profile_stage(row), str(row.get("batch")), _num(row.get("wall_ms")),
-                     _num(row.get("cpu_ms")), gpu, _share(row.get("gpu_busy")),
-                     _num(row.get("kernels_per_step"), ".0f")])
+        cells = [name, str(row.get("batch")), _num(row.get("wall_ms"))]
+        if mixed:
+            profiled = row.get("wall_ms_profiled")
+            busy = (row["gpu_ms"] / profiled if profiled and row.get("gpu_ms") is not None
+                    else None)
+            cells += [_num(profiled), _num(row.get("cpu_ms_profiled")), gpu, _share(busy)]
+        else:
+            cells += [_num(row.get("cpu_ms")), gpu, _share(row.get("gpu_busy"))]
+        body.append(cells + [_num(row.get("kernels_per_step"), ".0f")])
     steps = (f", the median of {results['steps']} steps" if results.get("steps") else "")
     prompt = (f" after {results['prompt_len']}-token prompts" if results.get("prompt_len") else "")
     budgets = {row.get("mixed_budget") for row in results["rows"]} - {None}
@@ -601,6 +662,21 @@ def _profile_table(options: dict[str, str], where: str) -> str:
     caption = (f"{kind} of `{results.get('model')}`{prompt}{steps}, on "
                f"{_machine_text(results)}.")
     lines = [caption, "", _md_table(headers, body, right_from=1)]
+    n = results.get("steps")
+    steps = f"{n} steps" if n else "steps"
+    if mixed:
+        lines.append(
+            f"<small>Each step costs more than the one before it (the long prompt's next "
+            f"chunk attends to all its earlier chunks). Wall ms/step: {steps} without the "
+            f"profiler, right after the long prompt arrived; the next columns: {steps} "
+            "later, under the profiler, which adds its own cost to their wall time. "
+            "CPU ms: that profiled wall time less the time the host waited for the GPU; GPU "
+            "busy: the GPU ms over the profiled wall time of the same steps.</small>\n")
+    else:
+        lines.append(
+            "<small>Wall ms/step: the host's time around a step, without the profiler; CPU "
+            "ms: that less the time a profiled step waited for the GPU; GPU ms: the "
+            "kernels' summed time; GPU busy: GPU ms over wall ms.</small>\n")
     if events:
         lines.append("<small>* GPU ms from CUDA events around the step (the profiler did not "
                      "see the kernels inside the graph): it includes idle gaps.</small>\n")

@@ -18,7 +18,11 @@ A stage's `LESSON` is the manifest of the files its idea changes from the stage 
     config.py                 # block_size, ...
 
 Each path is relative to the stage folder and says why it changed in a `#` comment.
-The docs page lists the idea's files first, open, and the others after them, closed.
+The docs page lists the idea's files first and the others after them, one closed block
+per file whose summary line says why it changed. The code inside is kept out of the
+site's search index (`data-search-exclude`): thousands of code tokens, many with digits,
+are noise in a search and make the theme's search engine likely to break
+(`tools/search_check.py` says how); the summary lines stay in it.
 """
 
 from __future__ import annotations
@@ -226,36 +230,22 @@ def _diff_lines(d: FileDiff, old_src: list[str], new_src: list[str]) -> list[str
 
 def _file_block(old: str, new: str, d: FileDiff, entry: LessonEntry | None,
                 root: Path) -> str:
-    """A file's collapsible block: summary line, then its highlighted diff."""
+    """A file's collapsible block, closed: a summary line (the path, the change, why it
+    changed), then its highlighted diff, which is kept out of the search index."""
     old_src = _highlighted(root / old / d.path, d.path) if d.status != "added" else []
     new_src = _highlighted(root / new / d.path, d.path) if d.status != "removed" else []
     why = f' <span class="stage-diff-why">{_inline(entry.why)}</span>' \
         if entry and entry.why else ""
-    is_open = " open" if entry and entry.key else ""
+    idea = " stage-diff-idea" if entry and entry.key else ""
     return "\n".join([
-        f'<details id="{anchor(d.path)}" class="stage-diff"{is_open}>',
+        f'<details id="{anchor(d.path)}" class="stage-diff{idea}">',
         f'<summary><code>{html.escape(d.path)}</code> <span class="stage-diff-stat">'
         f'{d.status}, {_counts(d)}</span>{why}</summary>',
-        '<div class="highlight"><pre><code><span class="diff-lines">'
+        '<div class="highlight" data-search-exclude><pre><code><span class="diff-lines">'
         + "".join(_diff_lines(d, old_src, new_src))
         + "</span></code></pre></div>",
         "</details>",
     ])
-
-
-def _file_table(rows: list[tuple[FileDiff, LessonEntry | None]]) -> str:
-    """The list of changed files: link to the block, change, line counts, why."""
-    out = ["<table>", "<thead><tr><th>file</th><th>change</th><th>lines</th>"
-           "<th>why</th></tr></thead>", "<tbody>"]
-    for d, entry in rows:
-        link = f'<a href="#{anchor(d.path)}"><code>{html.escape(d.path)}</code></a>'
-        if entry and entry.key:
-            link = f"<strong>{link}</strong>"
-        why = _inline(entry.why) if entry else ""
-        out.append(f"<tr><td>{link}</td><td>{d.status}</td><td>{_counts(d)}</td>"
-                   f"<td>{why}</td></tr>")
-    out += ["</tbody>", "</table>"]
-    return "\n".join(out)
 
 
 def _intro(old: str, new: str, rows: list[tuple[FileDiff, LessonEntry | None]]) -> str:
@@ -265,23 +255,25 @@ def _intro(old: str, new: str, rows: list[tuple[FileDiff, LessonEntry | None]]) 
             f"diff. {len(rows)} files changed, "
             f"+{sum(d.added for d, _ in rows)} \u2212{sum(d.removed for d, _ in rows)} lines.")
     if key:
-        text += (f" The {key} in bold carry the idea and are open below, in reading "
-                 f"order; the other {len(rows) - key} follow from it (click to open).")
+        text += (f" The first {key} carry the idea (the marked ones), in reading order; the "
+                 f"other {len(rows) - key} follow from it.")
+    text += " Click a file to open its diff."
     return f"<p>{text}</p>"
 
 
 def format_html(old: str, new: str, diffs: list[FileDiff], lesson: Lesson | None = None,
                 root: Path = REPO_ROOT) -> str:
-    """The docs' HTML fragment: a line on where it comes from, a table of the changed
-    files, then one `<details>` block per file with its Pygments-highlighted diff. With a
-    `lesson` (normally `read_lesson(new)`) the idea's files come first, open, and every
-    file shows why it changed; the others are closed."""
+    """The docs' HTML fragment: a line on where it comes from, then one closed
+    `<details>` block per changed file: its path, change and line counts, and inside its
+    Pygments-highlighted diff. With a `lesson` (normally `read_lesson(new)`) the idea's
+    files come first (class `stage-diff-idea`) and every file says why it changed. The
+    code is kept out of the search index; the summary lines are in it."""
     if not diffs:
         return (f"<p><code>{html.escape(old)}</code> and <code>{html.escape(new)}</code> "
                 f"are identical.</p>\n")
     rows = _in_reading_order(diffs, lesson)
     blocks = [_file_block(old, new, d, entry, root) for d, entry in rows]
-    return "\n".join([_intro(old, new, rows), _file_table(rows), *blocks]) + "\n"
+    return "\n".join([_intro(old, new, rows), *blocks]) + "\n"
 
 
 # -- the file tree --------------------------------------------------------------------
