@@ -737,16 +737,19 @@ def _decode_part(results: dict) -> str:
     rows = [r for r in results["rows"] if r["kind"] == "decode"]
     with_m3 = any(r.get("m3_us") is not None for r in rows)
     with_read = any(r.get("read_fraction") is not None for r in rows)
-    headers = ["model", "batch", "context", "splits", "µs", "GB/s", "% of copy"]
-    headers += ["% of read"] if with_read else []
+    # with the share of the read bandwidth, GB/s leaves (both shares say it; 8 columns fit)
+    headers = ["model", "batch", "context", "splits", "µs"] + ([] if with_read else ["GB/s"])
+    headers += ["% of copy"] + (["% of read"] if with_read else [])
     headers += ["M3 path µs"] if with_m3 else []
     body = []
     for r in rows:
         bad = _kernel_status(r)
         cells = [r["model"], str(r.get("batch")), str(r.get("context")),
                  _num(r.get("num_splits"), "d"),
-                 bad or _num(r.get("kernel_us"), ".1f"), "-" if bad else _num(r.get("gbps"), ".0f"),
-                 "-" if bad else _share(r.get("copy_fraction"))]
+                 bad or _num(r.get("kernel_us"), ".1f")]
+        if not with_read:
+            cells.append("-" if bad else _num(r.get("gbps"), ".0f"))
+        cells.append("-" if bad else _share(r.get("copy_fraction")))
         if with_read:
             cells.append("-" if bad else _share(r.get("read_fraction")))
         if with_m3:
