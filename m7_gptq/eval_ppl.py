@@ -8,7 +8,9 @@ user's, cut into fixed windows of `--seq-len` tokens (`--max-tokens` in all, eve
 spaced over the text, the same windows for every model). Each window is one prompt
 to `LLM.generate` with `SamplingParams(max_tokens=1, prompt_logprobs=0)`: the engine
 returns each prompt token's log-probability (all but the first, which has no context),
-so a GPTQ checkpoint is scored through the very layers the engine runs.
+so a GPTQ checkpoint is scored through the very layers the engine runs. `--out` writes
+JSON with the run's provenance and, for each checkpoint folder, how it was made (its
+`quantize_log.json` less the per-layer errors: command, git commit, settings).
 
     python -m m7_gptq.eval_ppl --model default --model /tmp/q4 --max-tokens 32768
 """
@@ -58,7 +60,16 @@ def perplexity(model: str, num_windows: int, seq_len: int, text_file: str | None
                 windows=len(windows), seq_len=seq_len, seconds=time.perf_counter() - start,
                 quantization=getattr(llm.engine.model_runner.model_config, "quantization_config",
                                          None),
-                device=str(llm.engine.model_runner.device))
+                device=str(llm.engine.model_runner.device), checkpoint=checkpoint_log(model))
+
+
+def checkpoint_log(model: str) -> dict | None:
+    """How a checkpoint folder was made: its quantize_log.json without the per-layer
+    errors (None for a model without one, e.g. 'default')."""
+    log = Path(model).expanduser() / "quantize_log.json"
+    if not log.is_file():
+        return None
+    return {key: value for key, value in json.loads(log.read_text()).items() if key != "layers"}
 
 
 def table(results: list[dict]) -> str:
@@ -71,10 +82,11 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def provenance(argv: list[str], device: str) -> dict:
-    """Command, git commit, machine (with the GPU when `device` is one) and versions: the
-    bench's fields when run from the repository, a minimal set otherwise."""
-    prog = f"python -m {__package__}.eval_ppl"
+def provenance(argv: list[str], device: str, tool: str = "eval_ppl") -> dict:
+    """Command (`python -m m7_gptq.TOOL ARGV`), git commit and dirty flag, machine (with
+    the GPU when `device` is one) and versions: the bench's fields when run from the
+    repository, a minimal set otherwise. The quantizer's log uses it too."""
+    prog = f"python -m {__package__}.{tool}"
     try:
         from bench.provenance import provenance as bench_provenance
     except ImportError:

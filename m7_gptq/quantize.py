@@ -15,11 +15,12 @@ see `calibration.py`) one decoder layer at a time, as GPTQ does:
 The folder written is a standard GPTQ checkpoint (format v1, what AutoGPTQ writes):
 `config.json` with `quantization_config`, `quantize_config.json`, `model.safetensors`
 (the quantized linears' qweight/qzeros/scales/g_idx, every other tensor in the model's
-dtype, a tied lm_head once), the tokenizer files, and `quantize_log.json`: each linear's
-relative output error ||W X - Q X||² / ||W X||² on its calibration inputs (for GPTQ
-also RTN's on the same inputs, `rtn_errors`). A dummy model's folder has no tokenizer
-files: the engine then uses its byte-level stand-in, the tokenizer the dummy model
-itself runs with (and was calibrated with).
+dtype, a tied lm_head once), the tokenizer files, and `quantize_log.json`: where it was
+made (command, git commit and dirty flag, machine, versions: `eval_ppl.provenance`), the
+settings, and each linear's relative output error ||W X - Q X||² / ||W X||² on its
+calibration inputs (for GPTQ also RTN's on the same inputs, `rtn_errors`). A dummy
+model's folder has no tokenizer files: the engine then uses its byte-level stand-in, the
+tokenizer the dummy model itself runs with (and was calibrated with).
 
     python -m m7_gptq.quantize --model default --bits 4 --group-size 64 --out /tmp/q4
     python -m m7_gptq.quantize --model dummy:tiny-llama --method rtn --asym --out /tmp/t
@@ -29,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import shutil
 import sys
 import time
@@ -45,6 +45,7 @@ from . import calibration
 from .attention.backends.torch_ref import build_metadata
 from .attention.metadata import AttentionMetadata
 from .config import ModelConfig
+from .eval_ppl import provenance
 from .gptq_solver import gptq_quantize, output_error, rtn_quantize
 from .model_executor.layers.quantization.gptq import (GPTQConfig, GPTQLinear, dequantize,
                                                       pack_layer)
@@ -298,8 +299,7 @@ def _linear_shapes(mc: ModelConfig) -> set[tuple[int, int]]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    args.command = shlex.join(["python", "-m", f"{__package__}.quantize",
-                               *(sys.argv[1:] if argv is None else argv)])
+    args.argv = sys.argv[1:] if argv is None else list(argv)
     try:
         return _quantize(args)
     except QuantizeError as exc:
@@ -318,6 +318,7 @@ def _quantize(args) -> int:
     config = check_args(args, mc, hf_config, out)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
                           else "cpu" if args.device == "auto" else args.device)
+    origin = provenance(args.argv, device.type, tool="quantize")  # the code as it starts
     tokenizer = get_tokenizer(path, mc.vocab_size, (mc.eos_token_ids or [None])[0])
     try:
         windows = calibration.get_windows(tokenizer, args.num_samples, args.seq_len,
@@ -330,10 +331,10 @@ def _quantize(args) -> int:
                                        progress=not args.no_progress)
     seconds = time.perf_counter() - start
     dtype = checkpoint_dtype(path)
-    log = dict(model=args.model, method=args.method, quantization_config=config.to_dict(),
+    log = dict(origin, model=args.model, method=args.method,
+               quantization_config=config.to_dict(),
                num_samples=args.num_samples, seq_len=args.seq_len,
                calibration=args.calibration_file or "stdlib:calibration",
-               command=args.command,
                seconds=round(seconds, 2), device=str(device), layers=layers)
     write_folder(out, checkpoint_tensors(net, quantized, dtype), hf_config, config, path,
                  dtype, log)

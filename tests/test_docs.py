@@ -455,7 +455,12 @@ def _fake_ppl(folder: Path) -> Path:
         {"model": "default", "perplexity": 12.3456, "nll": 2.51, "tokens": 32704,
          "windows": 64, "seq_len": 512, "seconds": 80.0, "quantization": None, "device": "cpu"},
         {"model": "/q/gptq", "perplexity": 13.0, "nll": 2.56, "tokens": 32704, "windows": 64,
-         "seq_len": 512, "seconds": 90.0, "quantization": gptq, "device": "cpu"}])
+         "seq_len": 512, "seconds": 90.0, "quantization": gptq, "device": "cpu",
+         "checkpoint": {"command": "python -m m7_gptq.quantize --model default --desc-act "
+                                   "--no-progress --out /q/gptq",
+                        "git_commit": "abcdef0123" + "0" * 30, "git_dirty": False,
+                        "method": "gptq", "quantization_config": gptq, "seconds": 297.2,
+                        "device": "cpu"}}])
     path = folder / "gptq-ppl-test.json"
     path.write_text(json.dumps(results))
     return path
@@ -466,10 +471,11 @@ def _fake_quant_log(folder: Path, method: str, desc_act: bool, scale: float) -> 
               "sym": True, "damp_percent": 0.01, "checkpoint_format": "gptq", "lm_head": False}
     names = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
              "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
-    log = {"model": "default", "method": method, "quantization_config": config,
+    log = {**_provenance_fields(f"python -m m7_gptq.quantize --model default --method {method} "
+                                "--no-progress --out /tmp/q4"),
+           "model": "default", "method": method, "quantization_config": config,
            "num_samples": 128, "seq_len": 512, "calibration": "stdlib:calibration",
-           "command": f"'python -m m7_gptq.quantize' --model default --method {method} "
-                      "--out /tmp/q4", "seconds": 42.0, "device": "cpu",
+           "seconds": 42.0, "device": "cpu",
            "layers": [{"layer": i, "seconds": 1.0,
                        "errors": {n: scale * (i + 1) * (j + 1) for j, n in enumerate(names)}}
                       for i in range(3)]}
@@ -500,12 +506,26 @@ def test_ppl_table_shows_each_model_against_the_first(tmp_path, monkeypatch):
     render = _render_in(tmp_path, monkeypatch)
     path = _fake_ppl(tmp_path)
     out = render(f"<!-- ppl-table: file={path.name} -->")
-    assert "| model | quantization | perplexity | vs first | tokens |" in out
-    assert "| `default` | none | 12.346 | +0.000 | 32704 |" in out
-    assert "| `/q/gptq` | 4-bit, groups of 64, act-order | 13.000 | +0.654 | 32704 |" in out
+    assert "| model | method | quantization | perplexity | vs first | tokens |" in out
+    assert "| `default` | - | none | 12.346 | +0.000 | 32704 |" in out
+    assert "| `/q/gptq` | gptq | 4-bit, groups of 64, act-order | 13.000 | +0.654 | 32704 |" in out
     assert "held-out half of the standard library" in out and "windows of 512 tokens" in out
+    # the checkpoint: its commit (clean) and the command that made it, --out kept
+    assert "**GPTQ + act-order** (`/q/gptq`): made at commit `abcdef0123`, 297 s on cpu." in out
+    assert ("```bash\npython -m m7_gptq.quantize --model default --desc-act --out /q/gptq\n"
+            "```") in out
+    # the perplexity run: its commit (dirty) and command, without its --out
     assert "measured at commit `fedcba9876` (with uncommitted changes)" in out
-    assert "--out" not in out
+    assert "```bash\npython -m m7_gptq.eval_ppl --model default --model /q/gptq\n```" in out
+    assert "/tmp/ppl.json" not in out
+    results = json.loads(path.read_text())
+    for key in ("command", "git_commit"):  # a checkpoint that does not say how it was made
+        lost = json.loads(json.dumps(results))
+        del lost["results"][1]["checkpoint"][key]
+        path.write_text(json.dumps(lost))
+        with pytest.raises(ValueError, match="does not record the command and git commit"):
+            render(f"<!-- ppl-table: file={path.name} -->")
+    path.write_text(json.dumps(results))
     with pytest.raises(ValueError, match="no results file nothing.json"):
         render("<!-- ppl-table: file=nothing.json -->")
     with pytest.raises(ValueError, match="not a results file of python -m m7_gptq.eval_ppl"):
@@ -535,8 +555,11 @@ def test_quant_error_marker_draws_one_line_per_log(tmp_path, monkeypatch):
     assert "| `down_proj` | 1.40e-02 | 1.40e-03 |" in out
     assert "| all linears | 8.00e-03 | 8.00e-04 |" in out
     assert "4-bit, groups of 64" in out and "128 sequences of 512 tokens" in out
-    # the recorded command, its program unquoted and without --out
-    assert "```bash\npython -m m7_gptq.quantize --model default --method rtn\n```" in out
+    # each log's commit and command, --out kept (it names the checkpoint)
+    assert (f"**RTN**, from `{rtn.name}`: made at commit `fedcba9876` (with uncommitted "
+            "changes), 42 s on cpu.") in out
+    assert ("```bash\npython -m m7_gptq.quantize --model default --method rtn --out /tmp/q4\n"
+            "```") in out
     docs = tmp_path / "docs"
     docs.mkdir()
     (docs / "m7_gptq.md").write_text(marker)
@@ -547,6 +570,11 @@ def test_quant_error_marker_draws_one_line_per_log(tmp_path, monkeypatch):
         render(f"<!-- quant-error: files={_fake_ppl(tmp_path).name} -->")
     with pytest.raises(ValueError, match="use files="):
         render(f"<!-- quant-error: file={rtn.name} -->")
+    log = json.loads(rtn.read_text())
+    for key in ("command", "git_commit"):  # a log that does not say how it was made
+        rtn.write_text(json.dumps({k: v for k, v in log.items() if k != key}))
+        with pytest.raises(ValueError, match="does not record the command and git commit"):
+            render(marker)
 
 
 def test_gptq_kernel_table_shows_shapes_and_layer_sums(tmp_path, monkeypatch):

@@ -11,6 +11,8 @@ standard library's text is gathered once), and the engine loads what it writes.
 
 import json
 import os
+import re
+import shlex
 import subprocess
 import sys
 
@@ -248,6 +250,13 @@ def test_cli_writes_a_checkpoint_the_engine_runs(stage, run, tmp_path):
     fp_params = dict(fp_model.named_parameters())
     log = json.loads((out / "quantize_log.json").read_text())
     assert len(log["layers"]) == fp_model.config.num_hidden_layers
+    # where it came from: the command that runs it again, the commit, machine, versions
+    assert log["command"] == shlex.join(["python", "-m", f"{stage}.quantize", "--model", model,
+                                         "--method", method, "--out", str(out),
+                                         "--num-samples", "8", "--seq-len", "64", *flags,
+                                         "--no-progress"])
+    assert re.fullmatch(r"[0-9a-f]{40}", log["git_commit"]) and isinstance(log["git_dirty"], bool)
+    assert log["machine"]["cpu_count"] and log["versions"]["torch"] == torch.__version__
     for i, layer in enumerate(fp_model.model.layers):
         for name in LINEARS:
             check_layer(g, qc, tensors, f"model.layers.{i}.{name}",
@@ -307,6 +316,17 @@ def test_gptq_log_compares_with_rtn_on_the_same_inputs(stage, tmp_path):
     pairs = [(layer["errors"][n], layer["rtn_errors"][n]) for layer in log["layers"]
              for n in LINEARS]
     assert sum(g < r for g, r in pairs) >= 0.8 * len(pairs), pairs
+    # the perplexity results record how the checkpoint was made, from this log
+    ev, out = load_stage(f"{stage}.eval_ppl"), tmp_path / "ppl.json"
+    with pytest.warns(UserWarning, match="no tokenizer files"):
+        assert ev.main(["--model", "dummy:tiny-llama", "--model", str(tmp_path / "q"),
+                        "--max-tokens", "64", "--seq-len", "32", "--device", "cpu",
+                        "--no-progress", "--out", str(out)]) == 0
+    base, checkpoint = json.loads(out.read_text())["results"]
+    assert base["checkpoint"] is None
+    assert checkpoint["checkpoint"] == {k: v for k, v in log.items() if k != "layers"}
+    assert checkpoint["checkpoint"]["command"].startswith(f"python -m {stage}.quantize ")
+    assert checkpoint["checkpoint"]["git_commit"]
 
 
 @pytest.mark.parametrize("stage", STAGES)

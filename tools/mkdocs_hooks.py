@@ -38,15 +38,18 @@ holds markers (HTML comments) that this hook replaces when the site is built:
   build time by `trace_steps.plot_timeline`, only the named rows with `rows=`. A missing
   file stops the build and names it.
 - `<!-- ppl-table: file=NAME.json -->`: the perplexities that `python -m m7_gptq.eval_ppl
-  --out` wrote (a file of `bench/results/`): one row per model, its quantization, its
-  perplexity and the difference from the first row, and the tokens scored; with the
-  text it was scored on and the file's provenance.
+  --out` wrote (a file of `bench/results/`): one row per model, its method and
+  quantization, its perplexity and the difference from the first row, and the tokens
+  scored; with the text it was scored on, the commit and `python -m m7_gptq.quantize`
+  command that made each checkpoint (recorded from its `quantize_log.json`), and the
+  file's provenance. A checkpoint without its commit or command stops the build.
 - `<!-- quant-error: files=A.json,B.json -->`: the per-layer log (`quantize_log.json`)
-  that `python -m m7_gptq.quantize` writes beside each checkpoint, one file per method
-  (files of `bench/results/`): each linear layer's relative output error on its
-  calibration inputs, drawn at build time as one line per file over the decoder layers
-  (the mean of the layer's seven linears), and a table of the mean per kind of linear.
-  A file that is not such a log stops the build and names it.
+  that `python -m m7_gptq.quantize` writes beside each checkpoint, copied as it is into
+  `bench/results/`, one file per method: each linear layer's relative output error on
+  its calibration inputs, drawn at build time as one line per file over the decoder
+  layers (the mean of the layer's seven linears), a table of the mean per kind of
+  linear, and each log's commit and command. A file that is not such a log, or one
+  without its commit or command, stops the build and names it.
 - `<!-- gptq-kernel-table: file=NAME.json -->`: M7's W4A16 matmul against bf16
   `torch.matmul`, as `tools/bench_gptq_kernels.py` measured it (a file of
   `bench/results/`): per number of rows M, each linear shape's microseconds, the weight
@@ -396,8 +399,9 @@ _NOT_RESULTS = {"--out-dir": 1, "--out": 1, "--png": 1, "--no-progress": 0, "--n
                 "--publish": 0}
 
 
-def reproduce_command(results: dict) -> str | None:
-    """The recorded command without the flags that only say where the files go."""
+def reproduce_command(results: dict, keep: tuple[str, ...] = ()) -> str | None:
+    """The recorded command without the flags that only say where the files go (but those
+    in `keep`: the quantizer's --out is the checkpoint a later command reads)."""
     command = results.get("command")
     if not command:
         return None
@@ -410,7 +414,7 @@ def reproduce_command(results: dict) -> str | None:
             skip -= 1
             continue
         flag = word.split("=", 1)[0]
-        if flag in _NOT_RESULTS:
+        if flag in _NOT_RESULTS and flag not in keep:
             skip = _NOT_RESULTS[flag] if "=" not in word else 0
             continue
         kept.append(word)
@@ -437,12 +441,17 @@ def _wrap_command(words: list[str], width: int = 76) -> str:
     return " \\\n".join(lines + [line])
 
 
-def provenance(results: dict, path: Path) -> str:
-    """Where the numbers come from: the file, the commit, and how to run it again."""
+def _commit_text(results: dict) -> str:
+    """"`fedcba9876`", with " (with uncommitted changes)" when the tree was dirty."""
     commit = results.get("git_commit") or "an unrecorded commit"
     commit = commit[:10] if re.fullmatch(r"[0-9a-f]{40}", commit) else commit
-    dirty = " (with uncommitted changes)" if results.get("git_dirty") else ""
-    out = [f"<small>From `{_shown_path(path)}`, measured at commit `{commit}`{dirty}.</small>"]
+    return f"`{commit}`" + (" (with uncommitted changes)" if results.get("git_dirty") else "")
+
+
+def provenance(results: dict, path: Path) -> str:
+    """Where the numbers come from: the file, the commit, and how to run it again."""
+    out = [f"<small>From `{_shown_path(path)}`, measured at commit "
+           f"{_commit_text(results)}.</small>"]
     command = reproduce_command(results)
     if command:
         out += ["", "Run it again (on the same kind of machine):", "", "```bash", command, "```"]
@@ -928,13 +937,15 @@ def _ppl_table(options: dict[str, str], where: str) -> str:
                          "python -m m7_gptq.eval_ppl (it needs results that each have "
                          "'perplexity')")
     base = rows[0]["perplexity"]
+    made = [(r, _checkpoint_of(r, options["file"], where)) for r in rows if r.get("quantization")]
     body = []
     for r in rows:
         name = r.get("label") or f"`{r.get('model')}`"
-        body.append([name, r.get("method") or "-" if r.get("quantization") else "-",
+        method = r.get("method") or (r.get("checkpoint") or {}).get("method")
+        body.append([name, method or "-" if r.get("quantization") else "-",
                      _quantization_text(r.get("quantization")), f"{r['perplexity']:.3f}",
                      f"{r['perplexity'] - base:+.3f}", str(r.get("tokens", "-"))])
-    if not any(r.get("method") for r in rows):  # files that do not name the method
+    if not any(cells[1] != "-" for cells in body):  # files that do not name the method
         body = [cells[:1] + cells[2:] for cells in body]
         headers = ["model", "quantization", "perplexity", "vs first", "tokens"]
     else:
@@ -944,8 +955,33 @@ def _ppl_table(options: dict[str, str], where: str) -> str:
     seq_len = results.get("seq_len") or rows[0].get("seq_len")
     caption = (f"Perplexity (lower is better) on {text}, in windows of {seq_len} tokens, "
                f"each scored through the engine; on {_machine_text(results)}.")
-    return "\n".join([caption, "", _md_table(headers, body, right_from=len(headers) - 3)]) \
-        + "\n" + provenance(results, path)
+    out = [caption, "", _md_table(headers, body, right_from=len(headers) - 3)]
+    if made:
+        out += ["", "Each checkpoint was made first, by the command under its name; the "
+                "perplexity run below reads the folders they write."]
+    for (r, log), label in zip(made, _log_labels([log for _, log in made])):
+        out += ["", _made_by(log, f"**{label}** (`{r.get('model')}`)")]
+    return "\n".join(out) + "\n\n" + provenance(results, path)
+
+
+def _checkpoint_of(row: dict, name: str, where: str) -> dict:
+    """A quantized row's record of how its checkpoint was made (its quantize_log.json as
+    eval_ppl copied it), which must name the command and the commit."""
+    log = row.get("checkpoint")
+    if not isinstance(log, dict) or not log.get("command") or not log.get("git_commit"):
+        raise ValueError(f"{where}: {name}: {row.get('model')} does not record the command "
+                         "and git commit that made it (eval_ppl copies them from the "
+                         "checkpoint's quantize_log.json)")
+    return log
+
+
+def _made_by(log: dict, label: str) -> str:
+    """A label, the commit and time a quantize log records, and its command, --out kept."""
+    log = _command_of(log)
+    took = (f", {log['seconds']:.0f} s on {log.get('device', 'an unrecorded device')}"
+            if isinstance(log.get("seconds"), (int, float)) else "")
+    return "\n".join([f"<small>{label}: made at commit {_commit_text(log)}{took}.</small>",
+                      "", "```bash", reproduce_command(log, keep=("--out",)), "```"])
 
 
 def _files_option(args: str, where: str) -> list[str]:
@@ -971,6 +1007,9 @@ def _quant_log(name: str, where: str) -> tuple[dict, Path]:
                              and layer["errors"] for layer in layers):
         raise ValueError(f"{where}: {name} is not a quantize log of python -m m7_gptq.quantize "
                          "(it needs layers that each have errors)")
+    if not log.get("command") or not log.get("git_commit"):
+        raise ValueError(f"{where}: {name} does not record the command and git commit "
+                         "that made it (python -m m7_gptq.quantize's log records both)")
     return log, path
 
 
@@ -1084,17 +1123,7 @@ def _quant_error(files: list[str], page, where: str) -> str:
            "logged it; the table gives the mean over the layers per kind of linear.</small>",
            "", _md_table(["linear"] + labels, body, right_from=1)]
     for (log, path), label in zip(loaded, labels):
-        log = _command_of(log)
-        took = (f", {log['seconds']:.0f} s on {log.get('device', 'an unrecorded device')}"
-                if isinstance(log.get("seconds"), (int, float)) else "")
-        if log.get("git_commit"):
-            out += ["", f"**{label}**{took}.", "", provenance(log, path)]
-            continue
-        out += ["", f"<small>**{label}**: from `{_shown_path(path)}` (its commit was not "
-                f"recorded){took}.</small>"]
-        command = reproduce_command(log)
-        if command:
-            out += ["", "```bash", command, "```"]
+        out += ["", _made_by(log, f"**{label}**, from `{_shown_path(path)}`")]
     return "\n".join(out) + "\n"
 
 
