@@ -18,10 +18,13 @@ JSON with the run's provenance and, for each checkpoint folder, how it was made 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import math
+import os
 import platform
 import shlex
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -83,17 +86,60 @@ def table(results: list[dict]) -> str:
 
 
 def provenance(argv: list[str], device: str, tool: str = "eval_ppl") -> dict:
-    """Command (`python -m m7_gptq.TOOL ARGV`), git commit and dirty flag, machine (with
-    the GPU when `device` is one) and versions: the bench's fields when run from the
-    repository, a minimal set otherwise. The quantizer's log uses it too."""
-    prog = f"python -m {__package__}.{tool}"
+    """Where a result comes from, in the bench's fields: the command (`python -m
+    m7_gptq.TOOL ARGV`), git commit and dirty flag, date, machine (with the GPU when
+    `device` is one) and versions. The quantizer's log uses it too."""
+    import torch
+
+    commit, dirty = git_state()
+    gpu = torch.cuda.get_device_name(0) if device == "cuda" and torch.cuda.is_available() \
+        else None
+    return {"command": shlex.join(["python", "-m", f"{__package__}.{tool}", *argv]),
+            "git_commit": commit, "git_dirty": dirty,
+            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "machine": {"gpu": gpu, "cpu": cpu_name(), "cpu_count": os.cpu_count(),
+                        "hostname": platform.node()},
+            "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                         "cuda": torch.version.cuda, **{name: _version(name) for name in
+                                                        ("triton", "transformers", "numpy")}}}
+
+
+def git_state() -> tuple[str | None, bool | None]:
+    """(HEAD, whether tracked files differ from it) of the checkout this package is in;
+    FOLOVLLM_GIT_COMMIT and FOLOVLLM_GIT_DIRTY=0/1 name them for a copy without .git."""
+    if os.environ.get("FOLOVLLM_GIT_COMMIT"):
+        return (os.environ["FOLOVLLM_GIT_COMMIT"],
+                {"0": False, "1": True}.get(os.environ.get("FOLOVLLM_GIT_DIRTY", "")))
+    here = Path(__file__).resolve().parent
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", *args], cwd=here, capture_output=True, text=True,
+                                  timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    head, status = git("rev-parse", "HEAD"), git("status", "--porcelain", "--untracked-files=no")
+    return head, None if head is None or status is None else bool(status)
+
+
+def cpu_name() -> str:
+    """The CPU's model name (Linux: /proc/cpuinfo), else what platform says."""
     try:
-        from bench.provenance import provenance as bench_provenance
-    except ImportError:
-        import torch
-        return dict(command=shlex.join([*shlex.split(prog), *argv]), machine=platform.node(),
-                    versions=dict(python=platform.python_version(), torch=torch.__version__))
-    return bench_provenance(prog, argv, device=device)
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -58,3 +58,22 @@ def test_cdiv_is_defined_once(stage):
                    for node in ast.walk(ast.parse(path.read_text()))
                    if isinstance(node, ast.FunctionDef) and node.name == "cdiv"]
     assert len(definitions) <= 1, definitions
+
+
+def _repo_top_level_names() -> set[str]:
+    root = Path(REPO_ROOT)
+    return ({p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")}
+            | {p.stem for p in root.glob("*.py")})
+
+
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_a_stage_imports_nothing_of_this_repository_outside_itself(stage):
+    """Copying a stage's folder gives a working engine: inside it, imports are relative
+    or of installed packages, never of another stage, the bench or the tools (nor of the
+    stage itself by its absolute name)."""
+    ours = _repo_top_level_names()
+    assert {"bench", "tools", "tests", stage} <= ours
+    for path in python_files(stage):
+        bad = [m for m in imported_modules(path)
+               if not m.startswith(".") and m.split(".")[0] in ours]
+        assert not bad, f"{path.relative_to(REPO_ROOT)} imports {bad}"

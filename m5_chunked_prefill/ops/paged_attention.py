@@ -43,6 +43,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import precision_of
+
 
 # -- the cache write ------------------------------------------------------------------
 @triton.jit
@@ -200,11 +202,6 @@ def _paged_attention_kernel(
         tl.store(out_ptr + (q_start + rows)[:, None] * q_row_stride + head * q_head_stride
                  + dims[None, :], out.to(out_ptr.dtype.element_ty),
                  mask=row_ok[:, None] & dim_ok[None, :])
-
-
-def precision_of(dtype: torch.dtype) -> str:
-    """fp32 stays fp32 in the dot products (Triton would round its inputs to tf32)."""
-    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 def prefill_config(head_dim: int, dtype: torch.dtype) -> dict:

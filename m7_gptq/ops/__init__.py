@@ -18,3 +18,9 @@ import torch
 
 if not torch.cuda.is_available():  # no GPU: the kernels run under Triton's interpreter
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def precision_of(dtype: torch.dtype) -> str:
+    """The dot products' precision for a kernel's input dtype: fp32 stays fp32 (Triton
+    would round its inputs to tf32); the 16-bit types are exact in either."""
+    return "ieee" if dtype == torch.float32 else "tf32"

@@ -52,8 +52,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..model_executor.layers.quantization.gptq import unpack
-from .paged_attention import precision_of
+from .gptq_pack import dequantize
+from . import precision_of
 
 PATHS = ("gemv", "decode", "prefill", "dequant")
 DECODE_MAX_M = 16  # up to this many rows (from 2): the decode configuration
@@ -470,9 +470,7 @@ def gptq_matmul_ref(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
                     bias: torch.Tensor | None = None) -> torch.Tensor:
     """The same in plain torch: unpack the codes and zero points (+1), dequantize W
     [K, N] in fp32, x @ W (+ bias) in fp32, rounded to x's dtype."""
-    codes = unpack(qweight, bits, dim=0).float()
-    zeros = unpack(qzeros, bits, dim=1).float() + 1
-    group = torch.arange(codes.shape[0], device=codes.device) // group_size
-    weight = (codes - zeros[group]) * scales.float()[group]
+    groups = torch.arange(qweight.shape[0] * 32 // bits, device=qweight.device) // group_size
+    weight = dequantize(qweight, qzeros, scales.float(), groups, bits)
     y = x.float() @ weight
     return (y if bias is None else y + bias.float()).to(x.dtype)

@@ -13,7 +13,8 @@ weight W) as four tensors, the format AutoGPTQ wrote and GPTQModel and vLLM read
 
 and W[o, i] ~ (q[i, o] - z[g, o]) * s[g, o] with g = g_idx[i]. A group is `group_size`
 consecutive input rows (-1: one group, the whole row), unless the checkpoint was written
-with act-order (`desc_act`), where g_idx says which rows share a group.
+with act-order (`desc_act`), where g_idx says which rows share a group. The packing and
+`dequantize` live beside the kernels that read them (`ops/gptq_pack.py`).
 
 `GPTQLinear` holds those tensors in place of an `nn.Linear`. After loading it puts the
 rows in group order once (act-order: the input is permuted to match at run time), so
@@ -31,6 +32,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ....ops.gptq_pack import dequantize, pack, unpack  # noqa: F401 (the format's layout)
 
 SUPPORTED_BITS = (4, 8)
 # The linear layers of a decoder layer that a GPTQ checkpoint quantizes (lm_head is not).
@@ -109,35 +112,6 @@ def read_quantization_config(folder: Path, hf_config: dict) -> GPTQConfig | None
     return None if cfg is None else GPTQConfig.from_dict(cfg)
 
 
-# --- packing: codes <-> int32 words ---------------------------------------------------
-
-def pack(codes: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
-    """Pack integer codes in [0, 2^bits) along `dim`: 32 / bits consecutive codes per
-    int32, the first in the lowest bits. `dim`'s size must be a multiple of 32 / bits."""
-    per_word = 32 // bits
-    codes = codes.movedim(dim, -1).to(torch.int64)
-    if codes.shape[-1] % per_word:
-        raise ValueError(f"pack: {codes.shape[-1]} codes along dim {dim} is not a multiple "
-                         f"of {per_word}")
-    if codes.numel() and (codes.min() < 0 or codes.max() >= 2 ** bits):
-        raise ValueError(f"pack: codes must lie in [0, {2 ** bits})")
-    words = codes.reshape(*codes.shape[:-1], -1, per_word)
-    shifts = torch.arange(per_word, dtype=torch.int64, device=codes.device) * bits
-    packed = (words << shifts).sum(-1)  # the fields do not overlap: sum == bitwise or
-    packed = torch.where(packed >= 2 ** 31, packed - 2 ** 32, packed)  # as a signed int32
-    return packed.to(torch.int32).movedim(-1, dim).contiguous()
-
-
-def unpack(packed: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
-    """The inverse of `pack`: int32 words -> int32 codes, 32 / bits times longer on `dim`."""
-    per_word = 32 // bits
-    words = packed.movedim(dim, -1).to(torch.int64) & 0xFFFFFFFF
-    shifts = torch.arange(per_word, dtype=torch.int64, device=packed.device) * bits
-    codes = (words.unsqueeze(-1) >> shifts) & (2 ** bits - 1)
-    codes = codes.reshape(*words.shape[:-1], -1)
-    return codes.to(torch.int32).movedim(-1, dim).contiguous()
-
-
 # --- the grid: W ~ (q - z) * s ----------------------------------------------------------
 
 def fit_grid(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -170,16 +144,6 @@ def to_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
 
 def from_codes(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
     return (codes - zero[:, None]) * scale[:, None]
-
-
-def dequantize(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
-               g_idx: torch.Tensor, bits: int) -> torch.Tensor:
-    """The checkpoint's weight, `[in, out]` in the scales' dtype: (q - z) * s, where z is
-    the stored zero plus one (format v1), row i using group g_idx[i]."""
-    codes = unpack(qweight, bits, dim=0)
-    zeros = unpack(qzeros, bits, dim=1) + 1
-    g = g_idx.long()
-    return ((codes - zeros[g]).to(scales.dtype) * scales[g])
 
 
 def pack_layer(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
