@@ -27,6 +27,7 @@ a check fails.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import http.server
 import json
@@ -98,47 +99,54 @@ def serve(folder: Path) -> tuple[http.server.ThreadingHTTPServer, str]:
     return server, f"http://127.0.0.1:{server.server_address[1]}/"
 
 
-def check_pages(site: Path, pages: list[str], out: Path, width: int,
-                chromium: str, open_folds: bool = False) -> list[dict]:
+@contextlib.contextmanager
+def offline_browser(site: Path, width: int, chromium: str):
+    """A headless Chromium context on `site` served at localhost, offline (only our own
+    server answers), and the site's base URL."""
     from playwright.sync_api import sync_playwright
 
     server, base = serve(site)
-    results = []
     try:
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
             context = browser.new_context(viewport={"width": width, "height": 900})
-            # offline: only our own server answers
             context.route("**/*", lambda route: route.continue_()
                           if route.request.url.startswith(base) else route.abort())
-            for page_path in pages:
-                page = context.new_page()
-                page.goto(base + page_path, wait_until="networkidle")
-                page.wait_for_timeout(1500)  # diagrams draw after load
-                found = page.evaluate(_CHECKS_JS)  # as a reader first sees the page
-                name = (page_path.strip("/").replace("/", "-") or "home") + ".png"
-                if open_folds:  # then every fold opened, to see what is inside them
-                    page.evaluate("document.querySelectorAll('article details')"
-                                  ".forEach(d => d.open = true)")
-                    page.wait_for_timeout(1500)
-                    opened = page.evaluate(_CHECKS_JS)
-                    found.update(page_height_open=opened["page_height"],
-                                 diagrams=opened["diagrams"],
-                                 diagrams_drawn=opened["diagrams_drawn"],
-                                 images_broken=opened["images_broken"],
-                                 tables_too_wide=opened["tables_too_wide"])
-                    name = name[:-4] + "-open.png"
-                page.screenshot(path=str(out / name), full_page=True)
-                found.update(page=page_path or "/", screenshot=name,
-                             ok=(found["diagrams_drawn"] == found["diagrams"]
-                                 and not found["images_broken"]
-                                 and not found["tables_too_wide"]
-                                 and found["page_width"] <= width))
-                results.append(found)
-                page.close()
+            yield context, base
             browser.close()
     finally:
         server.shutdown()
+
+
+def check_pages(site: Path, pages: list[str], out: Path, width: int,
+                chromium: str, open_folds: bool = False) -> list[dict]:
+    results = []
+    with offline_browser(site, width, chromium) as (context, base):
+        for page_path in pages:
+            page = context.new_page()
+            page.goto(base + page_path, wait_until="networkidle")
+            page.wait_for_timeout(1500)  # diagrams draw after load
+            found = page.evaluate(_CHECKS_JS)  # as a reader first sees the page
+            name = (page_path.strip("/").replace("/", "-") or "home") + ".png"
+            if open_folds:  # then every fold opened, to see what is inside them
+                page.evaluate("document.querySelectorAll('article details')"
+                              ".forEach(d => d.open = true)")
+                page.wait_for_timeout(1500)
+                opened = page.evaluate(_CHECKS_JS)
+                found.update(page_height_open=opened["page_height"],
+                             diagrams=opened["diagrams"],
+                             diagrams_drawn=opened["diagrams_drawn"],
+                             images_broken=opened["images_broken"],
+                             tables_too_wide=opened["tables_too_wide"])
+                name = name[:-4] + "-open.png"
+            page.screenshot(path=str(out / name), full_page=True)
+            found.update(page=page_path or "/", screenshot=name,
+                         ok=(found["diagrams_drawn"] == found["diagrams"]
+                             and not found["images_broken"]
+                             and not found["tables_too_wide"]
+                             and found["page_width"] <= width))
+            results.append(found)
+            page.close()
     return results
 
 
@@ -147,47 +155,36 @@ def search_site(site: Path, queries: list[str], width: int, chromium: str) -> li
     number of results the theme shows ("16 matching documents"), the first few result
     titles, and the errors and warnings the page or its search worker logged (a query
     the worker cannot run is a warning, and the page says "No matching documents")."""
-    from playwright.sync_api import sync_playwright
-
-    server, base = serve(site)
     results = []
-    try:
-        with sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
-            context = browser.new_context(viewport={"width": width, "height": 900})
-            context.route("**/*", lambda route: route.continue_()
-                          if route.request.url.startswith(base) else route.abort())
-            for query in queries:
-                page = context.new_page()
-                errors: list[str] = []
-                page.on("console", lambda m: errors.append(m.text)
-                        if m.type in ("error", "warning") else None)
-                page.on("pageerror", lambda e: errors.append(str(e)))
-                page.goto(base, wait_until="networkidle")
-                box = page.locator("input.md-search__input")
-                if not box.is_visible():  # a narrow window: the search is behind a button
-                    page.click("label.md-header__button[for='__search']")
-                box.click()
-                box.fill(query)
-                box.press("End")  # the theme searches on a key going up
-                meta = page.locator(".md-search-result__meta")
-                page.wait_for_function(
-                    "q => { const m = document.querySelector('.md-search-result__meta');"
-                    " return m && /matching|No matching/i.test(m.textContent) &&"
-                    " document.querySelector('input.md-search__input').value === q; }",
-                    arg=query, timeout=20000)
-                page.wait_for_timeout(500)
-                text = meta.inner_text().strip()
-                number = re.match(r"(\d+)", text)
-                titles = page.locator(".md-search-result__item > a h1, "
-                                      ".md-search-result__item > a h2").all_inner_texts()
-                results.append({"query": query, "shown": text,
-                                "results": int(number.group(1)) if number else 0,
-                                "first": titles[:3], "errors": errors})
-                page.close()
-            browser.close()
-    finally:
-        server.shutdown()
+    with offline_browser(site, width, chromium) as (context, base):
+        for query in queries:
+            page = context.new_page()
+            errors: list[str] = []
+            page.on("console", lambda m: errors.append(m.text)
+                    if m.type in ("error", "warning") else None)
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(base, wait_until="networkidle")
+            box = page.locator("input.md-search__input")
+            if not box.is_visible():  # a narrow window: the search is behind a button
+                page.click("label.md-header__button[for='__search']")
+            box.click()
+            box.fill(query)
+            box.press("End")  # the theme searches on a key going up
+            meta = page.locator(".md-search-result__meta")
+            page.wait_for_function(
+                "q => { const m = document.querySelector('.md-search-result__meta');"
+                " return m && /matching|No matching/i.test(m.textContent) &&"
+                " document.querySelector('input.md-search__input').value === q; }",
+                arg=query, timeout=20000)
+            page.wait_for_timeout(500)
+            text = meta.inner_text().strip()
+            number = re.match(r"(\d+)", text)
+            titles = page.locator(".md-search-result__item > a h1, "
+                                  ".md-search-result__item > a h2").all_inner_texts()
+            results.append({"query": query, "shown": text,
+                            "results": int(number.group(1)) if number else 0,
+                            "first": titles[:3], "errors": errors})
+            page.close()
     return results
 
 
