@@ -1,12 +1,13 @@
 # FoloVLLM: `make demo` runs the newest stage on the default model; `make test` runs the suite.
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
-# torch (CPU build) and the triton it was tested with, installed only where no torch is:
-# a GPU user's CUDA build stays as it is.
-TORCH ?= torch==2.13.0 triton==3.9.0
 # The versions the suite last passed with (tools/freeze_constraints.py). FOLOVLLM_LATEST=1
 # installs the newest releases instead (see test-latest).
-CONSTRAINTS := $(if $(filter 1,$(FOLOVLLM_LATEST)),,-c constraints.txt)
+LATEST := $(filter 1,$(FOLOVLLM_LATEST))
+CONSTRAINTS := $(if $(LATEST),,-c constraints.txt)
+# torch (CPU build) and the triton it was tested with (the newest with FOLOVLLM_LATEST=1),
+# installed only where no torch is: a GPU user's CUDA build stays as it is.
+TORCH ?= torch==2.13.0 $(if $(LATEST),,triton==3.9.0)
 # The stages come from bench/stages.py: the newest one present, and those that generate.
 NEWEST = $(shell $(PYTHON) -m bench.stages --newest)
 MILESTONES = $(shell $(PYTHON) -m bench.stages --milestones)
