@@ -657,11 +657,6 @@ def plot_panels(results: dict) -> list[tuple[list, str]]:
                       "sequences at once\n(more = more batching)")]
 
 
-def tick_label(name: str) -> str:
-    """A row's name under its bar: a row with settings on two lines, the stage above."""
-    return name.replace(":", "\n", 1).replace(":", " ")
-
-
 def plot(results: dict, path: Path) -> Path | None:
     """Bar charts of throughput, TTFT, TPOT, ITL p99 (when the file has it) and sequences
     at once, one bar per row; a row that ran one request at a time is hatched. Four

@@ -842,8 +842,6 @@ def test_plot_panels_add_itl_p99_when_the_file_has_it(tmp_path):
     assert titles[3] == "ITL p99 (ms)\n(lower is better)"
     assert titles[-1].startswith("sequences at once") and len(titles) == 5
     assert compare.plot_panels(results)[3][0] == [49.5, None, None, None, 0.99]
-    assert compare.tick_label("m5:enable_chunked_prefill=false:block_size=32") == (
-        "m5\nenable_chunked_prefill=false block_size=32")
 
 
 def test_itl_cdf_plot_and_its_cli(tmp_path, capsys):

@@ -977,7 +977,6 @@ def _checkpoint_of(row: dict, name: str, where: str) -> dict:
 
 def _made_by(log: dict, label: str) -> str:
     """A label, the commit and time a quantize log records, and its command, --out kept."""
-    log = _command_of(log)
     took = (f", {log['seconds']:.0f} s on {log.get('device', 'an unrecorded device')}"
             if isinstance(log.get("seconds"), (int, float)) else "")
     return "\n".join([f"<small>{label}: made at commit {_commit_text(log)}{took}.</small>",
@@ -1078,18 +1077,6 @@ def quant_error_plots(docs_dir: Path) -> dict[str, bytes]:
             plt.close(fig)
             plots[name] = png.read_bytes()
     return plots
-
-
-def _command_of(log: dict) -> dict:
-    """The log with its command's program as separate words (a command recorded as
-    "'python -m m7_gptq.quantize' --model ..." is read as what it means)."""
-    command = log.get("command")
-    if not command:
-        return log
-    words = shlex.split(command)
-    if words and " " in words[0]:
-        words = words[0].split() + words[1:]
-    return dict(log, command=shlex.join(words))
 
 
 def _quant_error(files: list[str], page, where: str) -> str:
