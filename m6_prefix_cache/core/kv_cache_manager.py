@@ -33,12 +33,18 @@ class KVCacheManager:
         self.block_pool = BlockPool(num_blocks)
         self.enable_prefix_caching = enable_prefix_caching
         # Block copies the next step must do first, (source id, destination id) (M6).
-        self.blocks_to_copy: list[tuple[int, int]] = []
+        self._copies: list[tuple[int, int]] = []  # see `take_copies`
         # Prompt tokens looked up when requests were admitted, and how many were cached.
         self.prefix_cache_queries = 0
         self.prefix_cache_hits = 0
 
     @property
+    def take_copies(self) -> list[tuple[int, int]]:
+        """The block copies the next step must make first, (source id, destination id):
+        each is handed out once."""
+        copies, self._copies = self._copies, []
+        return copies
+
     def num_blocks(self) -> int:
         return self.block_pool.num_blocks
 
@@ -158,7 +164,7 @@ class KVCacheManager:
     def _copy_last_block(self, seq: Sequence) -> None:
         shared = seq.kv_blocks[-1]
         (copy,) = self.block_pool.allocate(1)
-        self.blocks_to_copy.append((shared.block_id, copy.block_id))
+        self._copies.append((shared.block_id, copy.block_id))
         self.block_pool.free([shared])
         seq.kv_blocks[-1] = copy
 
