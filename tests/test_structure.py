@@ -4,6 +4,7 @@
 - The scheduler's side never touches tensors (no torch import).
 - `LLM` talks to the engine only: no reaching into the model runner or the scheduler.
 - A helper is defined once per stage (`cdiv`).
+- Every file opens with a short docstring (DESIGN.md's conventions): at most 12 lines.
 """
 
 import ast
@@ -77,3 +78,25 @@ def test_a_stage_imports_nothing_of_this_repository_outside_itself(stage):
         bad = [m for m in imported_modules(path)
                if not m.startswith(".") and m.split(".")[0] in ours]
         assert not bad, f"{path.relative_to(REPO_ROOT)} imports {bad}"
+
+
+MAX_MODULE_DOCSTRING_LINES = 12
+
+
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_every_module_docstring_is_short(stage):
+    """A module docstring says what the file is for today, and in one line which stage
+    introduced it and which changed it; the story of each change is on that stage's docs
+    page (docs/mN_*.md, "How the files changed"), beside the generated diff. So no
+    module docstring is longer than 12 lines, and none is missing."""
+    offenders = []
+    for path in python_files(stage):
+        doc = ast.get_docstring(ast.parse(path.read_text()), clean=False)
+        lines = len(doc.splitlines()) if doc else 0
+        if not doc or lines > MAX_MODULE_DOCSTRING_LINES:
+            offenders.append(f"{path.relative_to(REPO_ROOT)}: "
+                             + (f"{lines} lines" if doc else "no docstring"))
+    assert not offenders, (
+        f"module docstrings must be 1 to {MAX_MODULE_DOCSTRING_LINES} lines (what the file "
+        f"does today, then 'Introduced in Mk; changed in ...'); move the history to the "
+        f"stage's docs page:\n" + "\n".join(offenders))
