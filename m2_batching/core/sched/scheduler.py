@@ -109,14 +109,18 @@ class Scheduler:
         """The step ran: its tokens' K/V are in the cache, and each sequence sampled a
         token. Append them, apply the stop rules, let the finished ones go. Returns the
         sequences that advanced, for the engine's outputs."""
-        for i, seq in enumerate(out.seqs):
-            self.stop_checker.append_token(seq, runner_output.sampled_token_ids[i])
-            self.stop_checker.record_logprobs(seq, runner_output.prompt_logprobs[i],
-                                              runner_output.logprobs[i])
-            seq.num_computed_tokens += len(out.scheduled[i].new_token_ids)
+        advanced = []
+        for seq, scheduled, token, prompt_logprobs, logprobs in zip(
+                out.seqs, out.scheduled, runner_output.sampled_token_ids,
+                runner_output.prompt_logprobs, runner_output.logprobs):
+            self.stop_checker.append_token(seq, token)
+            self.stop_checker.record_logprobs(seq, scheduled.num_computed_tokens,
+                                              prompt_logprobs, logprobs)
+            seq.num_computed_tokens += len(scheduled.new_token_ids)
+            advanced.append(seq)
             if seq.status.is_finished:
                 self._finish(seq)
-        return out.seqs
+        return advanced
 
     def abort(self, seq: Sequence) -> None:
         """Drop a waiting or running sequence: it finishes now, and frees its slot."""

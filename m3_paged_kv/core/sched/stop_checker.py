@@ -35,12 +35,16 @@ class StopChecker:
         if seq.status.is_finished:
             seq.metrics.finish_time = now
 
-    def record_logprobs(self, seq: Sequence, prompt_logprobs, logprobs) -> None:
-        """Keep what the runner computed: the prompt's once (not again when it is
-        recomputed), and the sampled token's."""
-        if prompt_logprobs is not None and seq.prompt_logprobs is None:
-            seq.prompt_logprobs = [None] + [self.to_logprobs(p) for p in
-                                            prompt_logprobs[:seq.num_prompt_tokens - 1]]
+    def record_logprobs(self, seq: Sequence, start: int, prompt_logprobs, logprobs) -> None:
+        """Keep what the runner computed. `prompt_logprobs[j]` is of the token at position
+        start + 1 + j: each prompt position is kept once (not again when the sequence is
+        recomputed), positions past the prompt not at all."""
+        if prompt_logprobs is not None:
+            if seq.prompt_logprobs is None:
+                seq.prompt_logprobs = [None]  # the first token has no context to score it
+            for position, position_logprobs in enumerate(prompt_logprobs, start + 1):
+                if position == len(seq.prompt_logprobs) and position < seq.num_prompt_tokens:
+                    seq.prompt_logprobs.append(self.to_logprobs(position_logprobs))
         if logprobs is not None:
             seq.output_logprobs.append(self.to_logprobs(logprobs))
 
