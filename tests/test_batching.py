@@ -303,8 +303,8 @@ def check_scheduler_output(out, tables: dict | None = None) -> None:
     equal the blocks the sequence holds."""
     assert len(out.scheduled) == len(out.seqs)
     assert out.num_batched_tokens == sum(len(s.new_token_ids) for s in out.scheduled)
-    for name in getattr(out, "freed_seq_names", []):  # M4 on
-        tables.pop(name, None)
+    for name in getattr(out, "preempted_seq_names", []) + out.finished_seq_names:
+        tables.pop(name, None)  # M4 on: the worker forgets their tables
     for seq, s in zip(out.seqs, out.scheduled):
         assert s.seq_name == seq.name  # M6: `id/i` for n samples
         assert s.num_computed_tokens == seq.num_computed_tokens

@@ -128,8 +128,10 @@ class LLMEngine:
             self.undelivered = {}
             return list(outputs.values())
         runner_output = self.model_runner.execute_model(scheduler_output)
-        for seq in self.scheduler.update_from_output(scheduler_output, runner_output):
+        advanced = self.scheduler.update_from_output(scheduler_output, runner_output)
+        for seq in advanced:
             outputs[seq.request_id] = make_output(seq, self.requests[seq.request_id])
+        for seq in advanced:
             if seq.status.is_finished:
                 self._forget(seq)
         self.undelivered = {}

@@ -164,8 +164,10 @@ class LLMEngine:
         except BaseException:
             self.scheduler.undo_step(scheduler_output)  # M6: no cache entry for its blocks
             raise
-        for seq in self.scheduler.update_from_output(scheduler_output, runner_output):
+        advanced = self.scheduler.update_from_output(scheduler_output, runner_output)
+        for seq in advanced:
             outputs[seq.request_id] = make_output(self.requests[seq.request_id])
+        for seq in advanced:
             if seq.status.is_finished:
                 self._forget(seq)
         self.undelivered = {}
@@ -182,5 +184,5 @@ class LLMEngine:
         too once all its samples have (M6)."""
         del self.sequences[seq.name]
         request = self.requests[seq.request_id]
-        if all(s.status.is_finished for s in request.sequences):
+        if not any(s.name in self.sequences for s in request.sequences):
             del self.requests[seq.request_id]

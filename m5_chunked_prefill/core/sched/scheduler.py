@@ -3,11 +3,10 @@
 A step has no phase: every sequence has `num_computed_tokens` (its tokens whose K/V are
 in the cache), and a step gives each scheduled one a number of new tokens, all within a
 budget of `max_num_batched_tokens`: the running sequences first (a decode's one token, a
-prompt's next chunk; when the pool runs out, the newest running one is preempted and
-recomputed later), then, if nothing was preempted, chunks of waiting prompts while the
-free blocks (less a watermark) hold them. `enable_chunked_prefill=False` gives M4's
-prefills-first policy. After the step, `update_from_output` is the one place its
-results change the sequences: computed tokens, sampled tokens, the stop rules.
+prompt's next chunk; when the pool runs out, the newest is preempted and recomputed
+later), then chunks of waiting prompts while the free blocks (less a watermark) hold
+them. `enable_chunked_prefill=False` gives M4's prefills-first policy. After the step,
+`update_from_output` is the one place its results change the sequences.
 
 Introduced in M2; changed in M3 (blocks; preemption), M4 (only new blocks sent), M5 (one
 token budget; prompts in chunks).

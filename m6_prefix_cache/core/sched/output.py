@@ -3,9 +3,8 @@
 For every sequence that runs, the new tokens it computes this step (positions
 `[num_computed_tokens, num_computed_tokens + len(new_token_ids))`: a whole prompt, a
 chunk of one, or the one token sampled last step) and the part of its block table the
-worker has not seen: the whole table when it (re)starts (perhaps after cached tokens),
-then only the blocks it gets. A sequence's first step also brings what the worker keeps
-to sample it. The step names the sequences whose blocks were freed since the last one
+worker has not seen. A sequence's first step also brings what the worker keeps to
+sample it. The step names the sequences whose blocks were freed since the last one
 (preempted: the worker forgets their tables; finished: it forgets them), and the shared
 blocks to copy before it runs. The worker never sees a `Sequence`.
 
