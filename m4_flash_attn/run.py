@@ -5,8 +5,8 @@ replies flow as they are generated, then one metrics line). M2 runs the requests
 together (continuous batching, at most --max-batch-size per step); --show-steps prints
 each step's new text of every request in it, so the interleaving shows. M3 keeps the
 KV cache in blocks and reports how many it used. M4 picks the attention backend
-(--attention-backend: the Triton kernels or the torch reference) and runs decode steps
-as CUDA graphs unless --enforce-eager; the KV cache line says which ran.
+(--attention-backend: the Triton kernels or the torch reference) and replays steps as
+CUDA graphs unless --enforce-eager; the KV cache line says which ran.
 """
 
 import argparse
@@ -138,11 +138,12 @@ def print_kv_cache(stats: dict) -> None:
 
 
 def print_runner(runner) -> None:
-    """Which attention ran, and whether decode steps were CUDA graphs."""
+    """Which attention ran, and whether steps were CUDA graphs."""
     graphs = runner.graphs
-    how = (f"decode steps replay CUDA graphs for batch sizes {graphs.batch_sizes[0]}.."
-           f"{graphs.batch_sizes[-1]} ({len(graphs.batch_sizes)} graphs, captured in "
-           f"{graphs.capture_seconds:.1f} s, {graphs.memory_bytes / 2**20:.0f} MiB)"
+    how = (f"steps of up to {graphs.token_sizes[-1]} tokens replay CUDA graphs "
+           f"({len(graphs.graphs)} graphs of {len(graphs.token_sizes)} sizes, captured in "
+           f"{graphs.capture_seconds:.1f} s, "
+           f"{graphs.memory_bytes / 2**20:.0f} MiB)"
            if graphs is not None else "every step runs eager (no CUDA graphs)")
     print(f"Attention: {runner.attention_backend} backend; {how}\n")
 

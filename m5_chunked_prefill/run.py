@@ -5,8 +5,8 @@ replies flow as they are generated, then one metrics line). M2 runs the requests
 together (continuous batching, at most --max-batch-size per step); --show-steps prints
 each step's new text of every request in it, so the interleaving shows. M3 keeps the
 KV cache in blocks and reports how many it used. M4 picks the attention backend
-(--attention-backend: the Triton kernels or the torch reference) and runs decode steps
-as CUDA graphs unless --enforce-eager; the KV cache line says which ran. M5 gives every
+(--attention-backend: the Triton kernels or the torch reference) and replays steps as
+CUDA graphs unless --enforce-eager; the KV cache line says which ran. M5 gives every
 step a token budget (--max-num-batched-tokens) that prompts are cut to fit, beside the
 decodes (--no-chunked-prefill: M4's whole prompts; --max-chunk-size caps one prompt's
 share of a step); with --show-steps, a step that only advances prompts shows as such.

@@ -38,9 +38,9 @@ class ScheduledSequence:
     # (`is_new`), else the blocks it got since the last step (usually none).
     new_block_ids: list[int]
     is_new: bool  # nothing computed yet (M6: but what it started with cached): a whole table
-    # The token after new_token_ids when they are a chunk that stops inside the prompt
-    # (M5): no token is sampled for this sequence. None: they end at its last token, and
-    # the step samples its next one.
+    # The token after new_token_ids when they stop inside the prompt (a chunk): the step
+    # then samples nothing for this sequence. None: they end at its last token, and the
+    # step samples its next one.
     next_token_id: int | None = None
 
 
