@@ -306,18 +306,19 @@ def _merge_splits_kernel(part_out_ptr, part_lse_ptr, out_ptr, query_start_ptr, n
     """One (sequence, head): the splits' outputs weighted by exp(lse - max lse)."""
     seq, head = tl.program_id(0), tl.program_id(1)
     part = (seq * tl.num_programs(1) + head) * num_splits
+    # Decodes only, at their own rows: the decode kernel wrote no split of the others.
+    q_start = tl.load(query_start_ptr + seq)
+    is_decode = tl.load(query_start_ptr + seq + 1) - q_start == 1
     splits = tl.arange(0, SPLITS_PAD)
+    split_ok = splits < tl.where(is_decode, num_splits, 0)
     dims = tl.arange(0, HEAD_DIM)
-    lse = tl.load(part_lse_ptr + part + splits, mask=splits < num_splits,
-                  other=float("-inf"))
+    lse = tl.load(part_lse_ptr + part + splits, mask=split_ok, other=float("-inf"))
     top = tl.max(lse, 0)
     weights = tl.exp2(lse - tl.where(top == float("-inf"), 0.0, top))  # 0 for empty splits
     parts = tl.load(part_out_ptr + (part + splits)[:, None] * HEAD_DIM + dims[None, :],
-                    mask=(splits < num_splits)[:, None], other=0.0)
+                    mask=split_ok[:, None], other=0.0)
     total = tl.sum(weights, 0)
     out = tl.sum(weights[:, None] * parts, 0) / tl.where(total == 0.0, 1.0, total)
-    q_start = tl.load(query_start_ptr + seq)  # decodes only, at their own rows
-    is_decode = tl.load(query_start_ptr + seq + 1) - q_start == 1
     tl.store(out_ptr + q_start * out_row_stride + head * out_head_stride + dims,
              out.to(out_ptr.dtype.element_ty), mask=dims < tl.where(is_decode, head_dim, 0))
 
