@@ -1,7 +1,9 @@
 """Requests and sequences: the engine's bookkeeping for one prompt.
 
-Introduced in M0. A `Request` is what the user asked for; a `Sequence` is the tokens the
-engine is producing for it, with a status. (M3 gives each sequence its KV blocks.)
+A `Request` is what the user asked for; a `Sequence` is the tokens the engine is
+producing for it, with a status.
+
+Introduced in M0.
 """
 
 import enum

@@ -1,7 +1,9 @@
 """`python -m m0_init.run`: load a model, show it, and run one forward pass.
 
-Introduced in M0. Prints the resolved config, a model summary, the tokenized prompt and
-the ten most likely next tokens with their probabilities.
+Prints the resolved config, a model summary, the tokenized prompt and the ten most
+likely next tokens with their probabilities.
+
+Introduced in M0.
 """
 
 import argparse

@@ -1,10 +1,11 @@
 """Engine configuration: what the user asks for, and what the model is.
 
-Introduced in M0. `EngineConfig` is the user-facing, flat set of knobs (the names stay
-the same in every stage); `ModelConfig` is the model's architecture read from its
-`config.json`. Every value is checked here, and a bad one raises `ValueError` naming the
-field. `EngineConfig.resolve` fills in what depends on the model once, before anything
-is built, in a copy (the caller's object is left as it was).
+`EngineConfig` holds the user's settings (the same names in every stage that has them)
+and checks them: a bad value raises `ValueError` naming the field. `ModelConfig` is the
+model's architecture from its `config.json`; `EngineConfig.resolve` fills in what
+depends on it, once, in a copy.
+
+Introduced in M0.
 """
 
 import dataclasses

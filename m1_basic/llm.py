@@ -1,9 +1,11 @@
 """LLM: the user-facing entry point.
 
-Introduced in M0; M1 adds `generate` and `chat`, which hand requests to the engine and
-step it until every one of them has finished; M2 runs them batched. `LLM` talks to the
-engine only (`add_request`, `step`, `abort_request`): what the model thinks of a prompt
-comes back through the same path, as `SamplingParams(logprobs=..., prompt_logprobs=...)`.
+`generate` and `chat` hand requests to the engine and step it until every one of them
+has finished. `LLM` talks to the engine only (`add_request`, `step`, `abort_request`):
+what the model thinks of a prompt comes back through the same path, as
+`SamplingParams(logprobs=..., prompt_logprobs=...)`.
+
+Introduced in M0; changed in M1 (`generate`, `chat`).
 """
 
 from tqdm.auto import tqdm

@@ -1,9 +1,10 @@
 """Requests and sequences: the engine's bookkeeping for one prompt.
 
-Introduced in M0. A `Request` is what the user asked for; a `Sequence` is the tokens the
-engine is producing for it, with a status. M1 adds what generation tracks: how many
-tokens the KV cache holds, the text so far, and the timing metrics.
-(M3 gives each sequence its KV blocks.)
+A `Request` is what the user asked for; a `Sequence` is the tokens the engine is
+producing for it, with a status, how many tokens the KV cache holds, the text so far and
+the timing metrics.
+
+Introduced in M0; changed in M1 (generation state).
 """
 
 import enum

@@ -1,8 +1,10 @@
 """`python -m m1_basic.run`: generate text with a KV cache, one request at a time.
 
-Introduced in M1. Generates for a few prompts (or --prompt / --chat) and prints each
-reply with a TTFT / TPOT / tokens-per-second table; with --stream the replies flow as
-they are generated, followed by one metrics line.
+Generates for a few prompts (or --prompt / --chat) and prints each reply with a TTFT /
+TPOT / tokens-per-second table; with --stream the replies flow as they are generated,
+then one metrics line.
+
+Introduced in M0; changed in M1 (generation).
 """
 
 import argparse

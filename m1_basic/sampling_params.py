@@ -1,8 +1,10 @@
 """Sampling parameters: how to pick each next token and when to stop.
 
-Introduced in M0 (validated here; used from M1 on). Names follow vLLM. Every invalid
-value raises `ValueError` naming the field and its allowed range; a value of the wrong
-type (a bool where a number is expected included) raises `TypeError` naming the field.
+Names follow vLLM. Every invalid value raises `ValueError` naming the field and its
+allowed range; a value of the wrong type (a bool where a number is expected included)
+raises `TypeError` naming the field.
+
+Introduced in M0 (checked here; generation uses them from M1 on).
 """
 
 import math

@@ -1,9 +1,10 @@
 """`python -m m2_batching.run`: generate text for many requests at once, batched.
 
-Introduced in M1 (replies, a TTFT / TPOT / tokens-per-second table; with --stream the
-replies flow as they are generated, then one metrics line). M2 runs the requests
-together (continuous batching, at most --max-batch-size per step); --show-steps prints
-each step's new text of every request in it, so the interleaving shows.
+Prints each reply and a TTFT / TPOT / tokens-per-second table (--stream: the replies as
+they are generated). The requests run together, at most --max-batch-size per step;
+--show-steps prints each step's new text of every request in it.
+
+Introduced in M0; changed in M1 (generation), M2 (batching, --show-steps).
 """
 
 import argparse

@@ -1,12 +1,12 @@
 """Engine configuration: what the user asks for, and what the model is.
 
-Introduced in M0. `EngineConfig` is the user-facing, flat set of knobs (the names stay
-the same in every stage); `ModelConfig` is the model's architecture read from its
-`config.json`. Every value is checked here, and a bad one raises `ValueError` naming the
-field. `EngineConfig.resolve` fills in what depends on the model once, before anything
-is built, in a copy (the caller's object is left as it was). M2 adds the batching limits
-(`max_batch_size`, `max_num_batched_tokens`) and the KV cache's memory budget
-(`kv_cache_memory`); M3 the paged cache's `block_size` and `gpu_memory_utilization`.
+`EngineConfig` holds the user's settings (the same names in every stage that has them)
+and checks them: a bad value raises `ValueError` naming the field. `ModelConfig` is the
+model's architecture from its `config.json`; `EngineConfig.resolve` fills in what
+depends on it, once, in a copy. Besides the model, they cover: batching limits; the KV
+cache's budget and blocks.
+
+Introduced in M0; changed in M2 (batching limits, a KV budget), M3 (blocks).
 """
 
 import dataclasses

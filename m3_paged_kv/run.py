@@ -1,10 +1,12 @@
 """`python -m m3_paged_kv.run`: generate text for many requests at once, paged KV cache.
 
-Introduced in M1 (replies, a TTFT / TPOT / tokens-per-second table; with --stream the
-replies flow as they are generated, then one metrics line). M2 runs the requests
-together (continuous batching, at most --max-batch-size per step); --show-steps prints
-each step's new text of every request in it, so the interleaving shows. M3 keeps the
-KV cache in blocks and reports how many it used.
+Prints each reply and a TTFT / TPOT / tokens-per-second table (--stream: the replies as
+they are generated). The requests run together, at most --max-batch-size per step
+(--show-steps: each step's new text); a last line shows the KV cache's blocks and how
+many the requests held.
+
+Introduced in M0; changed in M1 (generation), M2 (batching, --show-steps), M3 (the
+blocks used).
 """
 
 import argparse

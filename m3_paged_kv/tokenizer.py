@@ -1,7 +1,9 @@
 """Tokenizers: the model folder's own (through transformers), or a byte-level stand-in.
 
-Introduced in M0. Dummy models have no tokenizer files, so text prompts on them use
-`ByteTokenizer`: one token per UTF-8 byte, shifted past a few special ids.
+Dummy models have no tokenizer files, so text prompts on them use `ByteTokenizer`: one
+token per UTF-8 byte, shifted past a few special ids.
+
+Introduced in M0.
 """
 
 import warnings

@@ -1,10 +1,11 @@
 """Requests and sequences: the engine's bookkeeping for one prompt.
 
-Introduced in M0. A `Request` is what the user asked for; a `Sequence` is the tokens the
-engine is producing for it, with a status. M1 adds what generation tracks: how many
-tokens the KV cache holds, the text so far, and the timing metrics. M2 gives each
-running sequence a slot of the KV cache; M3 replaces it with a list of KV blocks. M4
-keeps the generated tokens in a list of their own, so no step copies them out.
+A `Request` is what the user asked for; a `Sequence` is the tokens the engine is
+producing for it, with a status, how many tokens the KV cache holds, the text so far and
+the timing metrics. The engine makes them; from then on only `core/` changes a sequence.
+
+Introduced in M0; changed in M1 (generation state), M2 (a KV cache slot; the sampling
+parameters travel with the sequence), M3 (KV blocks, not a slot).
 """
 
 import enum
@@ -41,6 +42,7 @@ class Sequence:
     seq_id: int
     request_id: str
     token_ids: list[int]  # prompt tokens, then generated ones
+    sampling_params: SamplingParams = field(default_factory=SamplingParams)
     kv_blocks: list = field(default_factory=list)  # M3: its KVBlocks, in token order
     status: SequenceStatus = SequenceStatus.WAITING
     num_prompt_tokens: int = field(init=False)
@@ -51,20 +53,22 @@ class Sequence:
     prefix_offset: int = 0
     read_offset: int = 0
     metrics: RequestMetrics | None = None
-    generator: object = None  # torch.Generator when the request has a seed
     output_logprobs: list = field(default_factory=list)  # per output token, if asked for
     prompt_logprobs: list | None = None  # per prompt token, if asked for
-    output_token_ids: list[int] = field(default_factory=list)  # the generated ones (M4)
 
     def __post_init__(self) -> None:
         self.num_prompt_tokens = len(self.token_ids)
         self.read_offset = self.num_prompt_tokens
         self.prefix_offset = max(0, self.num_prompt_tokens - 5)
 
-    def append_token(self, token: int) -> None:
-        """A generated token joins both lists (M4: no step slices the output off)."""
-        self.token_ids.append(token)
-        self.output_token_ids.append(token)
+    @property
+    def name(self) -> str:
+        """What the scheduler and the worker call it: its request's id."""
+        return self.request_id
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
 
     @property
     def num_output_tokens(self) -> int:

@@ -1,12 +1,14 @@
-"""`python -m m4_flash_attn.run`: generate text for many requests at once, Triton attention.
+"""`python -m m4_flash_attn.run`: generate text for many requests at once, Triton
+attention.
 
-Introduced in M1 (replies, a TTFT / TPOT / tokens-per-second table; with --stream the
-replies flow as they are generated, then one metrics line). M2 runs the requests
-together (continuous batching, at most --max-batch-size per step); --show-steps prints
-each step's new text of every request in it, so the interleaving shows. M3 keeps the
-KV cache in blocks and reports how many it used. M4 picks the attention backend
-(--attention-backend: the Triton kernels or the torch reference) and replays steps as
-CUDA graphs unless --enforce-eager; the KV cache line says which ran.
+Prints each reply and a TTFT / TPOT / tokens-per-second table (--stream: the replies as
+they are generated). The requests run together, at most --max-batch-size per step
+(--show-steps: each step's new text). --attention-backend picks the Triton kernels or
+the torch reference, and steps replay CUDA graphs unless --enforce-eager; the
+closing lines show the KV cache's blocks and which attention ran.
+
+Introduced in M0; changed in M1 (generation), M2 (batching, --show-steps), M3 (the
+blocks used), M4 (--attention-backend, --enforce-eager).
 """
 
 import argparse

@@ -1,7 +1,9 @@
 """What `LLM.generate` returns: vLLM-style `RequestOutput` with timing metrics.
 
-Introduced in M0; M1 fills in the metrics and, when the sampling parameters ask for
-them, the log-probabilities (`logprobs`, `prompt_logprobs`).
+A `RequestOutput` holds its `CompletionOutput` (text, token ids, why it finished, and
+the log-probabilities when asked for) and the request's `RequestMetrics`.
+
+Introduced in M0 (filled in by generation, from M1 on).
 """
 
 from dataclasses import dataclass, field

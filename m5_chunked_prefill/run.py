@@ -1,15 +1,14 @@
 """`python -m m5_chunked_prefill.run`: generate text for many requests, prompts in chunks.
 
-Introduced in M1 (replies, a TTFT / TPOT / tokens-per-second table; with --stream the
-replies flow as they are generated, then one metrics line). M2 runs the requests
-together (continuous batching, at most --max-batch-size per step); --show-steps prints
-each step's new text of every request in it, so the interleaving shows. M3 keeps the
-KV cache in blocks and reports how many it used. M4 picks the attention backend
-(--attention-backend: the Triton kernels or the torch reference) and replays steps as
-CUDA graphs unless --enforce-eager; the KV cache line says which ran. M5 gives every
-step a token budget (--max-num-batched-tokens) that prompts are cut to fit, beside the
-decodes (--no-chunked-prefill: M4's whole prompts; --max-chunk-size caps one prompt's
-share of a step); with --show-steps, a step that only advances prompts shows as such.
+Prints each reply and a TTFT / TPOT / tokens-per-second table (--stream: the replies as
+they are generated). Every step has a token budget (--max-num-batched-tokens) that
+prompts are cut to fit, beside the decodes (--max-chunk-size caps a prompt's share;
+--no-chunked-prefill: whole prompts). Also --max-batch-size, --show-steps,
+--attention-backend, --enforce-eager; the closing lines show the KV cache and the
+attention and scheduling that ran.
+
+Introduced in M0; changed in M1 (generation), M2 (batching, --show-steps), M3 (the
+blocks used), M4 (--attention-backend, --enforce-eager), M5 (a token budget, chunks).
 """
 
 import argparse

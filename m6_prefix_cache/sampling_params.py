@@ -1,9 +1,12 @@
 """Sampling parameters: how to pick each next token and when to stop.
 
-Introduced in M0 (validated here; used from M1 on); M6 adds `n`, several samples of
-one prompt. Names follow vLLM. Every invalid
-value raises `ValueError` naming the field and its allowed range; a value of the wrong
-type (a bool where a number is expected included) raises `TypeError` naming the field.
+Names follow vLLM. Every invalid value raises `ValueError` naming the field and its
+allowed range; a value of the wrong type (a bool where a number is expected included)
+raises `TypeError` naming the field. `n` asks for several samples of one prompt (not
+with greedy sampling; the i-th draws with seed + i).
+
+Introduced in M0 (checked here; generation uses them from M1 on); changed in M6 (`n`
+samples).
 """
 
 import math
@@ -41,7 +44,7 @@ class SamplingParams:
     # log-probability and those of the k most likely tokens (0: only the token's own).
     logprobs: int | None = None
     prompt_logprobs: int | None = None
-    # M6: the number of completions returned for the prompt, sampled independently (the
+    # The number of completions returned for the prompt, sampled independently (the
     # i-th with seed + i, when seeded); they share the prompt's KV cache blocks.
     n: int = 1
     stop_strings: list[str] = field(init=False, repr=False)

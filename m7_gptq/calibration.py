@@ -1,21 +1,13 @@
 """Text for GPTQ calibration and perplexity evaluation, from the Python standard library.
 
-Introduced in M7. Nothing is downloaded and nothing is committed: every Python install
-carries its standard library's sources, and their docstrings and comments are plain
-English prose about programming. We list the modules with `pkgutil` (no import: some
-modules print, open windows or change state when imported), read each source file, and
-keep its docstrings (`ast`, cleaned like `inspect.getdoc`) and its whole-line comments.
+Nothing is downloaded or committed: the text is the docstrings and whole-line comments
+of the standard library's own sources (listed with `pkgutil`, never imported). The
+modules are split into a calibration half and a held-out half by a stable hash of their
+top-level package, so a model is never scored on the text it was quantized on; a text
+file may be used instead. `get_windows` cuts a half's tokens into windows of `seq_len`
+tokens and takes `num_samples` of them, evenly spaced.
 
-The modules are split into two halves by a fixed rule: a stable hash (SHA-256, not
-Python's per-process randomized `hash`) of the module's top-level package name. One half
-calibrates the quantizer, the other is held out for perplexity, so the text a model is
-quantized on is never the text it is scored on, and a package never straddles the two.
-A user may pass a text file instead (`--calibration-file`).
-
-Token windows: the text of a half is tokenized as one stream and cut into consecutive,
-non-overlapping windows of `seq_len` tokens; `num_samples` of them are taken evenly
-spaced over the stream (the first, the last, and equal strides between), so the
-selection is deterministic and covers every part of the half.
+Introduced in M7.
 """
 
 from __future__ import annotations

@@ -1,18 +1,14 @@
 """`python -m m7_gptq.eval_ppl`: perplexity of models on held-out text, through the engine.
 
-Introduced in M7. Perplexity is exp(-mean log p(token | the tokens before it)) over a
-text; lower is better, and a quantized model's rise over its full-precision original is
-what quantization cost. The text is the held-out half of the standard library's
-docstrings (`calibration.py`; never the half the quantizer saw), or a file of the
-user's, cut into fixed windows of `--seq-len` tokens (`--max-tokens` in all, evenly
-spaced over the text, the same windows for every model). Each window is one prompt
-to `LLM.generate` with `SamplingParams(max_tokens=1, prompt_logprobs=0)`: the engine
-returns each prompt token's log-probability (all but the first, which has no context),
-so a GPTQ checkpoint is scored through the very layers the engine runs. `--out` writes
-JSON with the run's provenance and, for each checkpoint folder, how it was made (its
-`quantize_log.json` less the per-layer errors: command, git commit, settings).
+Perplexity is exp(-mean log p(token | the tokens before it)); a quantized model's rise
+over its original is what quantization cost. The text is the held-out half of
+`calibration.py` (or a file), cut into the same windows for every model; each window is
+a prompt with `prompt_logprobs=0`, so a checkpoint is scored through the engine's own
+layers. `--out` writes JSON with the run's provenance and how each checkpoint was made.
 
     python -m m7_gptq.eval_ppl --model default --model /tmp/q4 --max-tokens 32768
+
+Introduced in M7.
 """
 
 from __future__ import annotations

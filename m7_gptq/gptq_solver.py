@@ -1,33 +1,13 @@
 """The GPTQ solver: quantize one linear layer's weight so its outputs change the least.
 
-Introduced in M7. For a layer y = W x seen on calibration inputs X (`[in, n]`), GPTQ
-minimizes ||W X - Q X||² over the quantized weights Q. Its Hessian is H = 2 X Xᵀ / n.
-The columns of W (one per input feature) are quantized one at a time, left to right;
-after column j is rounded to its grid, the error it makes is compensated by moving the
-columns not yet quantized (the Optimal Brain Surgeon update, OBS):
+For y = W x on calibration inputs X, GPTQ minimizes ||W X - Q X||² with the Hessian H =
+2 X Xᵀ / n. The columns are rounded one at a time, and each one's error is spread over
+the columns not yet rounded (the Optimal Brain Surgeon update), with the ratios read
+from one upper Cholesky factor of H⁻¹. Also: dead inputs, dampening, act-order
+(`desc_act`), lazy updates in blocks of 128, and a grid per group (`fit_grid`).
+`rtn_quantize` is round-to-nearest on the same grid.
 
-    w_rest -= (w_j - q_j) / [H⁻¹]_jj * [H⁻¹]_j,rest
-
-where H⁻¹ is the inverse Hessian of the columns still free. That matrix shrinks by one
-column each step. With U the upper Cholesky factor of the full H⁻¹ (H⁻¹ = Uᵀ U), row j
-of U holds, up to the factor U_jj, row j of the inverse at step j: the ratio the
-update needs, [H⁻¹]_j,rest / [H⁻¹]_jj, is U_j,rest / U_jj, and (w_j - q_j) / U_jj is
-the error to spread. So one factorization serves every step.
-
-Details that make it work on real layers:
-- dead inputs (H_jj == 0, never active) get H_jj = 1 and a zero weight;
-- dampening: `damp_percent * mean(diag H)` is added to the diagonal (H must be safely
-  positive definite);
-- act-order (`desc_act`): columns are taken by decreasing H_jj (the most active inputs
-  first, while many columns are still free to absorb their error); a column's group is
-  its position in that order // group_size, recorded in g_idx;
-- lazy batch updates: the columns go in blocks of 128; inside a block each column's
-  update touches only the block, and the block's errors reach the later columns in one
-  matrix product;
-- groups: each group of `group_size` columns gets its own grid, fitted (`fit_grid`) when
-  its first column comes up, from the weights as the earlier updates have left them.
-
-RTN (round to nearest) is the same grid without any of this: `rtn_quantize`.
+Introduced in M7.
 """
 
 from __future__ import annotations

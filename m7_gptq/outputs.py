@@ -1,9 +1,12 @@
 """What `LLM.generate` returns: vLLM-style `RequestOutput` with timing metrics.
 
-Introduced in M0; M1 fills in the metrics and, when the sampling parameters ask for
-them, the log-probabilities (`logprobs`, `prompt_logprobs`). M6: `outputs` holds n
-completions when n samples were asked for, and `num_cached_tokens` tells how many
-prompt tokens came from the prefix cache.
+A `RequestOutput` holds its `CompletionOutput`s (text, token ids, why it finished, and
+the log-probabilities when asked for; n of them when n samples were asked for), the
+request's `RequestMetrics`, and `num_cached_tokens`: how many prompt tokens came from
+the prefix cache.
+
+Introduced in M0 (filled in by generation, from M1 on); changed in M6 (n completions,
+cached tokens).
 """
 
 from dataclasses import dataclass, field
@@ -74,7 +77,7 @@ class RequestOutput:
     metrics: RequestMetrics | None = None
     # One per prompt token (None for the first, which nothing predicts), if asked for.
     prompt_logprobs: list[PositionLogprobs | None] | None = None
-    # Prompt tokens whose K/V the prefix cache held when it was first admitted (M6)
+    # Prompt tokens whose K/V the prefix cache held when it was first admitted
     num_cached_tokens: int = 0
 
     @property

@@ -1,29 +1,15 @@
 """`python -m m7_gptq.quantize`: write a GPTQ checkpoint of a model (GPTQ or RTN).
 
-Introduced in M7. The model runs on calibration text (the standard library's docstrings,
-see `calibration.py`) one decoder layer at a time, as GPTQ does:
-
-1. the layer's input is the previous layer's output, computed with that layer's weights
-   already quantized (the first layer's input is the embeddings);
-2. one forward pass over every calibration sequence, with hooks on the linear layers,
-   sums each linear's input products into its Hessian H = 2 X Xᵀ / n (q/k/v share one
-   input and one H, so do gate/up); the activations themselves are not kept;
-3. each of the layer's seven linears is quantized from its H (`gptq_solver.py`; RTN just
-   rounds), and its weight replaced by the dequantized one;
-4. a second pass computes the layer's output with those weights: the next layer's input.
-
-The folder written is a standard GPTQ checkpoint (format v1, what AutoGPTQ writes):
-`config.json` with `quantization_config`, `quantize_config.json`, `model.safetensors`
-(the quantized linears' qweight/qzeros/scales/g_idx, every other tensor in the model's
-dtype, a tied lm_head once), the tokenizer files, and `quantize_log.json`: where it was
-made (command, git commit and dirty flag, machine, versions: `eval_ppl.provenance`), the
-settings, and each linear's relative output error ||W X - Q X||² / ||W X||² on its
-calibration inputs (for GPTQ also RTN's on the same inputs, `rtn_errors`). A dummy
-model's folder has no tokenizer files: the engine then uses its byte-level stand-in, the
-tokenizer the dummy model itself runs with (and was calibrated with).
+The model runs on calibration text (`calibration.py`) one decoder layer at a time: hooks
+sum each linear's input products into its Hessian, each linear is quantized from it
+(`gptq_solver.py`; RTN just rounds), and the layer's output with the quantized weights
+is the next layer's input. The folder is a standard GPTQ checkpoint (format v1) with the
+tokenizer files and `quantize_log.json` (provenance, settings, each linear's relative
+output error).
 
     python -m m7_gptq.quantize --model default --bits 4 --group-size 64 --out /tmp/q4
-    python -m m7_gptq.quantize --model dummy:tiny-llama --method rtn --asym --out /tmp/t
+
+Introduced in M7.
 """
 
 from __future__ import annotations

@@ -1,13 +1,14 @@
 """Requests and sequences: the engine's bookkeeping for one prompt.
 
-Introduced in M0. A `Request` is what the user asked for; a `Sequence` is the tokens the
-engine is producing for it, with a status. M1 adds what generation tracks: how many
-tokens the KV cache holds, the text so far, and the timing metrics. M2 gives each
-running sequence a slot of the KV cache; M3 replaces it with a list of KV blocks. M4
-keeps the generated tokens in a list of their own, so no step copies them out. M6
-gives a sequence the hashes of its full blocks (for the prefix cache) and the tokens it
-started with cached; a request may have n sequences (`SamplingParams(n=...)`), the
-samples, each the request's `index`-th.
+A `Request` is what the user asked for; a `Sequence` is the tokens the engine is
+producing for it, with a status, how many tokens the KV cache holds, the text so far and
+the timing metrics. The engine makes them; from then on only `core/` changes a sequence.
+
+A request may have n sequences, its samples (`SamplingParams(n=...)`).
+
+Introduced in M0; changed in M1 (generation state), M2 (a KV cache slot; the sampling
+parameters travel with the sequence), M3 (KV blocks, not a slot), M6 (block hashes,
+cached tokens; n samples).
 """
 
 import enum
@@ -45,6 +46,7 @@ class Sequence:
     seq_id: int
     request_id: str
     token_ids: list[int]  # prompt tokens, then generated ones
+    sampling_params: SamplingParams = field(default_factory=SamplingParams)
     kv_blocks: list = field(default_factory=list)  # M3: its KVBlocks, in token order
     status: SequenceStatus = SequenceStatus.WAITING
     num_prompt_tokens: int = field(init=False)
@@ -55,10 +57,8 @@ class Sequence:
     prefix_offset: int = 0
     read_offset: int = 0
     metrics: RequestMetrics | None = None
-    generator: object = None  # torch.Generator when the request has a seed
     output_logprobs: list = field(default_factory=list)  # per output token, if asked for
     prompt_logprobs: list | None = None  # per prompt token, if asked for
-    output_token_ids: list[int] = field(default_factory=list)  # the generated ones (M4)
     index: int = 0  # M6: which of its request's n samples it is
     # tokens it started with in the cache at its latest admission (a prefix hit, or its
     # sibling's prompt at a fork): its first step computes from there
@@ -73,16 +73,15 @@ class Sequence:
         self.read_offset = self.num_prompt_tokens
         self.prefix_offset = max(0, self.num_prompt_tokens - 5)
 
-    def append_token(self, token: int) -> None:
-        """A generated token joins both lists (M4: no step slices the output off)."""
-        self.token_ids.append(token)
-        self.output_token_ids.append(token)
-
     @property
     def name(self) -> str:
-        """What the scheduler and the worker call it (M6): its request's id, and for the
-        second of n samples on, the id and its index, as in `req-3/1`."""
+        """What the scheduler and the worker call it: its request's id, and for the second
+        of n samples on, the id and its index, as in `req-3/1`."""
         return self.request_id if self.index == 0 else f"{self.request_id}/{self.index}"
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
 
     @property
     def num_output_tokens(self) -> int:

@@ -1,22 +1,14 @@
 """`python -m m7_gptq.run`: generate for many requests, with GPTQ 4-bit weights when given.
 
-Introduced in M1 (replies, a TTFT / TPOT / tokens-per-second table; with --stream the
-replies flow as they are generated, then one metrics line). M2 runs the requests
-together (continuous batching, at most --max-batch-size per step); --show-steps prints
-each step's new text of every request in it, so the interleaving shows. M3 keeps the
-KV cache in blocks and reports how many it used. M4 picks the attention backend
-(--attention-backend: the Triton kernels or the torch reference) and replays steps as
-CUDA graphs unless --enforce-eager; the KV cache line says which ran. M5 gives every
-step a token budget (--max-num-batched-tokens) that prompts are cut to fit, beside the
-decodes (--no-chunked-prefill: M4's whole prompts; --max-chunk-size caps one prompt's
-share of a step); with --show-steps, a step that only advances prompts shows as such.
-M6 caches prompt prefixes (--no-prefix-caching turns it off): --system puts the same
-text before every prompt, and the table's `cached` column shows how many of each
-prompt's tokens were found in the cache; --n samples several replies per prompt.
-M7 runs GPTQ checkpoints (`--model DIR` of a folder `python -m m7_gptq.quantize`
-wrote, or a GPTQ checkpoint of the Llama family in the same format, v1; found by
-itself) and prints what the weights take; --quantization gptq rounds a dummy model's
-random weights to 4 bits.
+Prints each reply and a TTFT / TPOT / tokens-per-second table (--stream: the replies as
+they are generated). --model takes a GPTQ checkpoint (a folder written by
+`m7_gptq.quantize`, or any of the Llama family in format v1), and a line shows what the
+weights take; --quantization gptq rounds a dummy model's weights to 4 bits. Also the
+prefix cache, token budget, batch and attention options of the stages before.
+
+Introduced in M0; changed in M1 (generation), M2 (batching, --show-steps), M3 (the
+blocks used), M4 (--attention-backend, --enforce-eager), M5 (a token budget, chunks), M6
+(--system, --n, the prefix cache), M7 (GPTQ checkpoints, --quantization).
 """
 
 import argparse

@@ -149,7 +149,7 @@ def spy_on_schedule(engine) -> list:
     def recording_schedule():
         out = schedule()
         is_prefill = all(s.num_computed_tokens == 0 for s in out.scheduled)
-        log.append((is_prefill, [s.request_id for s in out.scheduled], out.num_batched_tokens))
+        log.append((is_prefill, [s.seq_name for s in out.scheduled], out.num_batched_tokens))
         return out
 
     engine.scheduler.schedule = recording_schedule
@@ -303,14 +303,20 @@ def check_scheduler_output(out, tables: dict | None = None) -> None:
     equal the blocks the sequence holds."""
     assert len(out.scheduled) == len(out.seqs)
     assert out.num_batched_tokens == sum(len(s.new_token_ids) for s in out.scheduled)
-    for request_id in getattr(out, "freed_request_ids", []):  # M4 on
-        tables.pop(request_id, None)
+    for name in getattr(out, "preempted_seq_names", []) + out.finished_seq_names:
+        tables.pop(name, None)  # M4 on: the worker forgets their tables
     for seq, s in zip(out.seqs, out.scheduled):
-        assert s.request_id == getattr(seq, "name", seq.request_id)  # M6: n samples
+        assert s.seq_name == seq.name  # M6: `id/i` for n samples
         assert s.num_computed_tokens == seq.num_computed_tokens
         end = seq.num_computed_tokens + len(s.new_token_ids)
         assert s.new_token_ids == seq.token_ids[seq.num_computed_tokens:end]
         assert s.new_token_ids, "a scheduled sequence computes at least one token"
+        # How to sample it comes with its first step (and again with a restart)
+        starts = s.is_new if hasattr(s, "is_new") else s.num_computed_tokens == 0
+        assert (s.new_sequence is not None) == starts
+        if starts:
+            assert s.new_sequence.sampling_params is seq.sampling_params
+            assert s.new_sequence.prompt_token_ids == seq.token_ids[:seq.num_prompt_tokens]
         # Up to its last token; M5: or a chunk, which names the token after it.
         assert getattr(s, "next_token_id", None) == (
             seq.token_ids[end] if end < len(seq.token_ids) else None)
@@ -319,10 +325,10 @@ def check_scheduler_output(out, tables: dict | None = None) -> None:
         if hasattr(s, "new_block_ids"):  # M4 on: the worker keeps the tables
             # M6: a sequence may start with cached tokens (a prefix hit, a fork)
             assert s.is_new == (s.num_computed_tokens == getattr(seq, "num_cached_tokens", 0))
-            assert s.is_new or s.request_id in tables
-            table = [] if s.is_new else tables[s.request_id]
-            tables[s.request_id] = table + s.new_block_ids
-            assert tables[s.request_id] == held
+            assert s.is_new or s.seq_name in tables
+            table = [] if s.is_new else tables[s.seq_name]
+            tables[s.seq_name] = table + s.new_block_ids
+            assert tables[s.seq_name] == held
             assert all(isinstance(b, int) for b in s.new_block_ids)
         else:
             assert s.block_ids == held and all(isinstance(b, int) for b in s.block_ids)
@@ -335,7 +341,7 @@ def install_fake_forward(engine, check_step) -> None:
 
     tables = {}  # what a worker would keep, from the scheduler's messages (M4 on)
 
-    def execute_model(scheduler_output, sampling_rows):
+    def execute_model(scheduler_output):
         check_scheduler_output(scheduler_output, tables)
         seqs = scheduler_output.seqs
         num_new = {seq.seq_id: len(s.new_token_ids)
@@ -343,7 +349,6 @@ def install_fake_forward(engine, check_step) -> None:
         starts = [getattr(seq, "num_cached_tokens", 0) for seq in seqs]  # M6: prefix hits
         check_step(seqs, all(s.num_computed_tokens == start for s, start
                              in zip(scheduler_output.scheduled, starts)), num_new)
-        assert len(sampling_rows) == len(seqs)
         none = [None] * len(seqs)
         # A chunk that stops inside its prompt gets no token (M5).
         return ModelRunnerOutput([fake_token(seq.request_id, len(seq.token_ids))

@@ -85,7 +85,7 @@ def spy_on_chunks(engine) -> list:
     def recording_schedule():
         out = schedule()
         if out.scheduled:
-            log.append([(s.request_id, len(s.new_token_ids), s.num_computed_tokens,
+            log.append([(s.seq_name, len(s.new_token_ids), s.num_computed_tokens,
                          getattr(s, "next_token_id", None)) for s in out.scheduled])
         return out
 

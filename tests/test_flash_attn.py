@@ -10,6 +10,7 @@ tests/test_fused_ops.py; HF parity with the flash backend is in tests/test_parit
 
 import os
 import weakref
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -45,11 +46,12 @@ def test_the_cpu_default_is_the_torch_reference(stage):
 class Scheduled:
     """What the scheduler sends the worker for one sequence."""
 
-    def __init__(self, request_id, new_token_ids, num_computed_tokens, new_block_ids, is_new,
+    def __init__(self, seq_name, new_token_ids, num_computed_tokens, new_block_ids, is_new,
                  next_token_id=None):
-        self.request_id, self.new_token_ids = request_id, new_token_ids
+        self.seq_name, self.new_token_ids = seq_name, new_token_ids
         self.num_computed_tokens, self.new_block_ids = num_computed_tokens, new_block_ids
         self.is_new = is_new
+        self.new_sequence = None  # how to sample it, with its first step
         self.next_token_id = next_token_id  # new tokens that stop inside the prompt
 
 
@@ -58,13 +60,26 @@ def make_batch(stage, max_seqs=4, block_size=4):
     return module, module.InputBatch(max_seqs, 64, 8, block_size, torch.device("cpu"))
 
 
+def prepare(batch, scheduled, params, pad_to=None):
+    """One step through the kept batch, as the model runner drives it: a sequence that
+    starts brings how to sample it (its parameters), then the step's inputs are made."""
+    for s, p in zip(scheduled, params):
+        if s.is_new:
+            s.new_sequence = SimpleNamespace(sampling_params=p, seed=None,
+                                             prompt_token_ids=list(s.new_token_ids),
+                                             blocked_token_ids=[])
+    batch.update(SimpleNamespace(scheduled=scheduled, finished_seq_names=[],
+                                 preempted_seq_names=[]))
+    return batch.prepare(scheduled, pad_to=pad_to)
+
+
 @pytest.mark.parametrize("stage", STAGES)
 def test_the_input_batch_keeps_block_tables_and_appends_new_blocks(stage):
     module, batch = make_batch(stage)
     Params = load_stage(stage).SamplingParams
     params = [Params(temperature=0), Params(temperature=0.5, top_k=3)]
     # step 1: two prompts (5 and 3 tokens) start with their whole tables
-    inputs = batch.prepare([Scheduled("a", [1, 2, 3, 4, 5], 0, [7, 2], True),
+    inputs = prepare(batch, [Scheduled("a", [1, 2, 3, 4, 5], 0, [7, 2], True),
                             Scheduled("b", [6, 7, 8], 0, [5], True)], params)
     md = inputs.attn_metadata
     assert inputs.input_ids.tolist() == [1, 2, 3, 4, 5, 6, 7, 8]
@@ -74,13 +89,13 @@ def test_the_input_batch_keeps_block_tables_and_appends_new_blocks(stage):
     assert inputs.logits_indices.tolist() == [4, 7]
     assert md.max_query_len == 5 and md.max_seq_len == 5
     # step 2: decodes; "b" fills its block, neither gets a new one
-    inputs = batch.prepare([Scheduled("a", [9], 5, [], False),
+    inputs = prepare(batch, [Scheduled("a", [9], 5, [], False),
                             Scheduled("b", [10], 3, [], False)], params)
     md = inputs.attn_metadata
     assert md.slot_mapping.tolist() == [9, 23] and inputs.positions.tolist() == [5, 3]
     assert md.block_tables[:, :2].tolist() == [[7, 2], [5, 0]]
     # step 3: "b" alone gets a block for its 5th token
-    inputs = batch.prepare([Scheduled("b", [11], 4, [1], False)], params[1:])
+    inputs = prepare(batch, [Scheduled("b", [11], 4, [1], False)], params[1:])
     assert inputs.attn_metadata.slot_mapping.tolist() == [4]  # block 1, offset 0
     assert inputs.attn_metadata.block_tables[0, :2].tolist() == [5, 1]
     # the sampling parameters were kept per sequence when it started
@@ -93,12 +108,12 @@ def test_the_input_batch_keeps_block_tables_and_appends_new_blocks(stage):
 def test_freed_sequences_give_back_their_rows_and_restart_clean(stage):
     module, batch = make_batch(stage, max_seqs=2)
     Params = load_stage(stage).SamplingParams
-    batch.prepare([Scheduled("a", [1, 2], 0, [3], True), Scheduled("b", [1], 0, [4], True)],
+    prepare(batch, [Scheduled("a", [1, 2], 0, [3], True), Scheduled("b", [1], 0, [4], True)],
                   [Params()] * 2)
     batch.forget(["a", "unknown"])  # finished (an id it never saw is ignored)
     assert "a" not in batch.rows and len(batch.free_rows) == 1
     # a new sequence takes the free row; a recomputed one (is_new) gets a fresh table
-    inputs = batch.prepare([Scheduled("c", [5, 6], 0, [6], True),
+    inputs = prepare(batch, [Scheduled("c", [5, 6], 0, [6], True),
                             Scheduled("b", [1, 9], 0, [2], True)], [Params()] * 2)
     assert inputs.attn_metadata.slot_mapping.tolist() == [24, 25, 8, 9]
     assert sorted(batch.rows) == ["b", "c"] and not batch.free_rows
@@ -111,12 +126,12 @@ def test_kept_sampling_parameters_match_parameters_built_per_step(stage):
     sampler = load_stage(f"{stage}.model_executor.layers.sampler")
     params = [mod.SamplingParams(temperature=t, top_p=p, top_k=k, min_p=m)
               for t, p, k, m in [(0.0, 1.0, -1, 0.0), (0.7, 0.9, 5, 0.05), (1.3, 0.5, 0, 0.0)]]
-    batch.prepare([Scheduled(str(i), [1], 0, [i], True) for i in range(3)], params)
+    prepare(batch, [Scheduled(str(i), [1], 0, [i], True) for i in range(3)], params)
     kept, built = batch.sampling_tensors(), sampler.SamplingTensors.from_params(params, "cpu")
     for name in ("temperature", "top_k", "top_p", "min_p", "is_greedy"):
         assert torch.equal(getattr(kept, name), getattr(built, name)), name
     assert kept.all_greedy is built.all_greedy is False
-    batch.prepare([Scheduled("0", [2], 1, [], False)], params[:1])
+    prepare(batch, [Scheduled("0", [2], 1, [], False)], params[:1])
     assert batch.sampling_tensors().all_greedy
 
 
@@ -131,10 +146,10 @@ def test_a_padded_step_of_a_decode_and_part_of_a_prompt(stage):
     Params = load_stage(stage).SamplingParams
     params = [Params(temperature=0), Params(temperature=0.5, top_k=3)]
     # step 1: a's whole prompt (3 tokens, block 1), b's first 5 tokens (blocks 2, 3)
-    batch.prepare([Scheduled("a", [1, 2, 3], 0, [1], True),
+    prepare(batch, [Scheduled("a", [1, 2, 3], 0, [1], True),
                    Scheduled("b", [10, 11, 12, 13, 14], 0, [2, 3], True)], params)
     # step 2: a decodes (position 3), b's last 2 tokens (positions 5 and 6, in block 3)
-    inputs = batch.prepare([Scheduled("a", [4], 3, [], False),
+    inputs = prepare(batch, [Scheduled("a", [4], 3, [], False),
                             Scheduled("b", [15, 16], 5, [], False)], params, pad_to=(8, 4))
     md = inputs.attn_metadata
     assert inputs.input_ids.tolist() == [4, 15, 16, 0, 0, 0, 0, 0]
@@ -150,17 +165,17 @@ def test_a_padded_step_of_a_decode_and_part_of_a_prompt(stage):
     tensors = batch.sampling_tensors()
     assert not tensors.all_greedy and tensors.top_k.tolist() == [-1, 3]
     # New tokens that stop inside the prompt sample nothing: no logits row, no parameters.
-    inputs = batch.prepare([Scheduled("a", [4], 3, [], False),
+    inputs = prepare(batch, [Scheduled("a", [4], 3, [], False),
                             Scheduled("b", [15, 16], 5, [], False, next_token_id=17)], params)
     assert batch.sampled == [0] and inputs.logits_indices.tolist() == [0]
     assert batch.sampling_tensors().all_greedy
-    inputs = batch.prepare([Scheduled("b", [15, 16], 5, [], False),
+    inputs = prepare(batch, [Scheduled("b", [15, 16], 5, [], False),
                             Scheduled("a", [4], 3, [], False, next_token_id=9)], params[::-1])
     assert batch.sampled == [0] and inputs.logits_indices.tolist() == [1]
     tensors = batch.sampling_tensors()
     assert tensors.top_k.tolist() == [3] and tensors.temperature.tolist() == [0.5]
     # Without padding the same step has just its own tokens and sequences.
-    inputs = batch.prepare([Scheduled("a", [5], 4, [4], False)], params[:1])
+    inputs = prepare(batch, [Scheduled("a", [5], 4, [4], False)], params[:1])
     assert inputs.input_ids.tolist() == [5]
     assert inputs.attn_metadata.slot_mapping.tolist() == [4 * 4]
     assert inputs.attn_metadata.query_start_loc.tolist() == [0, 1]

@@ -150,7 +150,7 @@ def spy_on_starts(engine) -> list:
 
     def recording_schedule():
         out = schedule()
-        log.extend((s.request_id, s.num_computed_tokens, list(s.new_block_ids))
+        log.extend((s.seq_name, s.num_computed_tokens, list(s.new_block_ids))
                    for s in out.scheduled if s.is_new)
         return out
 
@@ -693,7 +693,7 @@ class CacheChecker:
 
     def _install(self) -> None:
         kv, pool, scheduler = self.kv, self.pool, self.scheduler
-        lookup, fork, schedule, allocate = (kv.cached_prefix, scheduler.fork,
+        lookup, fork, schedule, allocate = (kv.cached_prefix, scheduler._fork,
                                             scheduler.schedule, pool.allocate)
 
         def cached_prefix(seq):
@@ -741,7 +741,7 @@ class CacheChecker:
             return blocks
 
         kv.cached_prefix = cached_prefix
-        scheduler.fork = checked_fork
+        scheduler._fork = checked_fork
         scheduler.schedule = recording_schedule
         pool.allocate = recording_allocate
         self.engine.model_runner.execute_model = self.execute_model
@@ -749,18 +749,18 @@ class CacheChecker:
     def content(self, seq, position: int) -> tuple:
         return tuple(seq.token_ids[:position + 1])
 
-    def execute_model(self, out, sampling_rows):
+    def execute_model(self, out):
         self.calls += 1
         bs, pool = self.bs, self.pool
-        assert len(out.scheduled) == len(out.seqs) == len(sampling_rows)
+        assert len(out.scheduled) == len(out.seqs)
         assert out.num_batched_tokens == sum(len(s.new_token_ids) for s in out.scheduled)
-        for name in out.freed_request_ids:
+        for name in out.finished_seq_names + out.preempted_seq_names:
             self.tables.pop(name, None)
         num_new, spans = {}, []
         for seq, s in zip(out.seqs, out.scheduled):
             start = seq.num_computed_tokens
             end = start + len(s.new_token_ids)
-            assert s.request_id == seq.name and s.num_computed_tokens == start
+            assert s.seq_name == seq.name and s.num_computed_tokens == start
             assert s.new_token_ids and s.new_token_ids == seq.token_ids[start:end]
             assert s.next_token_id == (seq.token_ids[end] if end < len(seq.token_ids)
                                        else None)
@@ -770,10 +770,10 @@ class CacheChecker:
             if s.is_new:
                 table = list(s.new_block_ids)
             else:
-                assert s.request_id in self.tables, f"{s.request_id}: no table kept"
-                table = self.tables[s.request_id][:cdiv(start, bs)] + list(s.new_block_ids)
+                assert s.seq_name in self.tables, f"{s.seq_name}: no table kept"
+                table = self.tables[s.seq_name][:cdiv(start, bs)] + list(s.new_block_ids)
             assert table == [b.block_id for b in seq.kv_blocks]
-            self.tables[s.request_id] = table
+            self.tables[s.seq_name] = table
             num_new[seq.seq_id] = end - start
             spans.append((seq, start, end, table))
             if s.is_new:

@@ -1,7 +1,8 @@
 """The attention layer: softmax(q k^T / sqrt(d)) v over one sequence, causal.
 
-Introduced in M0: there is no KV cache yet, so every forward pass attends over the
-whole sequence it is given.
+There is no KV cache: every forward pass attends over the whole sequence it is given.
+
+Introduced in M0.
 """
 
 import torch

@@ -1,6 +1,8 @@
 """The model runner: puts the model on the device and runs forward passes.
 
-Introduced in M0: one forward pass over a whole prompt, returning logits.
+One forward pass over a whole prompt, returning logits.
+
+Introduced in M0.
 """
 
 import torch

@@ -1,9 +1,10 @@
 """The attention layer: softmax(q k^T / sqrt(d)) v, reading past keys from a KV cache.
 
-Introduced in M0; M1 adds the KV cache. Each forward pass writes the new tokens' keys
-and values into the cache at their positions, then attends over everything the cache
-holds up to the last new token. A prefill writes the whole prompt; a decode step writes
-one token and reads all the ones before it, so nothing is ever recomputed.
+Each forward pass writes the new tokens' keys and values into the cache at their
+positions, then attends over everything the cache holds up to the last new token: a
+prefill writes the whole prompt, a decode one token, and nothing is computed twice.
+
+Introduced in M0; changed in M1 (the KV cache).
 """
 
 from dataclasses import dataclass

@@ -1,10 +1,11 @@
 """The engine: takes requests, and on each `step` advances one of them by one token.
 
-Introduced in M1. Requests wait in a first-come-first-served queue and run one at a
-time: the first step of a request is its prefill (the whole prompt in one forward pass,
-filling its KV cache, giving the first token); every later step is a decode (one token
-in, one token out) until a stop rule fires. Only then does the next request start.
-M2 replaces this with a scheduler that runs many requests in every step.
+Requests wait in a first-come-first-served queue and run one at a time: the first step
+of a request is its prefill (the whole prompt in one forward pass, filling its KV cache,
+giving the first token); every later step is a decode (one token in, one token out)
+until a stop rule fires. Only then does the next request start.
+
+Introduced in M1.
 """
 
 import itertools

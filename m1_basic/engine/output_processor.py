@@ -1,11 +1,13 @@
 """After each sampled token: update the text, apply the stop rules, build outputs.
 
-Introduced in M1. Text is decoded incrementally (only the last few tokens are decoded
-again each step, and a partial UTF-8 character waits for the next token). Stop rules,
-in order: EOS (unless ignore_eos) and stop token ids, stop strings, max_tokens, and the
-model's length limit. None of the first two fire before min_tokens are out. A running
-request's output holds back text that could still turn into a stop string. Outputs
-carry the log-probabilities the sampling parameters asked for.
+Text is decoded incrementally (only the last few tokens are decoded again each step, and
+a partial UTF-8 character waits for the next token). Stop rules, in order: EOS (unless
+ignore_eos) and stop token ids, stop strings, max_tokens, and the model's length limit;
+none of the first three fire before min_tokens are out. A running request's output
+holds back text that could still turn into a stop string. Outputs carry the
+log-probabilities the sampling parameters asked for.
+
+Introduced in M1.
 """
 
 import time

@@ -1,11 +1,13 @@
 """The model runner: puts the model on the device, owns the KV cache, runs forward passes.
 
-Introduced in M0; M1 adds the KV cache and sampling. Each request gets its own
-contiguous cache, one (K, V) pair per layer of shape [max_len, kv_heads, head_dim],
-allocated once for the longest the sequence can grow (prompt + max_tokens) and freed
-when it finishes. A prefill writes the prompt's keys and values into it; each decode
-step then runs the model on one token only. The engine says which sequence runs; the
-runner computes its tokens from `num_computed_tokens` on and samples the next one.
+Each request gets its own contiguous cache, one (K, V) pair per layer of shape [max_len,
+kv_heads, head_dim], allocated once for the longest the sequence can grow (prompt +
+max_tokens) and freed when it finishes. A prefill writes the prompt's keys and values
+into it; each decode step then runs the model on one token only. The engine says which
+sequence runs; the runner computes its tokens from `num_computed_tokens` on and samples
+the next one.
+
+Introduced in M0; changed in M1 (the KV cache, sampling).
 """
 
 from dataclasses import dataclass

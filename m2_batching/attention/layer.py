@@ -1,15 +1,11 @@
 """The attention layer: softmax(q k^T / sqrt(d)) v, reading past keys from a KV cache.
 
-Introduced in M0; M1 adds the KV cache; M2 runs a batch of sequences at once and moves
-the attention math behind a backend. The new tokens of all sequences come flat,
-`[num_tokens, heads, d]`. The layer writes each new token's key and value into the
-cache slot the slot mapping gives it (the cache is `[num_blocks, block_size, kv_heads,
-d]`, seen as one row per slot), then hands the queries and the cache to the backend,
-which reads every sequence's keys through its block table
-(`attention/backends/torch_ref.py`; the metadata it gets is the backend's, built once
-per step by the model runner from the common one). In M2 a sequence's block table is
-one block, its whole slot of max_model_len tokens; M3 cuts the cache into small
-blocks, and nothing here changes.
+The new tokens of all scheduled sequences come flat, `[num_tokens, heads, d]`. The layer
+writes each one's key and value into the cache slot the slot mapping gives it, then
+hands the queries and the cache to the backend (`attention/backends/`), which reads
+every sequence's keys through its block table.
+
+Introduced in M0; changed in M1 (the KV cache), M2 (a batch of sequences, a backend).
 """
 
 import torch

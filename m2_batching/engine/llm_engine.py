@@ -1,29 +1,28 @@
 """The engine: takes requests, and on each `step` advances many of them by one token.
 
-Introduced in M1; M2 adds continuous batching. Requests go to the scheduler's waiting
-queue; each `step` asks the scheduler what runs (a prefill of newly admitted requests,
-or one decode token for every running one), runs it in one forward pass, samples one
-token per sequence, applies the stop rules, and returns one output per sequence that
-ran. A finished request leaves at once and frees its KV slot for a waiting one; new
-requests may be added between any two steps.
+Requests go to the scheduler's waiting queue. A step is three calls: the scheduler says
+what runs, the model runner runs it in one forward pass and samples, and the scheduler's
+`update_from_output` applies the results (tokens, stop rules, finishing). The engine
+then turns the sequences that advanced into outputs. New requests may be added, and
+any aborted, between two steps.
+
+Introduced in M1; changed in M2 (a scheduler picks many sequences per step).
 """
 
 import itertools
 import time
 
-import torch
-
 from ..config import EngineConfig
 from ..core.sched.scheduler import Scheduler
-from ..model_executor.layers.sampler import SamplingRow
+from ..core.sched.stop_checker import StopChecker
 from ..model_executor.model_loader import load_model_config, resolve_model_path
 from ..outputs import RequestMetrics, RequestOutput
-from ..request import Request, Sequence, SequenceStatus
+from ..request import Request, Sequence
 from ..sampling_params import SamplingParams
 from ..tokenizer import get_tokenizer
 from ..worker.model_runner import ModelRunner
 from .input_processor import check_sampling_params, encode_prompt
-from .output_processor import make_output, process_token, to_logprobs
+from .output_processor import make_output
 
 
 class LLMEngine:
@@ -38,7 +37,9 @@ class LLMEngine:
         tokenizer_eos = getattr(self.tokenizer, "eos_token_id", None)
         self.eos_token_ids = sorted(set(model_config.eos_token_ids) | (
             {tokenizer_eos} if tokenizer_eos is not None else set()))
-        self.scheduler = Scheduler(config, self.model_runner.num_kv_slots)
+        self.scheduler = Scheduler(config, self.model_runner.num_kv_slots,
+                                   StopChecker(self.tokenizer, self.eos_token_ids,
+                                               config.max_model_len))
         self.requests: dict[str, Request] = {}
         self.sequences: dict[str, Sequence] = {}
         self.undelivered: dict[str, RequestOutput] = {}  # see `hold_outputs`
@@ -63,10 +64,8 @@ class LLMEngine:
         request = Request(request_id, prompt if isinstance(prompt, str) else None, params,
                           arrival_time if arrival_time is not None else time.perf_counter(),
                           prompt_token_ids=list(token_ids))
-        seq = Sequence(next(self._seq_ids), request_id, list(token_ids))
-        seq.metrics = RequestMetrics(arrival_time=request.arrival_time)
-        if params.seed is not None:  # a private random stream makes sampling reproducible
-            seq.generator = torch.Generator(self.model_runner.device).manual_seed(params.seed)
+        seq = Sequence(next(self._seq_ids), request_id, list(token_ids), params,
+                       metrics=RequestMetrics(arrival_time=request.arrival_time))
         self.requests[request_id] = request
         self.sequences[request_id] = seq
         self.scheduler.add_sequence(seq)
@@ -77,9 +76,8 @@ class LLMEngine:
         seq = self.sequences.get(request_id)
         if seq is None or seq.status.is_finished:
             return
-        seq.status = SequenceStatus.FINISHED_ABORTED
-        seq.metrics.finish_time = time.perf_counter()
-        self._finish(seq)
+        self.scheduler.abort(seq)
+        self._forget(seq)
 
     def has_unfinished_requests(self) -> bool:
         """True while a request runs or waits, or an output waits to be returned."""
@@ -111,18 +109,13 @@ class LLMEngine:
         if not scheduler_output.seqs:
             self.undelivered = {}
             return list(outputs.values())
-        rows = [self._sampling_row(seq) for seq in scheduler_output.seqs]
-        runner_output = self.model_runner.execute_model(scheduler_output, rows)
-        for i, seq in enumerate(scheduler_output.seqs):
-            request = self.requests[seq.request_id]
-            self._record_logprobs(seq, runner_output.prompt_logprobs[i],
-                                  runner_output.logprobs[i])
-            process_token(seq, request, runner_output.sampled_token_ids[i], self.tokenizer,
-                          self.eos_token_ids, self.config.max_model_len)
-            outputs[seq.request_id] = make_output(seq, request)
+        runner_output = self.model_runner.execute_model(scheduler_output)
+        advanced = self.scheduler.update_from_output(scheduler_output, runner_output)
+        for seq in advanced:
+            outputs[seq.request_id] = make_output(seq, self.requests[seq.request_id])
+        for seq in advanced:
             if seq.status.is_finished:
-                self._finish(seq)
-        self.scheduler.update_from_output(scheduler_output)  # their K/V are in the cache now
+                self._forget(seq)
         self.undelivered = {}
         return list(outputs.values())
 
@@ -132,19 +125,6 @@ class LLMEngine:
         for output in outputs:
             self.undelivered[output.request_id] = output
 
-    def _sampling_row(self, seq: Sequence) -> SamplingRow:
-        params = self.requests[seq.request_id].sampling_params
-        blocked = [] if params.min_tokens == 0 else self.eos_token_ids + params.stop_token_ids
-        return SamplingRow(params, self.requests[seq.request_id].prompt_token_ids,
-                           seq.output_token_ids, seq.generator, blocked)
-
-    def _record_logprobs(self, seq: Sequence, prompt_logprobs, logprobs) -> None:
-        if prompt_logprobs is not None and seq.prompt_logprobs is None:  # once, not on recompute
-            seq.prompt_logprobs = [None] + [to_logprobs(p, self.tokenizer) for p in
-                                            prompt_logprobs[:seq.num_prompt_tokens - 1]]
-        if logprobs is not None:
-            seq.output_logprobs.append(to_logprobs(logprobs, self.tokenizer))
-
-    def _finish(self, seq: Sequence) -> None:
-        self.scheduler.finish(seq)
+    def _forget(self, seq: Sequence) -> None:
+        """A finished sequence's request leaves the engine (the scheduler let it go)."""
         del self.requests[seq.request_id], self.sequences[seq.request_id]

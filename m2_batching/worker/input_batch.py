@@ -1,16 +1,14 @@
 """The step's inputs: the scheduler's plain ints turned into the model's flat batch.
 
-Introduced in M2 (where a sequence's one block is its whole slot; M3's blocks are
-small, and nothing here changes). Each scheduled sequence computes the new tokens at
-positions `[num_computed, num_computed + n)`: a whole prompt, or the one token sampled
-last step. They are laid one after the other into one flat batch of `T` tokens, with
+Each scheduled sequence computes the new tokens at positions `[num_computed, num_computed
++ n)`: a whole prompt, or the one token sampled last step. They are laid one after the
+other into one flat batch of `T` tokens, with `positions` (for the rotary embedding),
+`slot_mapping` (where each token's K/V go), `query_start_loc`, `seq_lens` and padded
+`block_tables` (attention's view), and `logits_indices` (each sequence's last token,
+whose logits give its next one). `InputBatch` keeps each sequence's sampling row, made
+at its first step (its generator, its token history) until it finishes.
 
-- `positions`: each token's position in its sequence (for the rotary embedding);
-- `slot_mapping`: the cache slot its K/V are written to, from the block table;
-- `query_start_loc`, `seq_lens`, padded `block_tables`: where each sequence's tokens
-  are in the batch, and how many keys it has once they are written (attention's view);
-- `logits_indices`: the row of each sequence's last token, the one whose logits give
-  its next token.
+Introduced in M2.
 """
 
 from dataclasses import dataclass
@@ -18,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from ..attention.metadata import AttentionMetadata
+from ..model_executor.layers.sampler import SamplingRow
 
 
 @dataclass
@@ -57,3 +56,41 @@ def prepare_inputs(new_token_ids: list[list[int]], num_computed_tokens: list[int
         slot_mapping=tensor(slots), max_query_len=max(len(ids) for ids in new_token_ids),
         max_seq_len=max(seq_lens))
     return ModelInputs(tensor(token_ids), tensor(positions), metadata, starts[1:] - 1)
+
+
+class InputBatch:
+    """The worker's lasting view of the sequences it runs: how to sample each one."""
+
+    def __init__(self, block_size: int, device: torch.device) -> None:
+        self.block_size, self.device = block_size, device
+        self.sampling_rows: dict[str, SamplingRow] = {}  # by sequence name
+
+    def update(self, scheduler_output) -> list[SamplingRow]:
+        """Forget the sequences that finished, make rows for those that start; return the
+        step's rows in order."""
+        for name in scheduler_output.finished_seq_names:
+            self.sampling_rows.pop(name, None)
+        for s in scheduler_output.scheduled:
+            if s.new_sequence is not None and s.seq_name not in self.sampling_rows:
+                self.sampling_rows[s.seq_name] = self._new_row(s.new_sequence)
+        return [self.sampling_rows[s.seq_name] for s in scheduler_output.scheduled]
+
+    def _new_row(self, new) -> SamplingRow:
+        """A row of its own: a private random stream when the request has a seed (so its
+        samples do not depend on what runs beside it), and its token history."""
+        generator = None if new.seed is None else \
+            torch.Generator(self.device).manual_seed(new.seed)
+        return SamplingRow(new.sampling_params, list(new.prompt_token_ids), [], generator,
+                           list(new.blocked_token_ids))
+
+    def prepare(self, scheduled: list) -> ModelInputs:
+        """The model's inputs for the scheduled sequences."""
+        return prepare_inputs([s.new_token_ids for s in scheduled],
+                              [s.num_computed_tokens for s in scheduled],
+                              [s.block_ids for s in scheduled], self.block_size, self.device)
+
+    @staticmethod
+    def append_sampled(rows: list[SamplingRow], tokens: list[int]) -> None:
+        """The sampled tokens join their rows' histories (for the penalties)."""
+        for row, token in zip(rows, tokens):
+            row.output_token_ids.append(token)

@@ -1,10 +1,12 @@
 """Find a model's weights and build it: the default model, a local HF folder, or dummy.
 
-Introduced in M0. There is no hub: `model` is "default" (SmolLM2-135M-Instruct, see
-`default_model.py`), the path of a local Hugging Face folder (config.json, one or
-more `*.safetensors`, tokenizer files), or "dummy:NAME" for real shapes with random
-weights drawn from a seed (vLLM's `load_format="dummy"`). A checkpoint must match the
-model tensor for tensor: an unknown name or a wrong shape is refused, not skipped.
+There is no hub: `model` is "default" (SmolLM2-135M-Instruct, see `default_model.py`),
+the path of a local Hugging Face folder (config.json, one or more `*.safetensors`,
+tokenizer files), or "dummy:NAME" for real shapes with random weights drawn from a seed
+(vLLM's `load_format="dummy"`). A checkpoint must match the model tensor for tensor: an
+unknown name or a wrong shape is refused, not skipped.
+
+Introduced in M0.
 """
 
 import json

@@ -1,15 +1,15 @@
 """The model runner: puts the model on the device, owns the KV cache, runs forward passes.
 
-Introduced in M0; M1 adds the KV cache and sampling; M2 runs a batch of sequences per
-forward pass; M3 pages the KV cache. The cache is allocated once, at start: per layer a
-(K, V) pair of shape [num_blocks, block_size, kv_heads, head_dim]. `num_blocks` fills a
-memory budget: `kv_cache_memory` bytes if given, else on CUDA what
-`gpu_memory_utilization` of the card leaves after the weights and a profiling forward
-pass, and 1 GiB on the CPU. Each step, `execute_model` takes the scheduler's output
-(per sequence: its new tokens, where they start, its block ids), lets
-`worker/input_batch.py` flatten it into one batch, runs the model once, and samples one
-token per sequence from the logits of its last new token. It never sees the scheduler's
-books: only plain ints come in.
+The cache is allocated once, at start: per layer a (K, V) pair of shape [num_blocks,
+block_size, kv_heads, head_dim]. `num_blocks` fills a memory budget: `kv_cache_memory`
+bytes if given, else on CUDA what `gpu_memory_utilization` of the card leaves after the
+weights and a profiling forward pass, and 1 GiB on the CPU. Each step, `execute_model`
+takes the scheduler's output (plain ints: per sequence its new tokens, where they start,
+its block ids), lets `InputBatch` flatten it into one batch, runs the model once, and
+samples one token per sequence with the sampling rows the `InputBatch` keeps.
+
+Introduced in M0; changed in M1 (KV cache, sampling), M2 (a batch of sequences per
+step), M3 (a paged cache sized by a memory budget).
 """
 
 from dataclasses import dataclass
@@ -22,7 +22,7 @@ from ..model_executor.layers.sampler import Sampler, SamplingRow, token_logprobs
 from ..model_executor.model_loader import load_model
 from ..sampling_params import SamplingParams
 from ..utils import cdiv
-from .input_batch import ModelInputs, prepare_inputs
+from .input_batch import InputBatch, ModelInputs, prepare_inputs
 
 DEFAULT_CPU_KV_CACHE_MEMORY = 2**30  # bytes, when kv_cache_memory is None on a CPU
 
@@ -67,6 +67,7 @@ class ModelRunner:
                                 seed=config.seed)
         self.sampler = Sampler(seed=config.seed)
         self.block_size = config.block_size
+        self.input_batch = InputBatch(self.block_size, self.device)
         self.num_kv_blocks = self._count_kv_blocks()
         self.kv_caches = self.allocate_kv_cache(self.num_kv_blocks)
 
@@ -146,13 +147,11 @@ class ModelRunner:
         return self.model(inputs.input_ids, inputs.positions, self.kv_caches, attn_metadata)
 
     @torch.inference_mode()
-    def execute_model(self, scheduler_output, sampling_rows: list[SamplingRow]
-                      ) -> ModelRunnerOutput:
+    def execute_model(self, scheduler_output) -> ModelRunnerOutput:
         """Run one step in one forward pass, then sample one token for each sequence."""
         scheduled = scheduler_output.scheduled
-        inputs = prepare_inputs([s.new_token_ids for s in scheduled],
-                                [s.num_computed_tokens for s in scheduled],
-                                [s.block_ids for s in scheduled], self.block_size, self.device)
+        sampling_rows = self.input_batch.update(scheduler_output)
+        inputs = self.input_batch.prepare(scheduled)
         hidden = self._run_model(inputs)
         logits = self.model.compute_logits(hidden[inputs.logits_indices])
         wants_logprobs = [row.params.logprobs is not None for row in sampling_rows]
@@ -161,8 +160,10 @@ class ModelRunner:
         logprobs = [token_logprobs(raw_logits[i:i + 1], tokens[i:i + 1], row.params.logprobs)[0]
                     if wants else None
                     for i, (row, wants) in enumerate(zip(sampling_rows, wants_logprobs))]
-        return ModelRunnerOutput(tokens.tolist(), logprobs,
-                                 self._prompt_logprobs(hidden, inputs, scheduled, sampling_rows))
+        prompt_logprobs = self._prompt_logprobs(hidden, inputs, scheduled, sampling_rows)
+        tokens = tokens.tolist()
+        self.input_batch.append_sampled(sampling_rows, tokens)
+        return ModelRunnerOutput(tokens, logprobs, prompt_logprobs)
 
     def _prompt_logprobs(self, hidden: torch.Tensor, inputs: ModelInputs, scheduled,
                          sampling_rows: list[SamplingRow]) -> list:

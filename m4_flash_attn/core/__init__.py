@@ -1,1 +1,4 @@
-"""The core: which requests run in each step (M2), and which KV blocks hold them (M3)."""
+"""The core: which requests run in each step, and which KV cache blocks hold them.
+
+Introduced in M2; changed in M3 (the KV cache blocks).
+"""

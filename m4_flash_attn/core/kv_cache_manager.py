@@ -1,10 +1,12 @@
 """The KV cache manager: which blocks hold each sequence's keys and values.
 
-Introduced in M3. A sequence's tokens live in its blocks in order: token i is at offset
-i % block_size of block `seq.kv_blocks[i // block_size]`, so its *slot* in the cache is
-`block_id * block_size + offset`. The list of a sequence's block ids is its block
-table. Blocks are taken only as the sequence grows into them, so at most one block per
-sequence is partly empty: that is all the waste left of M2's whole slots.
+A sequence's tokens live in its blocks in order: token i is at offset i % block_size of
+block `seq.kv_blocks[i // block_size]`, so its *slot* in the cache is `block_id *
+block_size + offset`; the list of its block ids is its block table. Blocks are taken
+only as the sequence grows into them, so at most one block per sequence is partly
+empty. It is the only writer of a sequence's blocks.
+
+Introduced in M3.
 """
 
 from ..request import Sequence

@@ -1,33 +1,32 @@
 """The engine: takes requests, and on each `step` advances many of them by one token.
 
-Introduced in M1; M2 adds continuous batching; M3 the paged KV cache. Requests go to the
-scheduler's waiting queue; each `step` asks the scheduler what runs (a prefill of newly
-admitted requests, or one decode token for every running one), runs it in one forward
-pass, samples one token per sequence, applies the stop rules, and returns one output per
-sequence that ran. A finished request leaves at once and frees its KV blocks for a
-waiting one; new requests may be added between any two steps. A prompt that could not
-fit in the whole KV cache is refused at `add_request`, and no sequence grows past what
-the cache holds. M4 keeps each sequence's sampling row from step to step.
+Requests go to the scheduler's waiting queue. A step is three calls: the scheduler says
+what runs, the model runner runs it in one forward pass and samples, and the scheduler's
+`update_from_output` applies the results (tokens, stop rules, finishing). The engine
+then turns the sequences that advanced into outputs. New requests may be added, and
+any aborted, between two steps. A prompt that could not fit in the whole KV cache is
+refused at `add_request`, and no sequence grows past what the cache holds.
+
+Introduced in M1; changed in M2 (a scheduler picks many sequences per step), M3 (the
+cache's size caps a sequence's length).
 """
 
 import itertools
 import time
 import warnings
 
-import torch
-
 from ..config import EngineConfig
 from ..core.sched.scheduler import Scheduler
-from ..model_executor.layers.sampler import SamplingRow
+from ..core.sched.stop_checker import StopChecker
 from ..model_executor.model_loader import load_model_config, resolve_model_path
 from ..outputs import RequestMetrics, RequestOutput
-from ..request import Request, Sequence, SequenceStatus
+from ..request import Request, Sequence
 from ..sampling_params import SamplingParams
 from ..tokenizer import get_tokenizer
 from ..utils import cdiv
 from ..worker.model_runner import ModelRunner
 from .input_processor import check_sampling_params, encode_prompt
-from .output_processor import make_output, process_token, to_logprobs
+from .output_processor import make_output
 
 
 class LLMEngine:
@@ -42,16 +41,17 @@ class LLMEngine:
         tokenizer_eos = getattr(self.tokenizer, "eos_token_id", None)
         self.eos_token_ids = sorted(set(model_config.eos_token_ids) | (
             {tokenizer_eos} if tokenizer_eos is not None else set()))
-        self.scheduler = Scheduler(config, self.model_runner.num_kv_blocks)
         # No sequence can hold more tokens than the whole cache: that caps its length too.
         self.longest_sequence = min(config.max_model_len,
                                     self.model_runner.num_kv_blocks * config.block_size)
         if self.longest_sequence < config.max_model_len:
             warnings.warn(f"the KV cache holds {self.longest_sequence} tokens, fewer than "
                           f"max_model_len={config.max_model_len}: longer sequences stop there")
+        self.scheduler = Scheduler(config, self.model_runner.num_kv_blocks,
+                                   StopChecker(self.tokenizer, self.eos_token_ids,
+                                               self.longest_sequence))
         self.requests: dict[str, Request] = {}
         self.sequences: dict[str, Sequence] = {}
-        self.sampling_rows: dict[str, SamplingRow] = {}  # per running sequence (M4)
         self.undelivered: dict[str, RequestOutput] = {}  # see `hold_outputs`
         self._seq_ids = itertools.count()
 
@@ -81,10 +81,8 @@ class LLMEngine:
         request = Request(request_id, prompt if isinstance(prompt, str) else None, params,
                           arrival_time if arrival_time is not None else time.perf_counter(),
                           prompt_token_ids=list(token_ids))
-        seq = Sequence(next(self._seq_ids), request_id, list(token_ids))
-        seq.metrics = RequestMetrics(arrival_time=request.arrival_time)
-        if params.seed is not None:  # a private random stream makes sampling reproducible
-            seq.generator = torch.Generator(self.model_runner.device).manual_seed(params.seed)
+        seq = Sequence(next(self._seq_ids), request_id, list(token_ids), params,
+                       metrics=RequestMetrics(arrival_time=request.arrival_time))
         self.requests[request_id] = request
         self.sequences[request_id] = seq
         self.scheduler.add_sequence(seq)
@@ -95,9 +93,8 @@ class LLMEngine:
         seq = self.sequences.get(request_id)
         if seq is None or seq.status.is_finished:
             return
-        seq.status = SequenceStatus.FINISHED_ABORTED
-        seq.metrics.finish_time = time.perf_counter()
-        self._finish(seq)
+        self.scheduler.abort(seq)
+        self._forget(seq)
 
     def has_unfinished_requests(self) -> bool:
         """True while a request runs or waits, or an output waits to be returned."""
@@ -130,18 +127,13 @@ class LLMEngine:
         if not scheduler_output.seqs:
             self.undelivered = {}
             return list(outputs.values())
-        rows = [self._sampling_row(seq) for seq in scheduler_output.seqs]
-        runner_output = self.model_runner.execute_model(scheduler_output, rows)
-        for i, seq in enumerate(scheduler_output.seqs):
-            request = self.requests[seq.request_id]
-            self._record_logprobs(seq, runner_output.prompt_logprobs[i],
-                                  runner_output.logprobs[i])
-            process_token(seq, request, runner_output.sampled_token_ids[i], self.tokenizer,
-                          self.eos_token_ids, self.longest_sequence)
-            outputs[seq.request_id] = make_output(seq, request)
+        runner_output = self.model_runner.execute_model(scheduler_output)
+        advanced = self.scheduler.update_from_output(scheduler_output, runner_output)
+        for seq in advanced:
+            outputs[seq.request_id] = make_output(seq, self.requests[seq.request_id])
+        for seq in advanced:
             if seq.status.is_finished:
-                self._finish(seq)
-        self.scheduler.update_from_output(scheduler_output)  # their K/V are in the cache now
+                self._forget(seq)
         self.undelivered = {}
         return list(outputs.values())
 
@@ -151,26 +143,6 @@ class LLMEngine:
         for output in outputs:
             self.undelivered[output.request_id] = output
 
-    def _sampling_row(self, seq: Sequence) -> SamplingRow:
-        """Made once per sequence (M4): it holds the sequence's own output list, which
-        grows as tokens come, so no step builds or copies anything for it."""
-        row = self.sampling_rows.get(seq.request_id)
-        if row is None:
-            params = self.requests[seq.request_id].sampling_params
-            blocked = [] if params.min_tokens == 0 else self.eos_token_ids + params.stop_token_ids
-            row = self.sampling_rows[seq.request_id] = SamplingRow(
-                params, self.requests[seq.request_id].prompt_token_ids, seq.output_token_ids,
-                seq.generator, blocked)
-        return row
-
-    def _record_logprobs(self, seq: Sequence, prompt_logprobs, logprobs) -> None:
-        if prompt_logprobs is not None and seq.prompt_logprobs is None:  # once, not on recompute
-            seq.prompt_logprobs = [None] + [to_logprobs(p, self.tokenizer) for p in
-                                            prompt_logprobs[:seq.num_prompt_tokens - 1]]
-        if logprobs is not None:
-            seq.output_logprobs.append(to_logprobs(logprobs, self.tokenizer))
-
-    def _finish(self, seq: Sequence) -> None:
-        self.scheduler.finish(seq)
+    def _forget(self, seq: Sequence) -> None:
+        """A finished sequence's request leaves the engine (the scheduler let it go)."""
         del self.requests[seq.request_id], self.sequences[seq.request_id]
-        self.sampling_rows.pop(seq.request_id, None)

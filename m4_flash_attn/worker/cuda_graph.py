@@ -8,6 +8,7 @@ the config's `max_graph_tokens`, and `max_batch_size`), once for steps of decode
 tokens that write nowhere and empty sequences (eager steps on CUDA too); a larger one
 runs eager. The kernels find each sequence's work on the device, so one graph fits every
 mix of its size. The graphs share one memory pool; logits are computed after them.
+
 Introduced in M4.
 """
 

@@ -1,13 +1,14 @@
 """Attention metadata: what attention needs to know about a step besides q, k and v.
 
-Introduced in M2. The batch is flat: the new tokens of every scheduled sequence, one
-after the other. Sequence i's new tokens are rows `[query_start_loc[i],
-query_start_loc[i + 1])`; they sit at positions `[seq_lens[i] - num_new, seq_lens[i])`
-and attend causally to the keys at positions `[0, seq_lens[i])`, which attention reads
-from the KV cache through the block table (M2: one block per sequence, its whole slot;
-M3: blocks of block_size tokens). A decode is one new token; a whole prompt is every
-token; nothing else is special. The fields are neutral (no backend's own layout),
-built by `worker/input_batch.py`.
+The batch is flat: the new tokens of every scheduled sequence, one after the other.
+Sequence i's new tokens are rows `[query_start_loc[i], query_start_loc[i + 1])`; they
+sit at positions `[seq_lens[i] - num_new, seq_lens[i])` and attend causally to the keys
+at positions `[0, seq_lens[i])`, which attention reads from the KV cache through the
+block table. A decode is one new token, a whole prompt every token; nothing else is
+special. The fields are neutral (no backend's own layout), built by
+`worker/input_batch.py`.
+
+Introduced in M2.
 """
 
 from dataclasses import dataclass

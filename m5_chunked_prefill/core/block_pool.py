@@ -1,10 +1,11 @@
 """The block pool: every block of the paged KV cache, and the queue of free ones.
 
-Introduced in M3. The KV cache is cut into `num_blocks` blocks of `block_size` tokens
-each. A block is handed to one sequence at a time, which fills it token by token and
-gives it back when it finishes or is preempted. A ref count says how many sequences
-hold a block: 0 (free, in the queue) or 1 here; M6's prefix cache lets several
-sequences share one block.
+The KV cache is cut into `num_blocks` blocks of `block_size` tokens. A block is handed
+to one sequence at a time, which fills it token by token and gives it back when it
+finishes or is preempted; its ref count is 1 while it is held and 0 while it is free, in
+the queue.
+
+Introduced in M3.
 """
 
 from collections import deque

@@ -1,13 +1,11 @@
 """SwiGLU's `silu(gate) * up` as one Triton kernel.
 
-Introduced in M4. Eager torch launches two kernels for it (the silu, then the multiply)
-and writes the silu to memory in between; this kernel reads gate and up once and writes
-the product once.
+Eager torch launches two kernels for it and writes the silu to memory in between; this
+one reads gate and up once and writes the product once. The numerics are eager torch's
+in the model's dtype: the silu in float32, rounded, then the product in float32, rounded
+again. One program takes one row's tile of BLOCK columns (the last tile masked).
 
-Numerics follow eager torch in the model's dtype: the silu is computed in float32 and
-rounded to the dtype, then multiplied by `up` in float32 and rounded again. One program
-takes one row's tile of BLOCK columns, so any intermediate size works (the last tile is
-masked).
+Introduced in M4.
 """
 
 import torch

@@ -8,6 +8,7 @@ causal by position) takes the sequences with several new tokens, `paged_decode_a
 `unified_attention` runs both on any mix. Each kernel finds its sequences on the device,
 so a grid depends only on the step's size and one CUDA graph fits every mix. Each has a
 torch reference (`*_ref`) that the tests compare it with.
+
 Introduced in M4.
 """
 

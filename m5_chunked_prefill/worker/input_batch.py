@@ -4,11 +4,12 @@ Each scheduled sequence computes its new tokens at positions `[num_computed,
 num_computed + n)` (a whole prompt, part of one, or last step's token: the same case),
 laid one after the other into `T` tokens with their positions, cache slots, attention's
 view (`query_start_loc`, `seq_lens`, `block_tables`) and `logits_indices` (the last token
-of each sequence that samples: not a part that stops inside its prompt). `InputBatch` is
-kept: a row per running sequence (its block table, appended to; its sampling parameters),
-arrays built with numpy into pinned buffers and copied without waiting to device buffers
-of fixed address (what a CUDA graph reads), padded to a graph's size.
-Introduced in M2; M4 keeps it from step to step and pads it.
+of each sequence that samples). `InputBatch` is kept from step to step: per running
+sequence a block table row (appended to) and its sampling row; a step's arrays are built
+with numpy into pinned buffers, copied without waiting to device buffers of fixed address
+(what a CUDA graph reads), and padded to a graph's size.
+
+Introduced in M2; changed in M4 (kept buffers and tables, padding by tokens).
 """
 
 import itertools
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 
 from ..attention.metadata import AttentionMetadata
-from ..model_executor.layers.sampler import SamplingTensors
+from ..model_executor.layers.sampler import SamplingRow, SamplingTensors
 from ..sampling_params import SamplingParams
 from ..utils import cdiv
 
@@ -72,7 +73,10 @@ class InputBatch:
         # Per running sequence (a row each), kept from step to step.
         self.block_table = np.zeros((max_num_seqs, max_blocks_per_seq), dtype=np.int64)
         self.sampling_table = np.zeros((max_num_seqs, 5), dtype=np.float32)
-        self.rows: dict[str, int] = {}  # request id -> its row
+        self.rows: dict[str, int] = {}  # sequence name -> its row
+        # How to sample each sequence (its generator, its token history), from its first
+        # step until it finishes: a preempted one keeps its own.
+        self.sampling_rows: dict[str, SamplingRow] = {}
         self.free_rows = list(range(max_num_seqs - 1, -1, -1))
         self.step_rows = np.zeros(0, dtype=np.int64)  # the rows of the last step, in order
         self.sampled: list[int] = []  # which of the last step's sequences sample
@@ -81,23 +85,42 @@ class InputBatch:
         self.gpu = StepBuffers(max_num_seqs, max_num_tokens, max_blocks_per_seq, device)
 
     # -- the lasting part ---------------------------------------------------------------
-    def forget(self, request_ids: list[str]) -> None:
+    def update(self, scheduler_output) -> None:
+        """Forget the sequences that finished (their rows and how to sample them) and the
+        tables of those preempted; keep how to sample those that start."""
+        for name in scheduler_output.finished_seq_names:
+            self.sampling_rows.pop(name, None)
+        self.forget(scheduler_output.finished_seq_names + scheduler_output.preempted_seq_names)
+        for s in scheduler_output.scheduled:
+            if s.new_sequence is not None and s.seq_name not in self.sampling_rows:
+                self.sampling_rows[s.seq_name] = self._new_sampling_row(s.new_sequence)
+
+    def _new_sampling_row(self, new) -> SamplingRow:
+        """A row of its own: a private random stream when the request has a seed (so its
+        samples do not depend on what runs beside it), and its token history."""
+        generator = None if new.seed is None else \
+            torch.Generator(self.device).manual_seed(new.seed)
+        return SamplingRow(new.sampling_params, list(new.prompt_token_ids), [], generator,
+                           list(new.blocked_token_ids))
+
+    def forget(self, names: list[str]) -> None:
         """These sequences' blocks were freed: their rows go back."""
-        for request_id in request_ids:
-            row = self.rows.pop(request_id, None)
+        for name in names:
+            row = self.rows.pop(name, None)
             if row is not None:
                 self.free_rows.append(row)
 
-    def _update_row(self, scheduled, params: SamplingParams) -> int:
+    def _update_row(self, scheduled) -> int:
         """The sequence's row, with its block table brought up to date."""
-        row = self.rows.get(scheduled.request_id)
+        row = self.rows.get(scheduled.seq_name)
         if scheduled.is_new:
             if row is None:
-                row = self.rows[scheduled.request_id] = self.free_rows.pop()
+                row = self.rows[scheduled.seq_name] = self.free_rows.pop()
+            params = self.sampling_rows[scheduled.seq_name].params
             self.sampling_table[row] = (params.temperature or 1.0, params.top_k,
                                         params.top_p, params.min_p, params.greedy)
         elif row is None:
-            raise RuntimeError(f"request {scheduled.request_id!r}: no block table kept for it "
+            raise RuntimeError(f"sequence {scheduled.seq_name!r}: no block table kept for it "
                                "(its first step never reached the worker)")
         # The new blocks follow those that hold the tokens already computed (the same rule
         # as the scheduler's), so a step sent again after a failed one writes the same.
@@ -107,13 +130,12 @@ class InputBatch:
         return row
 
     # -- one step -------------------------------------------------------------------------
-    def prepare(self, scheduled: list, params: list[SamplingParams],
-                pad_to: tuple[int, int] | None = None) -> ModelInputs:
+    def prepare(self, scheduled: list, pad_to: tuple[int, int] | None = None) -> ModelInputs:
         """The model's inputs for the scheduled sequences (duck-typed `ScheduledSequence`s:
-        request_id, new_token_ids, num_computed_tokens, new_block_ids, is_new,
+        seq_name, new_token_ids, num_computed_tokens, new_block_ids, is_new,
         next_token_id). With `pad_to` = (tokens, sequences), the step grows to that size
         with padding."""
-        rows = np.fromiter((self._update_row(s, p) for s, p in zip(scheduled, params)),
+        rows = np.fromiter((self._update_row(s) for s in scheduled),
                            dtype=np.int64, count=len(scheduled))
         query_lens = np.fromiter((len(s.new_token_ids) for s in scheduled), dtype=np.int64,
                                  count=len(scheduled))
@@ -173,6 +195,16 @@ class InputBatch:
         return ModelInputs(g.input_ids[:padded_tokens], g.positions[:padded_tokens], metadata,
                            g.logits_indices[:num_sampled])
 
+    def step_sampling_rows(self, scheduled: list) -> list[SamplingRow]:
+        """How to sample each scheduled sequence, in order."""
+        return [self.sampling_rows[s.seq_name] for s in scheduled]
+
+    @staticmethod
+    def append_sampled(rows: list[SamplingRow], tokens: list[int]) -> None:
+        """The sampled tokens join their rows' histories (for the penalties)."""
+        for row, token in zip(rows, tokens):
+            row.output_token_ids.append(token)
+
     def sampling_tensors(self) -> SamplingTensors:
         """The last step's sampling parameters, gathered from the kept table (of its
         sequences that sample)."""
@@ -190,7 +222,7 @@ class InputBatch:
 
 @dataclass
 class _NewSequence:
-    request_id: str
+    seq_name: str
     new_token_ids: list[int]
     num_computed_tokens: int
     new_block_ids: list[int]
@@ -208,4 +240,6 @@ def prepare_inputs(new_token_ids: list[list[int]], num_computed_tokens: list[int
                        block_size, device)
     scheduled = [_NewSequence(str(i), ids, start, blocks) for i, (ids, start, blocks)
                  in enumerate(zip(new_token_ids, num_computed_tokens, block_ids))]
-    return batch.prepare(scheduled, [SamplingParams()] * len(scheduled))
+    for s in scheduled:
+        batch.sampling_rows[s.seq_name] = SamplingRow(SamplingParams(), [], [], None, [])
+    return batch.prepare(scheduled)

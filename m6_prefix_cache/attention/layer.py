@@ -1,14 +1,13 @@
 """The attention layer: softmax(q k^T / sqrt(d)) v, reading past keys from a KV cache.
 
-Introduced in M0; M1 adds the KV cache; M2 runs a batch of sequences at once and moves
-the attention math behind a backend. The new tokens of all sequences come flat,
-`[num_tokens, heads, d]`. The layer has the backend write each new token's key and
-value into the cache slot the slot mapping gives it (the cache is `[num_blocks,
-block_size, kv_heads, d]`), then hands it the queries and the cache; the backend reads
-every sequence's keys through its block table. In M2 a sequence's block table is one
-block, its whole slot of max_model_len tokens; M3 cuts the cache into small blocks, and
-nothing here changes. M4 adds a second backend, Triton kernels (`flash`), chosen by
-the model runner (`set_attention_backend`); `torch` stays the reference.
+The new tokens of all scheduled sequences come flat, `[num_tokens, heads, d]`. The layer
+has the backend write each one's key and value into the cache slot the slot mapping
+gives it, then attend, reading every sequence's keys through its block table. The model
+runner picks the backend (`set_attention_backend`): `flash`, the Triton kernels, or
+`torch`, the reference.
+
+Introduced in M0; changed in M1 (the KV cache), M2 (a batch of sequences, a backend), M4
+(a choice of backends, each writing the cache its own way).
 """
 
 import torch

@@ -1,21 +1,13 @@
 """The block pool: every block of the paged KV cache, the free ones, and the cached ones.
 
-Introduced in M3. The KV cache is cut into `num_blocks` blocks of `block_size` tokens
-each. A block is handed to one sequence at a time, which fills it token by token and
-gives it back when it finishes or is preempted. A ref count says how many sequences
-hold a block: 0 means free, in the queue (up to M5 no block had more than 1; in M6
-several sequences share one).
+The cache is cut into `num_blocks` blocks of `block_size` tokens; a block's ref count
+says how many sequences hold it (several may share one). A full block can carry a hash
+that names its tokens and all those before them (`hash_block`), and the pool maps hashes
+to blocks, so a prompt that starts with the same tokens finds them. A freed block keeps
+its hash and contents in the free queue, least recently used first (an `OrderedDict`): a
+hit revives it, until an allocation takes it and evicts what it held.
 
-M6 (prefix caching, vLLM v1's design): a full block can carry a `block_hash` that names
-its contents: the tokens of its sequence up to its end (`hash_block`). The pool keeps a
-map from hash to block, so a new request whose prompt starts with the same tokens finds
-the blocks that already hold their keys and values, and shares them: each holder adds
-one to the ref count. A block whose ref count falls to 0 goes to the free queue *with
-its hash and contents*: it can still be hit and revived, until a new allocation takes
-it. The free queue is kept least recently used first: freed blocks join at the back,
-allocations take from the front (and evict what the block held), and a hit takes a
-block out of the middle. An `OrderedDict` (a hash map over a doubly linked list) does
-each of those in O(1).
+Introduced in M3; changed in M6 (hashes, shared ref counts, an LRU free queue).
 """
 
 import hashlib
@@ -48,7 +40,7 @@ def hash_block(parent_hash: bytes, block_tokens: bytes, extra_keys: tuple = ()) 
 class KVBlock:
     block_id: int  # its index in the KV cache tensors
     ref_count: int = 0  # sequences that hold it; 0 means free
-    block_hash: bytes | None = None  # M6: what it holds, when it is full and cached
+    block_hash: bytes | None = None  # what it holds, when it is full and cached
 
 
 class BlockPool:
@@ -56,7 +48,7 @@ class BlockPool:
         if num_blocks < 1:
             raise ValueError(f"num_blocks: must be >= 1, got {num_blocks}")
         self.blocks = [KVBlock(i) for i in range(num_blocks)]
-        # Least recently used first (M6): the front is evicted first.
+        # Least recently used first: the front is evicted first.
         self.free_blocks: OrderedDict[int, KVBlock] = OrderedDict(
             (block.block_id, block) for block in self.blocks)
         self.cached_blocks: dict[bytes, KVBlock] = {}  # hash -> the block that holds it
@@ -85,7 +77,7 @@ class BlockPool:
 
     def free(self, blocks: list[KVBlock]) -> None:
         """Give blocks back; one that no one holds any more joins the back of the free
-        queue, keeping its hash (M6). Give a sequence's blocks last block first: its
+        queue, keeping its hash. Give a sequence's blocks last block first: its
         tail is then evicted before its prefix, which more requests share."""
         for block in blocks:
             if block.ref_count <= 0:
@@ -94,7 +86,7 @@ class BlockPool:
             if block.ref_count == 0:
                 self.free_blocks[block.block_id] = block
 
-    # -- the prefix cache (M6) -------------------------------------------------------------
+    # -- the prefix cache -------------------------------------------------------------------
     def cached_block(self, block_hash: bytes) -> KVBlock | None:
         return self.cached_blocks.get(block_hash)
 

@@ -1,23 +1,15 @@
 """The KV cache manager: which blocks hold each sequence's keys and values.
 
-Introduced in M3. A sequence's tokens live in its blocks in order: token i is at offset
-i % block_size of block `seq.kv_blocks[i // block_size]`, so its *slot* in the cache is
-`block_id * block_size + offset`. The list of a sequence's block ids is its block
-table. Blocks are taken only as the sequence grows into them, so at most one block per
-sequence is partly empty: that is all the waste left of M2's whole slots.
+A sequence's tokens live in its blocks in order (token i at offset i % block_size of
+block `seq.kv_blocks[i // block_size]`); the list of its block ids is its block table.
+Every full block is named by a hash chained over all the tokens up to its end and
+registered in the prefix cache; a new sequence starts with the longest run of cached
+blocks of its prompt, shared (ref counts), never copied. The n samples of a request
+share the first one's blocks, its partly filled last one too, which each other sample
+copies before its first write (`take_copies`). It is the only writer of a sequence's
+blocks and hashes.
 
-M6 (prefix caching): every full block of a sequence is named by a hash of its tokens
-and of all the tokens before it (a chain: each block's hash covers its parent's), and
-registered in the pool's cache as soon as a step is scheduled to fill it. A new request
-first looks its prompt up, block by block, and starts with the longest run of cached
-blocks (at most all its tokens but one: the step must compute at least its last token,
-whose logits give the first new one). The blocks are shared, not copied: their ref
-counts go up. Only full blocks are cached, so a cached block is never written again.
-One shared block may be partly filled: the n samples of one request
-(`SamplingParams(n=...)`) fork from the first one's blocks, its partly filled last block
-too. The first sample keeps writing into it; each other sample copies it before its
-first write into it (copy-on-write: the worker does the copy), and reads nothing of the
-original past the prompt, so the first sample's later writes never reach it.
+Introduced in M3; changed in M6 (prefix caching; forks with copy-on-write).
 """
 
 from ..request import Sequence
@@ -32,11 +24,16 @@ class KVCacheManager:
         self.block_size = block_size
         self.block_pool = BlockPool(num_blocks)
         self.enable_prefix_caching = enable_prefix_caching
-        # Block copies the next step must do first, (source id, destination id) (M6).
-        self.blocks_to_copy: list[tuple[int, int]] = []
+        self._copies: list[tuple[int, int]] = []  # for the next step: see `take_copies`
         # Prompt tokens looked up when requests were admitted, and how many were cached.
         self.prefix_cache_queries = 0
         self.prefix_cache_hits = 0
+
+    def take_copies(self) -> list[tuple[int, int]]:
+        """The block copies the next step must make first, (source id, destination id):
+        each is handed out once."""
+        copies, self._copies = self._copies, []
+        return copies
 
     @property
     def num_blocks(self) -> int:
@@ -158,7 +155,7 @@ class KVCacheManager:
     def _copy_last_block(self, seq: Sequence) -> None:
         shared = seq.kv_blocks[-1]
         (copy,) = self.block_pool.allocate(1)
-        self.blocks_to_copy.append((shared.block_id, copy.block_id))
+        self._copies.append((shared.block_id, copy.block_id))
         self.block_pool.free([shared])
         seq.kv_blocks[-1] = copy
 

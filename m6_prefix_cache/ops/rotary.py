@@ -1,18 +1,14 @@
 """Rotary position embedding (RoPE) for q and k in one Triton kernel.
 
-Introduced in M4. The torch version (model_executor/layers/rotary_embedding.py) gathers
-the cos/sin rows, builds rotate_half with a slice, a negation and a cat, and multiplies
-and adds, for q and again for k: a dozen launches. This kernel does q and k together.
-
-The rotation is the "neox" / rotate_half style that Llama and Qwen use in Hugging Face:
+The "neox" (rotate_half) style that Llama and Qwen use in Hugging Face:
 
     out = x * cos + rotate_half(x) * sin,    rotate_half(x) = cat(-x[d/2:], x[:d/2])
 
-so with x = (x1, x2) in halves: out1 = x1 * cos1 - x2 * sin1, out2 = x2 * cos2 + x1 * sin2.
-One program rotates one head of one token: programs [0, heads) of a token take q's
-heads, the next kv_heads take k's. cos and sin are float32 tables [max_position, d] read
-at each token's position; the math is float32 and rounds once to q's dtype. q and k may
-be strided views of a projection output; the results are new contiguous tensors.
+One program rotates one head of one token (q's heads, then k's), reading the float32
+cos/sin tables at the token's position; the math is float32, rounded once to q's dtype.
+q and k may be strided views; the results are new contiguous tensors.
+
+Introduced in M4.
 """
 
 import torch

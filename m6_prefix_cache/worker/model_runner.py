@@ -3,16 +3,13 @@
 The cache is allocated once: per layer a (K, V) pair [num_blocks, block_size, kv_heads,
 head_dim], as many blocks as `kv_cache_memory` holds (CUDA: what `gpu_memory_utilization`
 leaves after the weights, a profiling step and the CUDA graphs' pool; CPU: 1 GiB). Each
-step, `execute_model` takes the scheduler's plain ints (per sequence: new tokens, where
-they start, new block ids), has `worker/input_batch.py` flatten them into one batch, runs
-the model once on the chosen attention backend (on CUDA the Triton kernels, replaying the
-CUDA graph of the step's padded size), and samples a token for each sequence whose new
-tokens end at its last one. Introduced in M0; M1 adds the KV cache and sampling, M2
-batching, M3 paging, M4 the kernels' backend and CUDA graphs.
+step, `execute_model` takes the scheduler's plain ints, has `InputBatch` flatten them,
+runs the model once on the chosen attention backend (on CUDA the Triton kernels,
+replaying the CUDA graph of the step's padded size), and samples a token for each
+sequence whose new tokens end at its last one, with the rows `InputBatch` keeps.
 
-M6: blocks may be shared between sequences (the prefix cache, and the n samples of a
-request); a step may first copy a block, in every layer, for a sample about to write
-into a block it shares (copy-on-write): the scheduler lists the copies.
+Introduced in M0; changed in M1 (KV cache, sampling), M2 (batches), M3 (paged cache), M4
+(attention backends, CUDA graphs), M6 (block copies for copy-on-write).
 """
 
 import itertools
@@ -238,15 +235,14 @@ class ModelRunner:
         return self.model(g.input_ids[:num_tokens], g.positions[:num_tokens], self.kv_caches,
                           metadata)
 
-    def _logits_for_step(self, scheduled, sampling_rows: list[SamplingRow]
+    def _logits_for_step(self, scheduled
                          ) -> tuple[torch.Tensor, list[int], torch.Tensor, ModelInputs]:
         """(logits [S, vocab] of the last new token of each sequence that samples, the
         indices of those S sequences, hidden states of the whole batch, the inputs). A
         step is padded to a captured size and replays its CUDA graph (or, eager, runs the
         same padded shapes)."""
-        params = [row.params for row in sampling_rows]
         shape = self._padded_shape(sum(len(s.new_token_ids) for s in scheduled))
-        inputs = self.input_batch.prepare(scheduled, params, pad_to=shape)
+        inputs = self.input_batch.prepare(scheduled, pad_to=shape)
         if shape is not None and self.graphs is not None:
             hidden = self.graphs.replay(shape[0], inputs.attn_metadata.max_query_len == 1)
         else:
@@ -256,18 +252,18 @@ class ModelRunner:
         return logits, self.input_batch.sampled, hidden, inputs
 
     @torch.inference_mode()
-    def execute_model(self, scheduler_output, sampling_rows: list[SamplingRow]
-                      ) -> ModelRunnerOutput:
+    def execute_model(self, scheduler_output) -> ModelRunnerOutput:
         """Run one step in one forward pass, then sample one token for each sequence
         whose new tokens end at its last one (not where they stop inside the prompt)."""
         scheduled = scheduler_output.scheduled
-        self.input_batch.forget(scheduler_output.freed_request_ids)
+        self.input_batch.update(scheduler_output)
         self.copy_blocks(scheduler_output.blocks_to_copy)
-        logits, sampled, hidden, inputs = self._logits_for_step(scheduled, sampling_rows)
+        logits, sampled, hidden, inputs = self._logits_for_step(scheduled)
+        sampling_rows = self.input_batch.step_sampling_rows(scheduled)
         tokens: list[int | None] = [None] * len(scheduled)
         logprobs: list[PositionLogprobs | None] = [None] * len(scheduled)
-        if sampled:
-            rows = [sampling_rows[i] for i in sampled]
+        rows = [sampling_rows[i] for i in sampled]
+        if rows:
             wants_logprobs = [row.params.logprobs is not None for row in rows]
             raw_logits = logits.clone() if any(wants_logprobs) else None  # the sampler edits
             new_tokens = self.sampler(logits, rows, self.input_batch.sampling_tensors())
@@ -277,8 +273,9 @@ class ModelRunner:
                                                  row.params.logprobs)[0]
             for i, token in zip(sampled, new_tokens.tolist()):
                 tokens[i] = token
-        return ModelRunnerOutput(tokens, logprobs,
-                                 self._prompt_logprobs(hidden, inputs, scheduled, sampling_rows))
+        prompt_logprobs = self._prompt_logprobs(hidden, inputs, scheduled, sampling_rows)
+        self.input_batch.append_sampled(rows, [tokens[i] for i in sampled])
+        return ModelRunnerOutput(tokens, logprobs, prompt_logprobs)
 
     def _prompt_logprobs(self, hidden: torch.Tensor, inputs: ModelInputs, scheduled,
                          sampling_rows: list[SamplingRow]) -> list:

@@ -1,38 +1,33 @@
 """The engine: takes requests, and on each `step` advances many of them by one token.
 
-Introduced in M1; M2 adds continuous batching; M3 the paged KV cache. Requests go to the
-scheduler's waiting queue; each `step` asks the scheduler what runs (a prefill of newly
-admitted requests, or one decode token for every running one), runs it in one forward
-pass, samples one token per sequence, applies the stop rules, and returns one output per
-sequence that ran. A finished request leaves at once and frees its KV blocks for a
-waiting one; new requests may be added between any two steps. A prompt that could not
-fit in the whole KV cache is refused at `add_request`, and no sequence grows past what
-the cache holds. M4 keeps each sequence's sampling row from step to step. M5: a step
-may compute only a chunk of a prompt, which gives no token yet (and no output); the
-prompt's log-probabilities are gathered chunk by chunk. M6: a request may ask for n
-samples: its first sequence runs alone until it has sampled its first token, then the
-other n - 1 fork from it (sharing its KV cache blocks), and its output carries all n;
-the prefix cache can be emptied between runs (`reset_prefix_cache`).
+Requests go to the scheduler's waiting queue. A step is three calls: the scheduler says
+what runs, the model runner runs it in one forward pass and samples, and the scheduler's
+`update_from_output` applies the results (tokens, stop rules, finishing). The engine
+then turns the sequences that advanced into outputs. New requests may be added, and
+any aborted, between two steps. A prompt that could not fit in the whole KV cache is
+refused at `add_request`, and no sequence grows past what the cache holds. A request
+may ask for n samples: one sequence each, and one output that carries them all.
+
+Introduced in M1; changed in M2 (a scheduler picks many sequences per step), M3 (the
+cache's size caps a sequence's length), M6 (n samples; an emptied prefix cache).
 """
 
 import itertools
 import time
 import warnings
 
-import torch
-
 from ..config import EngineConfig
 from ..core.sched.scheduler import Scheduler
-from ..model_executor.layers.sampler import SamplingRow
+from ..core.sched.stop_checker import StopChecker
 from ..model_executor.model_loader import load_model_config, resolve_model_path
 from ..outputs import RequestMetrics, RequestOutput
-from ..request import Request, Sequence, SequenceStatus
+from ..request import Request, Sequence
 from ..sampling_params import SamplingParams
 from ..tokenizer import get_tokenizer
 from ..utils import cdiv
 from ..worker.model_runner import ModelRunner
 from .input_processor import check_sampling_params, encode_prompt
-from .output_processor import make_output, process_token, to_logprobs
+from .output_processor import make_output
 
 
 class LLMEngine:
@@ -47,16 +42,17 @@ class LLMEngine:
         tokenizer_eos = getattr(self.tokenizer, "eos_token_id", None)
         self.eos_token_ids = sorted(set(model_config.eos_token_ids) | (
             {tokenizer_eos} if tokenizer_eos is not None else set()))
-        self.scheduler = Scheduler(config, self.model_runner.num_kv_blocks)
         # No sequence can hold more tokens than the whole cache: that caps its length too.
         self.longest_sequence = min(config.max_model_len,
                                     self.model_runner.num_kv_blocks * config.block_size)
         if self.longest_sequence < config.max_model_len:
             warnings.warn(f"the KV cache holds {self.longest_sequence} tokens, fewer than "
                           f"max_model_len={config.max_model_len}: longer sequences stop there")
+        self.scheduler = Scheduler(config, self.model_runner.num_kv_blocks,
+                                   StopChecker(self.tokenizer, self.eos_token_ids,
+                                               self.longest_sequence))
         self.requests: dict[str, Request] = {}
         self.sequences: dict[str, Sequence] = {}  # by name (M6: n per request)
-        self.sampling_rows: dict[str, SamplingRow] = {}  # per running sequence (M4)
         self.undelivered: dict[str, RequestOutput] = {}  # see `hold_outputs`
         self._seq_ids = itertools.count()
 
@@ -97,21 +93,18 @@ class LLMEngine:
         for seq in request.sequences:
             self.sequences[seq.name] = seq
         # The others fork from the first once it has sampled its first token (M6).
-        self.scheduler.add_sequence(request.sequences[0])
+        self.scheduler.add_sequence(request.sequences[0], request.sequences[1:])
 
     def _new_sequence(self, request: Request, index: int) -> Sequence:
-        """The request's `index`-th sample (M6; the only one when n = 1)."""
+        """The request's `index`-th sample (M6; the only one when n = 1). Cached tokens
+        are not computed, so they have no log-probabilities: the first sample, whose
+        output carries them, computes its whole prompt when they are asked for."""
         params = request.sampling_params
-        seq = Sequence(next(self._seq_ids), request.request_id,
-                       list(request.prompt_token_ids), index=index)
-        seq.metrics = RequestMetrics(arrival_time=request.arrival_time)
-        if params.seed is not None:  # a private random stream makes sampling reproducible
-            seq.generator = torch.Generator(self.model_runner.device).manual_seed(
-                params.seed + index)
-        # Cached tokens are not computed, so they have no log-probabilities (M6): the
-        # first sample, whose output carries them, computes its whole prompt.
-        seq.reads_prefix_cache = index > 0 or params.prompt_logprobs is None
-        return seq
+        return Sequence(next(self._seq_ids), request.request_id,
+                        list(request.prompt_token_ids), params,
+                        metrics=RequestMetrics(arrival_time=request.arrival_time),
+                        index=index,
+                        reads_prefix_cache=index > 0 or params.prompt_logprobs is None)
 
     def abort_request(self, request_id: str) -> None:
         """Drop a waiting or running request; its KV blocks are freed, no output follows."""
@@ -119,9 +112,8 @@ class LLMEngine:
         request = self.requests.get(request_id)
         for seq in request.sequences if request is not None else []:
             if not seq.status.is_finished:
-                seq.status = SequenceStatus.FINISHED_ABORTED
-                seq.metrics.finish_time = time.perf_counter()
-                self._finish(seq)
+                self.scheduler.abort(seq)
+                self._forget(seq)
 
     def has_unfinished_requests(self) -> bool:
         """True while a request runs or waits, or an output waits to be returned."""
@@ -168,26 +160,16 @@ class LLMEngine:
             self.undelivered = {}
             return list(outputs.values())
         try:
-            rows = [self._sampling_row(seq) for seq in scheduler_output.seqs]
-            runner_output = self.model_runner.execute_model(scheduler_output, rows)
+            runner_output = self.model_runner.execute_model(scheduler_output)
         except BaseException:
             self.scheduler.undo_step(scheduler_output)  # M6: no cache entry for its blocks
             raise
-        for i, seq in enumerate(scheduler_output.seqs):
-            request = self.requests[seq.request_id]
-            self._record_logprobs(seq, scheduler_output.scheduled[i].num_computed_tokens,
-                                  runner_output.prompt_logprobs[i], runner_output.logprobs[i])
-            token = runner_output.sampled_token_ids[i]
-            if token is None:
-                continue  # a chunk inside the prompt: its first token comes later (M5)
-            process_token(seq, request, token, self.tokenizer, self.eos_token_ids,
-                          self.longest_sequence)
-            if len(request.sequences) > 1 and seq.index == 0 and seq.num_output_tokens == 1:
-                self.scheduler.fork(seq, request.sequences[1:])  # M6: the other samples
-            outputs[seq.request_id] = make_output(request)
+        advanced = self.scheduler.update_from_output(scheduler_output, runner_output)
+        for seq in advanced:
+            outputs[seq.request_id] = make_output(self.requests[seq.request_id])
+        for seq in advanced:
             if seq.status.is_finished:
-                self._finish(seq)
-        self.scheduler.update_from_output(scheduler_output)  # their K/V are in the cache now
+                self._forget(seq)
         self.undelivered = {}
         return list(outputs.values())
 
@@ -197,36 +179,10 @@ class LLMEngine:
         for output in outputs:
             self.undelivered[output.request_id] = output
 
-    def _sampling_row(self, seq: Sequence) -> SamplingRow:
-        """Made once per sequence (M4): it holds the sequence's own output list, which
-        grows as tokens come, so no step builds or copies anything for it."""
-        row = self.sampling_rows.get(seq.name)
-        if row is None:
-            params = self.requests[seq.request_id].sampling_params
-            blocked = [] if params.min_tokens == 0 else self.eos_token_ids + params.stop_token_ids
-            row = self.sampling_rows[seq.name] = SamplingRow(
-                params, self.requests[seq.request_id].prompt_token_ids, seq.output_token_ids,
-                seq.generator, blocked)
-        return row
-
-    def _record_logprobs(self, seq: Sequence, start: int, prompt_logprobs, logprobs) -> None:
-        """`prompt_logprobs[j]`: of the token at position start + 1 + j (M5: a chunk's,
-        from its start on). Each prompt position is kept once (not again when a
-        preempted sequence is recomputed), positions past the prompt not at all."""
-        if prompt_logprobs is not None:
-            if seq.prompt_logprobs is None:
-                seq.prompt_logprobs = [None]  # the first token has no context to score it
-            for position, position_logprobs in enumerate(prompt_logprobs, start + 1):
-                if position == len(seq.prompt_logprobs) and position < seq.num_prompt_tokens:
-                    seq.prompt_logprobs.append(to_logprobs(position_logprobs, self.tokenizer))
-        if logprobs is not None:
-            seq.output_logprobs.append(to_logprobs(logprobs, self.tokenizer))
-
-    def _finish(self, seq: Sequence) -> None:
-        """The sequence leaves; its request too once all its samples have (M6)."""
-        self.scheduler.finish(seq)
+    def _forget(self, seq: Sequence) -> None:
+        """A finished sequence leaves the engine (the scheduler let it go); its request
+        too once all its samples have (M6)."""
         del self.sequences[seq.name]
-        self.sampling_rows.pop(seq.name, None)
         request = self.requests[seq.request_id]
-        if all(s.status.is_finished for s in request.sequences):
+        if not any(s.name in self.sequences for s in request.sequences):
             del self.requests[seq.request_id]

@@ -1,16 +1,14 @@
 """Find a model's weights and build it: the default model, a local HF folder, or dummy.
 
-Introduced in M0. There is no hub: `model` is "default" (SmolLM2-135M-Instruct, see
-`default_model.py`), the path of a local Hugging Face folder (config.json, one or
-more `*.safetensors`, tokenizer files), or "dummy:NAME" for real shapes with random
-weights drawn from a seed (vLLM's `load_format="dummy"`). A checkpoint must match the
-model tensor for tensor: an unknown name or a wrong shape is refused, not skipped.
+There is no hub: `model` is "default" (SmolLM2-135M-Instruct, see `default_model.py`),
+the path of a local Hugging Face folder (config.json, one or more `*.safetensors`,
+tokenizer files), or "dummy:NAME" for real shapes with random weights drawn from a seed
+(vLLM's `load_format="dummy"`). A checkpoint must match the model tensor for tensor: an
+unknown name or a wrong shape is refused, not skipped. A GPTQ checkpoint gets
+`GPTQLinear` layers before its tensors are read; a dummy model asked for GPTQ gets its
+random weights rounded to the GPTQ grid.
 
-M7: a GPTQ checkpoint (its config names a `quantization_config`, or a
-`quantize_config.json` lies beside it) gets `GPTQLinear` layers in place of the
-decoder layers' `nn.Linear`s before its tensors are read, and they are prepared for
-the kernels after; a dummy model asked to be quantized gets its random weights rounded
-to the GPTQ grid.
+Introduced in M0; changed in M7 (GPTQ checkpoints).
 """
 
 import json
@@ -92,7 +90,7 @@ def load_model_config(model: str) -> ModelConfig:
         return ModelConfig.from_hf_config(DUMMY_CONFIGS[model[len(DUMMY_PREFIX):]])
     try:
         hf_config = json.loads((path / "config.json").read_text())
-        quantization = read_quantization_config(path, hf_config)  # checked here (M7)
+        quantization = read_quantization_config(path, hf_config)  # checked here
     except (OSError, json.JSONDecodeError) as exc:
         raise ValueError(f"model: cannot read config.json or quantize_config.json in "
                          f"{path}: {exc}") from exc
@@ -104,7 +102,7 @@ def load_model_config(model: str) -> ModelConfig:
 def load_model(model: str, model_config: ModelConfig, dtype: torch.dtype,
                device: torch.device, seed: int = 0,
                quantization: str | None = None) -> LlamaForCausalLM:
-    """Build the model on `device` in `dtype` and fill its weights. M7: `quantization`
+    """Build the model on `device` in `dtype` and fill its weights. `quantization`
     "gptq" (the engine config's, resolved) gives the linear layers GPTQ weights."""
     gptq = None if quantization is None else GPTQConfig.from_dict(
         model_config.quantization_config or {"group_size": 64})

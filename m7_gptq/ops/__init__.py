@@ -1,15 +1,15 @@
-"""Triton kernels, each beside the torch reference it is tested against. Introduced in M4.
+"""Triton kernels, each beside the torch reference it is tested against.
 
-`paged_attention.py`: the KV cache write, FlashAttention-2 style attention over the paged
-cache (any number of new tokens per sequence), and flash-decoding (one new token per
-sequence, the keys split across programs). `rms_norm.py`, `activation.py`, `rotary.py`:
-the small per-token operations of a layer, each fused into one kernel, so that a decode
-step launches a few kernels per layer instead of dozens. M7: `gptq_gemm.py`, matrix
-products with GPTQ 4- or 8-bit weights, dequantized in registers.
+`paged_attention.py`: the KV cache write, FlashAttention-2 style attention over the
+paged cache, and flash-decoding. `rms_norm.py`, `activation.py`, `rotary.py`: a layer's
+small per-token operations, each fused into one kernel. `gptq_gemm.py`: matmuls with
+GPTQ 4- or 8-bit weights, dequantized in registers; `gptq_pack.py`: the bit layout they
+read.
 
-On a machine without CUDA these kernels run only under Triton's interpreter. It must be
-chosen before Triton is first imported (Triton's own library functions are kernels
-too), so this package, which every kernel module is part of, chooses it.
+Without CUDA the kernels run under Triton's interpreter, chosen here, before Triton is
+first imported; `precision_of` gives a dtype's dot-product precision.
+
+Introduced in M4; changed in M7 (the GPTQ kernels).
 """
 
 import os

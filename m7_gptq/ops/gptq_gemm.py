@@ -1,48 +1,14 @@
 """W4A16 / W8A16 matmul: activations in bf16/fp16/fp32 times GPTQ-packed integer weights.
 
-Introduced in M7. `GPTQLinear` (model_executor/layers/quantization/gptq.py) calls
-`gptq_matmul(x, qweight, scales, qzeros, group_size, bits)` on CUDA: y = x @ W with
+`gptq_matmul(x, qweight, scales, qzeros, group_size, bits)` computes x @ W with W[k, n]
+= (q[k, n] - z[g, n]) * scales[g, n], g = k // group_size, the weight dequantized in
+registers (the layer has put its rows in group order). The path depends on the number of
+rows M: a split-K GEMV for M = 1, the tensor-core kernel with split K up to M = 16, and
+for more rows the weight written out once for cuBLAS (`path="prefill"`: fused tiles
+instead). Split counts depend on the shapes alone, so every path fits in a CUDA graph.
+`gptq_matmul_ref` is the torch reference.
 
-    W[k, n] = (q[k, n] - z[k // group_size, n]) * scales[k // group_size, n]
-
-where the codes q ([K, N], `bits` each) are packed along K, 32 / bits per int32, lowest
-bits first: row k lives in word k // (32 / bits) at bit (k % (32 / bits)) * bits; the
-zero points z ([groups, N]) are packed the same way along N and stored minus one, as the
-checkpoint has them (GPTQ format v1). The layer has already put its rows in group order,
-so a group is `group_size` consecutive rows (group_size == K: one group per column).
-
-In the kernels the weight is dequantized in registers: a program reads a tile of packed
-words, unpacks it (a shift and a mask per code), applies its group's zero and scale,
-and multiplies with x, accumulating in fp32 (`tl.dot` on tensor cores, or element by
-element for one row). A K-step lies inside one group (one row of scales and of packed
-zero points) or covers whole groups (a row of each per group, broadcast over the
-group's rows): no per-element gather. A kernel reads 4 bits per weight instead of 16,
-which pays where a matmul is bound by reading its weight: one row (gemv). Measured on
-qwen2.5-0.5b's small layers (bench/results/gptq-kernels-*.json) even that path only
-matches cuBLAS, as a kernel's fixed cost is most of its time there; with more rows the
-4-bit paths are slower than bf16 cuBLAS.
-
-Four paths, chosen by the number of rows M (thresholds measured on an H100 at
-qwen2.5-0.5b's layer shapes, see `tools/bench_gptq_kernels.py --sweep`):
-
-- gemv (M = 1, a decode step of one sequence): no tensor cores. Each program reads a
-  slice of the packed words for a tile of columns, takes the codes apart with shifts
-  and masks, and multiplies them by x element by element in fp32. K is split across
-  programs so that a small layer still keeps every multiprocessor reading; the
-  program that finishes a column tile last (an atomic counter says which) adds the
-  splits' partial sums in split order and writes the output: one launch, and the same
-  sum every run.
-- decode (M = 2 .. 16): the tensor-core kernel with BLOCK_M = 16 (the rows padded for
-  free), K split the same way; a second small kernel adds the splits in order.
-- dequant (M >= 17: batches and prompt chunks): one kernel writes the weight out in
-  x's dtype, then cuBLAS multiplies. On these small layers this measured faster than the
-  fused tiles below, whose dequantization work is repeated for every row tile.
-- prefill (not a default; `path="prefill"`): the tensor-core kernel with BLOCK_M x
-  BLOCK_N output tiles, each program sweeping all of K, the weight never written out.
-
-A split count is a function of the shapes alone and nothing here waits on the GPU or
-reads a tensor on the host, so every path can be captured in a CUDA graph.
-`gptq_matmul_ref` is the torch reference the tests compare against.
+Introduced in M7.
 """
 
 import functools

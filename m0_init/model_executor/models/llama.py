@@ -1,9 +1,11 @@
 """The Llama family in plain PyTorch: Llama, Qwen2 (q/k/v bias), Qwen3 (q/k RMSNorm).
 
-Introduced in M0. Module and parameter names match Hugging Face checkpoints, so a
-`model.safetensors` state dict loads as it is. Llama and Qwen3 may also put biases on
-q/k/v/o (`attention_bias`), Llama on the MLP (`mlp_bias`). Activations are flat,
+Module and parameter names match Hugging Face checkpoints, so a `model.safetensors`
+state dict loads as it is. Llama and Qwen3 may also put biases on q/k/v/o
+(`attention_bias`), Llama on the MLP (`mlp_bias`). Activations are flat,
 `[num_tokens, hidden]`, the way vLLM lays them out.
+
+Introduced in M0.
 """
 
 import torch

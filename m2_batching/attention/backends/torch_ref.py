@@ -1,20 +1,14 @@
 """The reference attention backend: plain PyTorch over the KV cache's blocks.
 
-Introduced in M2; every later attention kernel is tested against it. For sequence i, its
-new tokens (the queries) are at positions `[seq_len - num_new, seq_len)` and attend to
-the keys at positions `[0, seq_len)`, each key no later than the query. Keys and values
-are read from the cache through the block table: position p of a sequence lives in slot
-`block_table[p // block_size] * block_size + p % block_size`; they are gathered (copied)
-into a `[B, kv_heads, L, d]` batch and one `scaled_dot_product_attention` call runs over
-it, a mask hiding the future (causality) and the padding past a sequence's end. The
-copy of every key at every step is simple and exact, and it is the cost that M4's
-kernels, which read the blocks where they lie, remove.
+Sequence i's new tokens (the queries) sit at positions `[seq_len - num_new, seq_len)`
+and attend to its keys `[0, seq_len)`, each no later than the query. The keys and values
+are gathered (copied) out of the cache through the block table into a padded batch, and
+one `scaled_dot_product_attention` call runs over it with a mask for the future and the
+padding: all the decodes share one call, each prompt has its own. `build_metadata` makes
+the gather indices and masks once per step. Every attention kernel is tested against
+this backend.
 
-Which sequences share a call: all those with one new token (decodes) in one call, and
-each sequence with several new tokens (a prompt) in a call of its own, so no query is
-ever padded and the mask stays the size of the work. The gather indices and masks are
-the same in every layer, so `build_metadata` makes them once per step from the common
-metadata (the model runner calls it).
+Introduced in M2.
 """
 
 from dataclasses import dataclass, fields

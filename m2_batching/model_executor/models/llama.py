@@ -1,9 +1,12 @@
 """The Llama family in plain PyTorch: Llama, Qwen2 (q/k/v bias), Qwen3 (q/k RMSNorm).
 
-Introduced in M0. Module and parameter names match Hugging Face checkpoints, so a
-`model.safetensors` state dict loads as it is. Llama and Qwen3 may also put biases on
-q/k/v/o (`attention_bias`), Llama on the MLP (`mlp_bias`). Activations are flat,
-`[num_tokens, hidden]`, the way vLLM lays them out.
+Module and parameter names match Hugging Face checkpoints, so a `model.safetensors`
+state dict loads as it is. Llama and Qwen3 may also put biases on q/k/v/o
+(`attention_bias`), Llama on the MLP (`mlp_bias`). Activations are flat,
+`[num_tokens, hidden]`, the way vLLM lays them out. A forward pass takes the KV cache (a
+(K, V) pair per layer) and the step's attention metadata.
+
+Introduced in M0; changed in M1 (the KV cache).
 """
 
 import torch

@@ -1,1 +1,6 @@
-"""Attention backends: how attention reads the KV cache. M2: the PyTorch reference."""
+"""Attention backends: how attention reads the KV cache.
+
+`torch_ref.py`: plain PyTorch, the reference that attention kernels are tested against.
+
+Introduced in M2.
+"""

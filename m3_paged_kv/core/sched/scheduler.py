@@ -1,41 +1,32 @@
-"""The scheduler: which sequences run in the next step (continuous batching).
+"""The scheduler: which sequences run in the next step, and what a step's results do.
 
-Introduced in M2; M3 hands out KV cache blocks instead of slots, and preempts. New
-requests wait in a first-come-first-served queue. The decision of what runs is made
-again at every step (iteration-level scheduling, as in Orca and vLLM), so a request that
-finishes leaves after the step that finished it and a waiting one can join in the very
-next step. A step is either
+New requests wait in a first-come-first-served queue; the decision of what runs is made
+again at every step (iteration-level scheduling, as in Orca and vLLM). A step is either
+a prefill (newly admitted sequences' whole prompts, within `max_batch_size` sequences,
+`max_num_batched_tokens` tokens and the free blocks, less a watermark kept for the
+running ones; a longer prompt goes alone) or a decode (every running sequence, one
+token each; when the pool runs out, the newest is preempted: its blocks are freed and it
+waits first in line, to be recomputed). After the step, `update_from_output` is the one
+place its results change the sequences: computed tokens, sampled tokens, the stop rules.
 
-- a prefill: newly admitted sequences, each one's whole prompt, in one forward pass.
-  Admission goes in arrival order while the batch stays within `max_batch_size`
-  sequences (the running ones included), the prompts within `max_num_batched_tokens`
-  tokens, and the free blocks hold the prompt with a few to spare (a watermark kept
-  for the running sequences' next tokens). A prompt longer than the token budget is
-  admitted alone, so it never waits forever; or
-- a decode: every running sequence, one token each. Each needs room for that token;
-  when the pool runs out, the newest running sequence is preempted: its blocks are
-  freed and it goes back to the front of the waiting queue, to be recomputed (a prefill
-  of its prompt and the tokens generated so far) when blocks are free again.
-
-Prefills go first whenever one can be admitted (vLLM v0's policy; mixing prefills and
-decodes in one step is M5's lesson). Either way the output has one shape (vLLM v1's):
-per sequence, the tokens it computes from `num_computed_tokens` on, and its block ids
-(`core/sched/output.py`). After the step, `update_from_output` advances each one's
-`num_computed_tokens`. The scheduler only keeps books: it never touches the model, so
-it can be driven, and tested, without one.
+Introduced in M2; changed in M3 (blocks, not slots; preemption).
 """
 
+import time
 from collections import deque
 
 from ...config import EngineConfig
 from ...request import Sequence, SequenceStatus
 from ..kv_cache_manager import KVCacheManager
-from .output import ScheduledSequence, SchedulerOutput
+from .output import NewSequenceData, ScheduledSequence, SchedulerOutput
+from .stop_checker import StopChecker
 
 
 class Scheduler:
-    def __init__(self, config: EngineConfig, num_kv_blocks: int) -> None:
+    def __init__(self, config: EngineConfig, num_kv_blocks: int,
+                 stop_checker: StopChecker) -> None:
         self.config = config
+        self.stop_checker = stop_checker
         self.waiting: deque[Sequence] = deque()
         self.running: deque[Sequence] = deque()
         # The KV cache is a pool of blocks, taken as sequences grow.
@@ -46,6 +37,7 @@ class Scheduler:
         self.reserved_token_slots_peak = 0  # most token slots in allocated blocks
         self.max_concurrent_seqs = 0
         self.num_preemptions = 0
+        self.finished_seq_names: list[str] = []  # since the last step, for the worker
 
     def add_sequence(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -97,8 +89,11 @@ class Scheduler:
             self.running.extend(admitted)
         else:
             admitted = self._schedule_running()
+        # They go with the next step that runs (an empty step never reaches the worker).
+        finished, self.finished_seq_names = (self.finished_seq_names, []) if admitted \
+            else ([], self.finished_seq_names)
         out = SchedulerOutput([self._scheduled(seq) for seq in admitted], admitted,
-                              sum(num_new_tokens(seq) for seq in admitted))
+                              sum(num_new_tokens(seq) for seq in admitted), finished)
         self._record_usage(out)
         return out
 
@@ -123,13 +118,16 @@ class Scheduler:
 
     def _scheduled(self, seq: Sequence) -> ScheduledSequence:
         start = seq.num_computed_tokens
-        return ScheduledSequence(seq.request_id, seq.token_ids[start:], start,
-                                 self.kv_cache_manager.block_table(seq))
+        new = self._new_sequence_data(seq) if start == 0 else None
+        return ScheduledSequence(seq.name, seq.token_ids[start:], start,
+                                 self.kv_cache_manager.block_table(seq), new)
 
-    def update_from_output(self, out: SchedulerOutput) -> None:
-        """The step ran: the K/V of every scheduled token are in the cache now."""
-        for seq, scheduled in zip(out.seqs, out.scheduled):
-            seq.num_computed_tokens += len(scheduled.new_token_ids)
+    def _new_sequence_data(self, seq: Sequence) -> NewSequenceData:
+        params = seq.sampling_params
+        blocked = [] if params.min_tokens == 0 else \
+            self.stop_checker.eos_token_ids + params.stop_token_ids
+        return NewSequenceData(params, seq.token_ids[:seq.num_prompt_tokens], params.seed,
+                               blocked)
 
     def _preempt(self, seq: Sequence) -> None:
         """Free the sequence's blocks; it waits first in line and will be recomputed."""
@@ -139,13 +137,38 @@ class Scheduler:
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
-    def finish(self, seq: Sequence) -> None:
+    # -- after the step --------------------------------------------------------------
+    def update_from_output(self, out: SchedulerOutput, runner_output) -> list[Sequence]:
+        """The step ran: its tokens' K/V are in the cache, and each sequence sampled a
+        token. Append them, apply the stop rules, let the finished ones go. Returns the
+        sequences that advanced, for the engine's outputs."""
+        advanced = []
+        for seq, scheduled, token, prompt_logprobs, logprobs in zip(
+                out.seqs, out.scheduled, runner_output.sampled_token_ids,
+                runner_output.prompt_logprobs, runner_output.logprobs):
+            self.stop_checker.append_token(seq, token)
+            self.stop_checker.record_logprobs(seq, scheduled.num_computed_tokens,
+                                              prompt_logprobs, logprobs)
+            seq.num_computed_tokens += len(scheduled.new_token_ids)
+            advanced.append(seq)
+            if seq.status.is_finished:
+                self._finish(seq)
+        return advanced
+
+    def abort(self, seq: Sequence) -> None:
+        """Drop a waiting or running sequence: it finishes now, and frees its blocks."""
+        seq.status = SequenceStatus.FINISHED_ABORTED
+        seq.metrics.finish_time = time.perf_counter()
+        self._finish(seq)
+
+    def _finish(self, seq: Sequence) -> None:
         """A sequence finished or was aborted: it leaves its queue and frees its blocks."""
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
         self.kv_cache_manager.free(seq)
+        self.finished_seq_names.append(seq.name)
 
     def _record_usage(self, out: SchedulerOutput) -> None:
         # After this step a scheduled sequence holds all its tokens but the one it samples.

@@ -1,7 +1,9 @@
 """Rotary position embedding (RoPE), with Llama-3 and linear frequency scaling.
 
-Introduced in M0. The cos/sin tables are computed once for every position up to the
-model's limit; a forward pass just indexes them by each token's position.
+The cos/sin tables are computed once for every position up to the model's limit; a
+forward pass just indexes them by each token's position.
+
+Introduced in M0.
 """
 
 import math

@@ -1,16 +1,13 @@
 """The sampler: turns each row of logits into one next token.
 
-Introduced in M1. Per row, in this order: penalties (repetition over prompt and output,
-presence and frequency over the output), min_tokens (EOS and stop tokens masked), then
-greedy argmax for temperature 0, or temperature -> top-k -> top-p -> min-p -> a random
-draw. The draw uses the exponential race (argmax of p / E, E ~ Exp(1)), which picks
-token i with probability p_i and lets seeded and unseeded rows share one batched argmax.
-`token_logprobs` gives vLLM's `logprobs` / `prompt_logprobs`: log-probabilities of the
-model's raw distribution (before penalties, temperature and the masks).
+Per row, in this order: penalties (repetition over prompt and output, presence and
+frequency over the output), min_tokens (EOS and stop tokens masked), then greedy argmax
+for temperature 0, or temperature -> top-k -> top-p -> min-p -> a random draw: the
+exponential race (argmax of p / E, E ~ Exp(1)) picks token i with probability p_i and
+lets seeded and unseeded rows share one batched argmax. `token_logprobs` gives vLLM's
+`logprobs` / `prompt_logprobs`: log-probabilities of the model's raw distribution.
 
-M4: the per-row parameters come in as `SamplingTensors`, which the worker keeps per
-running sequence and gathers for a step, instead of tensors built from the rows at
-every step; whether a batch is all greedy is known on the host without a loop.
+Introduced in M1; changed in M4 (per-row parameters come as kept `SamplingTensors`).
 """
 
 from dataclasses import dataclass

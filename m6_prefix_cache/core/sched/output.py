@@ -1,43 +1,44 @@
 """What the scheduler decides for one step, in plain ints: the worker's only input.
 
-Introduced in M2. For every sequence that runs, the new tokens it computes this step
-(positions `[num_computed_tokens, num_computed_tokens + len(new_token_ids))`: a whole
-prompt, or the one token sampled last step) and the ids of the cache blocks that hold
-it (M2: one block, its whole slot; M3: blocks of block_size tokens). The worker builds the model's inputs from this alone; it
-never sees a `Sequence` or a `KVBlock`.
+For every sequence that runs, the new tokens it computes this step (positions
+`[num_computed_tokens, num_computed_tokens + len(new_token_ids))`: a whole prompt, a
+chunk of one, or the one token sampled last step) and the part of its block table the
+worker has not seen. A sequence's first step also brings what the worker keeps to
+sample it. The step names the sequences whose blocks were freed since the last one
+(preempted: the worker forgets their tables; finished: it forgets them), and the shared
+blocks to copy before it runs. The worker never sees a `Sequence`.
 
-M4: the worker keeps each running sequence's block table from step to step, so only
-what changed is sent: the whole table when a sequence starts (or restarts after a
-preemption), then only the blocks it was given since; and the requests whose blocks
-were freed (finished, aborted, preempted), whose tables the worker forgets. A step's
-message no longer grows with the sequences' lengths.
-
-M5: the new tokens may be a chunk, which stops short of the sequence's last token (a
-prompt's chunk, or a chunk of a preempted sequence being recomputed); it then names the
-token that follows it (for the prompt's log-probabilities), and the step samples
-nothing for that sequence.
-
-M6: a sequence may start with tokens already in the cache (a prefix cache hit, or a
-sibling's blocks when a request has n samples): its first step starts at
-`num_computed_tokens` > 0 and still sends its whole block table. Blocks may be shared;
-one shared block that a sequence must write into is first copied, and the step lists
-the copies the worker makes before it runs (`blocks_to_copy`).
+Introduced in M2; changed in M4 (only what changed is sent), M5 (a chunk names the token
+after it, and samples nothing), M6 (a start after cached tokens; block copies).
 """
 
 from dataclasses import dataclass, field
 
 from ...request import Sequence
+from ...sampling_params import SamplingParams
+
+
+@dataclass
+class NewSequenceData:
+    """How to sample a sequence: sent with its first step, kept by the worker until it
+    finishes."""
+
+    sampling_params: SamplingParams
+    prompt_token_ids: list[int]
+    seed: int | None  # its own random stream, when its request has a seed
+    blocked_token_ids: list[int]  # masked while fewer than min_tokens are out
 
 
 @dataclass
 class ScheduledSequence:
-    request_id: str  # the sequence's name (M6: `id/i` for the i-th of n samples, i >= 1)
+    seq_name: str  # `Sequence.name`
     new_token_ids: list[int]  # the tokens whose K/V this step computes
     num_computed_tokens: int  # tokens before them whose K/V are already in the cache
     # Its block table's new entries, in order: all of them when the sequence (re)starts
     # (`is_new`), else the blocks it got since the last step (usually none).
     new_block_ids: list[int]
     is_new: bool  # nothing computed yet (M6: but what it started with cached): a whole table
+    new_sequence: NewSequenceData | None = None  # with its first step only
     # The token after new_token_ids when they stop inside the prompt (a chunk): the step
     # then samples nothing for this sequence. None: they end at its last token, and the
     # step samples its next one.
@@ -47,8 +48,9 @@ class ScheduledSequence:
 @dataclass
 class SchedulerOutput:
     scheduled: list[ScheduledSequence]  # for the worker
-    seqs: list[Sequence]  # the same sequences, for the engine and `update_from_output`
+    seqs: list[Sequence]  # the same sequences, for `update_from_output`
     num_batched_tokens: int  # tokens that go through the model in this step
-    freed_request_ids: list[str]  # blocks freed since the last step: forget their tables
+    finished_seq_names: list[str] = field(default_factory=list)  # since the last step
+    preempted_seq_names: list[str] = field(default_factory=list)  # since the last step
     # (source, destination) block ids to copy in every layer before the step runs (M6)
     blocks_to_copy: list[tuple[int, int]] = field(default_factory=list)

@@ -1,8 +1,10 @@
-"""RMSNorm, computed in float32 as the reference implementation does. Introduced in M0.
+"""RMSNorm, computed in float32 as the reference implementation does.
 
-M4: on CUDA one Triton kernel (`ops/rms_norm.py`) instead of about six small ones, and
-the decoder layer's residual add fused into it: `norm(x, residual)` returns the normed
-sum and the sum (the next residual). On the CPU the same math in plain torch.
+Given a residual, `norm(x, residual)` adds it first and returns the normed sum and the
+sum (the next residual). On CUDA each form is one Triton kernel (`ops/rms_norm.py`); on
+the CPU the same math runs in plain torch.
+
+Introduced in M0; changed in M4 (one fused Triton kernel, with the residual add).
 """
 
 import torch

@@ -1,8 +1,10 @@
 """Rotary position embedding (RoPE), with Llama-3 and linear frequency scaling.
 
-Introduced in M0. The cos/sin tables are computed once for every position up to the
-model's limit; a forward pass just indexes them by each token's position. M4: on CUDA
-one Triton kernel rotates q and k (`ops/rotary.py`) in place of a dozen small ones.
+The cos/sin tables are computed once for every position up to the model's limit; a
+forward pass just indexes them by each token's position. On CUDA one Triton kernel
+rotates q and k together (`ops/rotary.py`).
+
+Introduced in M0; changed in M4 (one fused Triton kernel).
 """
 
 import math

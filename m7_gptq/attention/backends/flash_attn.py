@@ -4,10 +4,11 @@ Unlike the torch reference (`torch_ref.py`), which copies each sequence's keys o
 their blocks and builds gather indices on the host, the kernels in `ops/paged_attention.py`
 take the common metadata as it is (in the worker's persistent buffers) and follow the
 block tables themselves. Every step goes through `unified_attention`: flash-decoding for
-the sequences with one new token, the varlen kernel for the others. A step of decodes
+the sequences with one new token, the varlen kernel for the others; a step of decodes
 only (known on the host) runs the decode kernel alone. The split count depends only on
 the number of sequences, so a CUDA graph captured for a step's size fits every mix.
 Without CUDA the kernels run under Triton's interpreter (`ops/__init__.py`).
+
 Introduced in M4.
 """
 

@@ -1,66 +1,33 @@
-"""The scheduler: which sequences run in the next step, and how many tokens each computes.
+"""The scheduler: which sequences run in the next step, and what a step's results do.
 
-Introduced in M2; M3 hands out KV cache blocks instead of slots, and preempts; M5 gives
-each step a token budget and cuts prompts into chunks; M6 starts a request after the
-part of its prompt that the prefix cache holds, and forks a request's n samples. New
-requests wait in a first-come-first-served queue. The decision of what runs is made
-again at every step (iteration-level scheduling, as in Orca and vLLM), so a request
-that finishes leaves after the step that finished it and a waiting one can join in the
-very next step.
+A step has no phase: every sequence has `num_computed_tokens` (its tokens whose K/V are
+in the cache), and a step gives each scheduled one a number of new tokens, all within a
+budget of `max_num_batched_tokens`: the running sequences first (when the pool runs out,
+the newest is preempted and recomputed later), then chunks of waiting prompts, each
+starting after the part the prefix cache holds. A request's n samples: the first runs
+alone until its first token, then the others fork from it, sharing its blocks. After the
+step, `update_from_output` is the one place its results change the sequences.
 
-M5 (chunked prefill, vLLM v1's scheduler): a step has no phase. Every sequence has
-`num_computed_tokens`, the tokens whose K/V are in the cache; a step gives each
-scheduled sequence a number of new tokens to compute, all within one budget of
-`max_num_batched_tokens` tokens (and `max_batch_size` running sequences):
-
-1. the running sequences first, oldest first: one token for a decode, the next chunk
-   for a prompt that is part way through its prefill. Each needs room for its tokens;
-   when the pool runs out, the newest running sequence is preempted: its blocks are
-   freed and it goes back to the front of the waiting queue, to be recomputed (its
-   prompt and the tokens generated so far) when blocks are free again;
-2. then, if nothing was preempted, waiting sequences in arrival order, each with as
-   much of its prompt as the budget left allows (at most `max_chunk_size` tokens), while
-   the free blocks hold its chunk with a few to spare (a watermark kept for the running
-   sequences' next tokens).
-
-So a long prompt is spread over several steps, each beside the decodes of the running
-sequences, which never wait a whole prefill for their next token (as long as the budget
-holds a token for each of them). Blocks are taken chunk by chunk, as the prompt grows:
-a prompt admitted with its first chunk may find the pool empty at a later one and, the
-newest running sequence, be preempted and start again later (vLLM does the same). A sequence samples
-its next token only in the step that computes its last known token (its prompt's last
-chunk, or a decode). With `enable_chunked_prefill=False` the scheduler is M4's:
-a step either admits whole prompts (prefills first; a prompt longer than the budget
-alone), or decodes every running sequence.
-
-Either way the output has one shape (vLLM v1's): per sequence, the tokens it computes
-from `num_computed_tokens` on, and its new block ids (`core/sched/output.py`). After
-the step, `update_from_output` advances each one's `num_computed_tokens`. The scheduler
-only keeps books: it never touches the model, so it can be driven, and tested, without
-one.
-
-M6 (prefix caching): before a waiting sequence is admitted, the KV cache manager looks
-its tokens up in the prefix cache; the sequence takes the cached blocks it hits (shared
-with whoever else holds them) and starts at `num_computed_tokens` = the tokens they
-hold, so its chunks cover only the rest. A preempted sequence's blocks stay cached
-until evicted, so its recomputation may hit them too. A request with n samples runs its
-first one alone until that has sampled its first token; the others then fork from it
-(`fork`): they share its blocks and start at its prompt's last token, which each
-computes itself to sample its own first token.
+Introduced in M2; changed in M3 (blocks; preemption), M4 (only new blocks sent), M5 (one
+token budget; prompts in chunks), M6 (prefix cache hits; forks of n samples).
 """
 
+import time
 from collections import deque
 
 from ...config import EngineConfig
 from ...request import Sequence, SequenceStatus
 from ...utils import cdiv
 from ..kv_cache_manager import KVCacheManager
-from .output import ScheduledSequence, SchedulerOutput
+from .output import NewSequenceData, ScheduledSequence, SchedulerOutput
+from .stop_checker import StopChecker
 
 
 class Scheduler:
-    def __init__(self, config: EngineConfig, num_kv_blocks: int) -> None:
+    def __init__(self, config: EngineConfig, num_kv_blocks: int,
+                 stop_checker: StopChecker) -> None:
         self.config = config
+        self.stop_checker = stop_checker
         self.waiting: deque[Sequence] = deque()
         self.running: deque[Sequence] = deque()
         # The KV cache is a pool of blocks, taken as sequences grow.
@@ -72,10 +39,16 @@ class Scheduler:
         self.reserved_token_slots_peak = 0  # most token slots in allocated blocks
         self.max_concurrent_seqs = 0
         self.num_preemptions = 0
-        self.freed_request_ids: list[str] = []  # since the last step, for the worker (M4)
+        self.finished_seq_names: list[str] = []  # since the last step, for the worker
+        self.preempted_seq_names: list[str] = []  # since the last step, for the worker
+        self.unforked: dict[str, list[Sequence]] = {}  # a first sample's siblings (M6)
 
-    def add_sequence(self, seq: Sequence) -> None:
+    def add_sequence(self, seq: Sequence, siblings: list[Sequence] = ()) -> None:
+        """A new sequence waits; its `siblings` (the other samples of its request) fork
+        from it once it has sampled its first token (M6)."""
         self.waiting.append(seq)
+        if siblings:
+            self.unforked[seq.name] = list(siblings)
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
@@ -107,14 +80,11 @@ class Scheduler:
             chosen = self._schedule_by_budget()
         else:
             chosen = self._schedule_prefills_first()
-        # The freed requests go with the next step that runs (a step with nothing to run
-        # never reaches the worker).
-        freed, self.freed_request_ids = (self.freed_request_ids, []) if chosen \
-            else ([], self.freed_request_ids)
-        copies, self.kv_cache_manager.blocks_to_copy = self.kv_cache_manager.blocks_to_copy, []
+        # They go with the next step that runs (an empty step never reaches the worker).
+        finished, preempted = self._take_freed() if chosen else ([], [])
         out = SchedulerOutput([self._scheduled(seq, n) for seq, n in chosen],
-                              [seq for seq, _ in chosen], sum(n for _, n in chosen), freed,
-                              copies)
+                              [seq for seq, _ in chosen], sum(n for _, n in chosen), finished,
+                              preempted, self.kv_cache_manager.take_copies())
         self._record_usage(out)
         return out
 
@@ -235,15 +205,24 @@ class Scheduler:
         end = start + num_new
         is_new = start == seq.num_cached_tokens
         seen = 0 if is_new else cdiv(start, self.kv_cache_manager.block_size)
+        new = self._new_sequence_data(seq) if is_new else None
         next_token_id = seq.token_ids[end] if end < len(seq.token_ids) else None
         return ScheduledSequence(seq.name, seq.token_ids[start:end], start,
-                                 self.kv_cache_manager.block_table(seq, seen), is_new,
+                                 self.kv_cache_manager.block_table(seq, seen), is_new, new,
                                  next_token_id)
 
-    def update_from_output(self, out: SchedulerOutput) -> None:
-        """The step ran: the K/V of every scheduled token are in the cache now."""
-        for seq, scheduled in zip(out.seqs, out.scheduled):
-            seq.num_computed_tokens += len(scheduled.new_token_ids)
+    def _take_freed(self) -> tuple[list[str], list[str]]:
+        """The sequences finished and preempted since the last step that ran."""
+        freed = self.finished_seq_names, self.preempted_seq_names
+        self.finished_seq_names, self.preempted_seq_names = [], []
+        return freed
+
+    def _new_sequence_data(self, seq: Sequence) -> NewSequenceData:
+        params = seq.sampling_params
+        blocked = [] if params.min_tokens == 0 else \
+            self.stop_checker.eos_token_ids + params.stop_token_ids
+        seed = None if params.seed is None else params.seed + seq.index  # M6: per sample
+        return NewSequenceData(params, seq.token_ids[:seq.num_prompt_tokens], seed, blocked)
 
     def _preempt(self, seq: Sequence) -> None:
         """Free the sequence's blocks; it waits first in line and will be recomputed."""
@@ -252,7 +231,7 @@ class Scheduler:
 
     def _requeue(self, seq: Sequence) -> None:
         self.kv_cache_manager.free(seq)
-        self.freed_request_ids.append(seq.name)
+        self.preempted_seq_names.append(seq.name)  # the worker forgets its table
         seq.num_computed_tokens = seq.num_cached_tokens = 0
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
@@ -268,7 +247,37 @@ class Scheduler:
                 self.running.remove(seq)
                 self._requeue(seq)
 
-    def fork(self, parent: Sequence, children: list[Sequence]) -> None:
+    # -- after the step --------------------------------------------------------------
+    def update_from_output(self, out: SchedulerOutput, runner_output) -> list[Sequence]:
+        """The step ran: its tokens' K/V are in the cache, and each sequence whose new
+        tokens reached its last one sampled a token. Append them, apply the stop rules,
+        fork a first sample's siblings, let the finished ones go. Returns the sequences
+        that advanced, for the engine's outputs."""
+        advanced = []
+        for seq, scheduled, token, prompt_logprobs, logprobs in zip(
+                out.seqs, out.scheduled, runner_output.sampled_token_ids,
+                runner_output.prompt_logprobs, runner_output.logprobs):
+            if token is not None:  # None: a chunk inside the prompt, its token comes later
+                self.stop_checker.append_token(seq, token)
+            self.stop_checker.record_logprobs(seq, scheduled.num_computed_tokens,
+                                              prompt_logprobs, logprobs)
+            seq.num_computed_tokens += len(scheduled.new_token_ids)
+            if token is None:
+                continue
+            advanced.append(seq)
+            if seq.name in self.unforked:  # its first token: the other samples start (M6)
+                self._fork(seq, self.unforked.pop(seq.name))
+            if seq.status.is_finished:
+                self._finish(seq)
+        return advanced
+
+    def abort(self, seq: Sequence) -> None:
+        """Drop a waiting or running sequence: it finishes now, and frees its blocks."""
+        seq.status = SequenceStatus.FINISHED_ABORTED
+        seq.metrics.finish_time = time.perf_counter()
+        self._finish(seq)
+
+    def _fork(self, parent: Sequence, children: list[Sequence]) -> None:
         """M6: `parent` sampled its first token; its siblings start from its prompt but
         the last token, on its blocks (shared, not recomputed; a partly filled last one
         is copied at a child's first write), and each computes that last token itself to
@@ -285,14 +294,15 @@ class Scheduler:
             child.status = SequenceStatus.RUNNING
             self.running.append(child)
 
-    def finish(self, seq: Sequence) -> None:
+    def _finish(self, seq: Sequence) -> None:
         """A sequence finished or was aborted: it leaves its queue and frees its blocks."""
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
         self.kv_cache_manager.free(seq)
-        self.freed_request_ids.append(seq.name)
+        self.finished_seq_names.append(seq.name)
+        self.unforked.pop(seq.name, None)
 
     def _record_usage(self, out: SchedulerOutput) -> None:
         # After this step a scheduled sequence holds all its tokens but the one it samples.

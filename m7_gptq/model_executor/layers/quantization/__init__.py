@@ -1,1 +1,1 @@
-"""Quantization methods for the linear layers (M7): GPTQ (`gptq.py`)."""
+"""Quantization methods for the linear layers: GPTQ (`gptq.py`). Introduced in M7."""

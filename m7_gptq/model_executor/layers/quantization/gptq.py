@@ -1,26 +1,15 @@
-"""GPTQ weights: the checkpoint format, the quantization grid, and the layer that runs them.
+"""GPTQ weights: the checkpoint format, the quantization grid, and the layer that runs
+them.
 
-Introduced in M7. A GPTQ checkpoint stores each quantized linear layer (`out x in`
-weight W) as four tensors, the format AutoGPTQ wrote and GPTQModel and vLLM read
-(format "v1", `checkpoint_format: gptq`):
+A quantized linear layer is stored as AutoGPTQ wrote it and GPTQModel and vLLM read it
+(format v1): `qweight` (the codes, packed along the input dimension), `qzeros` (each
+group's zero point minus one, packed along the output dimension), `scales`, and `g_idx`
+(each input row's group); W[o, i] ~ (q[i, o] - z[g, o]) * s[g, o] with g = g_idx[i].
+`GPTQLinear` holds them in place of an `nn.Linear`, puts its rows in group order once
+after loading, and runs the Triton kernels of `ops/gptq_gemm.py` on CUDA, or a plain
+matmul on the dequantized weight on the CPU.
 
-    qweight  int32 [in * bits / 32, out]  the codes q, 32 / bits per int32 along the
-                                           input dimension, lowest bits first
-    qzeros   int32 [groups, out * bits / 32]  each group's zero point z, packed along
-                                           the output dimension, stored as z - 1 (v1)
-    scales   fp16  [groups, out]           each group's step s
-    g_idx    int32 [in]                    the group of each input row
-
-and W[o, i] ~ (q[i, o] - z[g, o]) * s[g, o] with g = g_idx[i]. A group is `group_size`
-consecutive input rows (-1: one group, the whole row), unless the checkpoint was written
-with act-order (`desc_act`), where g_idx says which rows share a group. The packing and
-`dequantize` live beside the kernels that read them (`ops/gptq_pack.py`).
-
-`GPTQLinear` holds those tensors in place of an `nn.Linear`. After loading it puts the
-rows in group order once (act-order: the input is permuted to match at run time), so
-the kernels read groups of consecutive rows. On CUDA it runs the W4A16 / W8A16 Triton
-kernels (`ops/gptq_gemm.py`); on the CPU it dequantizes the weight once and runs a plain
-matmul (the reference: the same numbers, no memory saved).
+Introduced in M7.
 """
 
 from __future__ import annotations
