@@ -340,8 +340,8 @@ def decode_row(model: str, shape, batch: int, context: int, ctx: dict) -> dict:
     row["num_splits"] = splits
 
     def kernel():
-        return ops.paged_decode_attention(q, k_cache, v_cache, seq_lens, tables, scale,
-                                          splits)
+        return ops.paged_decode_attention(q, k_cache, v_cache, starts, seq_lens, tables,
+                                          scale, splits)
 
     want = reference(q, k_cache, v_cache, starts, seq_lens, tables, scale)
     check(row, "", max_err(kernel(), want), ctx["tol"])
@@ -445,8 +445,7 @@ def prefill_row(model: str, shape, num_prompts: int, length: int, ctx: dict) -> 
     scale = head_dim ** -0.5
 
     def kernel():
-        return ops.paged_attention(q, k_cache, v_cache, starts, seq_lens, tables, length,
-                                   scale)
+        return ops.paged_attention(q, k_cache, v_cache, starts, seq_lens, tables, scale)
 
     want = reference(q, k_cache, v_cache, starts, seq_lens, tables, scale)
     check(row, "", max_err(kernel(), want), ctx["tol"])

@@ -64,7 +64,7 @@ ALL_STAGES: tuple[Stage, ...] = _chain(
     ("m3", "m3_paged_kv", "paged KV", "paged",
      "block pool, block tables, preemption: the KV cache in small blocks"),
     ("m4", "m4_flash_attn", "flash attention", "flash_attn",
-     "Triton flash-attention kernels over the paged cache, CUDA graphs for decode"),
+     "Triton flash attention over the paged cache for any mix, CUDA graphs by token count"),
     ("m5", "m5_chunked_prefill", "chunked prefill", "chunked_prefill",
      "one token budget per step, prefill chunks mixed with decodes"),
     ("m6", "m6_prefix_cache", "prefix cache", "prefix_cache",

@@ -1,4 +1,4 @@
-"""M4 flash attention: Triton kernels over the paged KV cache, CUDA graphs for decode."""
+"""M4 flash attention: Triton kernels over the paged KV cache, CUDA graphs keyed by tokens."""
 
 from .config import EngineConfig
 from .llm import LLM

@@ -188,6 +188,18 @@ class EngineConfig:
         _require(isinstance(self.enforce_eager, bool), "enforce_eager",
                  f"must be True or False, got {self.enforce_eager!r}")
 
+    @property
+    def max_step_tokens(self) -> int:
+        """The most tokens one step holds (once resolved): prompts within the budget, a
+        longer prompt alone, or one token per running sequence (prefills first, M4)."""
+        return max(self.max_num_batched_tokens, self.max_model_len, self.max_batch_size)
+
+    @property
+    def max_graph_tokens(self) -> int:
+        """The largest step worth a CUDA graph: any step but a prompt longer than the
+        budget, alone (its kernels are long enough that launching them costs little)."""
+        return max(self.max_num_batched_tokens, self.max_batch_size)
+
     def resolve(self, model_config: ModelConfig) -> "EngineConfig":
         """A copy with the values that depend on the model filled in and checked."""
         limit = model_config.max_position_embeddings

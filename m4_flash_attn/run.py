@@ -4,7 +4,7 @@ attention.
 Prints each reply and a TTFT / TPOT / tokens-per-second table (--stream: the replies as
 they are generated). The requests run together, at most --max-batch-size per step
 (--show-steps: each step's new text). --attention-backend picks the Triton kernels or
-the torch reference, and decode steps replay CUDA graphs unless --enforce-eager; the
+the torch reference, and steps replay CUDA graphs unless --enforce-eager; the
 closing lines show the KV cache's blocks and which attention ran.
 
 Introduced in M0; changed in M1 (generation), M2 (batching, --show-steps), M3 (the
@@ -140,11 +140,12 @@ def print_kv_cache(stats: dict) -> None:
 
 
 def print_runner(runner) -> None:
-    """Which attention ran, and whether decode steps were CUDA graphs."""
+    """Which attention ran, and whether steps were CUDA graphs."""
     graphs = runner.graphs
-    how = (f"decode steps replay CUDA graphs for batch sizes {graphs.batch_sizes[0]}.."
-           f"{graphs.batch_sizes[-1]} ({len(graphs.batch_sizes)} graphs, captured in "
-           f"{graphs.capture_seconds:.1f} s, {graphs.memory_bytes / 2**20:.0f} MiB)"
+    how = (f"steps of up to {graphs.token_sizes[-1]} tokens replay CUDA graphs "
+           f"({len(graphs.graphs)} graphs of {len(graphs.token_sizes)} sizes, captured in "
+           f"{graphs.capture_seconds:.1f} s, "
+           f"{graphs.memory_bytes / 2**20:.0f} MiB)"
            if graphs is not None else "every step runs eager (no CUDA graphs)")
     print(f"Attention: {runner.attention_backend} backend; {how}\n")
 

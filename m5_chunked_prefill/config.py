@@ -203,6 +203,22 @@ class EngineConfig:
             _require(self.enable_chunked_prefill, "max_chunk_size",
                      "cuts prompts into chunks, which needs enable_chunked_prefill=True")
 
+    @property
+    def max_step_tokens(self) -> int:
+        """The most tokens one step holds (once resolved): with chunked prefill, the
+        budget; without, a longer prompt alone, or one token per running sequence."""
+        if self.enable_chunked_prefill:
+            return self.max_num_batched_tokens
+        return max(self.max_num_batched_tokens, self.max_model_len, self.max_batch_size)
+
+    @property
+    def max_graph_tokens(self) -> int:
+        """The largest step worth a CUDA graph: any step but a prompt longer than the
+        budget, alone (its kernels are long enough that launching them costs little)."""
+        if self.enable_chunked_prefill:
+            return self.max_num_batched_tokens
+        return max(self.max_num_batched_tokens, self.max_batch_size)
+
     def resolve(self, model_config: ModelConfig) -> "EngineConfig":
         """A copy with the values that depend on the model filled in and checked."""
         limit = model_config.max_position_embeddings

@@ -17,15 +17,11 @@ Introduced in M5, for every stage with the `chunked_prefill` feature. What is te
   last chunk, running decodes in the same steps (first), M4's steps exactly when
   chunked prefill is off; aborts and preemption part way through a prompt;
 - prompt log-probabilities gathered chunk by chunk equal those of a whole prompt;
-- the worker: M5's padding of a step (tokens with slot -1, empty sequences), and the
-  CUDA graph sizes by tokens;
-- the kernels: `unified_attention` (flash-decoding for decodes, the varlen kernel for
-  chunks) on a mixed, padded batch against the torch reference (Triton's interpreter on
-  the CPU; compiled in bf16 on a GPU), and, on a GPU, CUDA graphs of mixed steps giving
-  eager mode's tokens.
+- on a GPU, CUDA graphs of steps that mix decodes and chunks give eager mode's tokens.
+
+The worker and the kernels that take such steps are M4's: tests/test_flash_attn.py.
 """
 
-import os
 import weakref
 
 import pytest
@@ -38,7 +34,6 @@ from conftest import STAGES as PRESENT_STAGES
 from conftest import hf_greedy, load_stage, make_tiny_hf_model, stages_with
 from test_batching import (assert_kv_cache_empty, drive_random_workload,  # noqa: F401
                            record_step, run_to_end, tiny_kv_bytes_per_token, workloads)
-from test_flash_attn import Scheduled, make_batch
 from test_paged import check_blocks
 from test_parity import NUM_TOKENS_TINY, TINY_CONFIGS
 from test_parity import TINY_PROMPTS as HF_PROMPTS
@@ -569,168 +564,7 @@ def test_prompt_logprobs_in_chunks_equal_those_of_whole_prompts(stage, budget,
                 assert got[token].logprob == pytest.approx(lp.logprob, abs=1e-5)
 
 
-# --- the worker: padding a step, graph sizes ---------------------------------------------
-
-@pytest.mark.parametrize("stage", STAGES)
-def test_a_padded_step_of_a_decode_and_a_chunk(stage):
-    """A decode and a prompt's second chunk padded to 8 tokens and 4 sequences: padding
-    tokens are written nowhere and belong to no sequence; padding sequences are empty."""
-    _, batch = make_batch(stage, max_seqs=4, block_size=4)
-    Params = load_stage(stage).SamplingParams
-    params = [Params(temperature=0), Params(temperature=0.5, top_k=3)]
-    # step 1: a's whole prompt (3 tokens, block 1), b's first chunk (5 tokens, blocks 2, 3)
-    batch.prepare([Scheduled("a", [1, 2, 3], 0, [1], True),
-                   Scheduled("b", [10, 11, 12, 13, 14], 0, [2, 3], True)], params)
-    # step 2: a decodes (position 3), b's last chunk (positions 5 and 6, still in block 3)
-    inputs = batch.prepare([Scheduled("a", [4], 3, [], False),
-                            Scheduled("b", [15, 16], 5, [], False)], params, pad_to=(8, 4))
-    md = inputs.attn_metadata
-    assert inputs.input_ids.tolist() == [4, 15, 16, 0, 0, 0, 0, 0]
-    assert inputs.positions.tolist() == [3, 5, 6, 0, 0, 0, 0, 0]
-    assert md.slot_mapping.tolist() == [1 * 4 + 3, 3 * 4 + 1, 3 * 4 + 2] + [-1] * 5
-    assert md.query_start_loc.tolist() == [0, 1, 3, 3, 3]
-    assert md.seq_lens.tolist() == [4, 7, 0, 0]
-    assert md.block_tables.shape[0] == 4 and md.block_tables[:2, :2].tolist() == [[1, 0],
-                                                                                 [2, 3]]
-    assert inputs.logits_indices.tolist() == [0, 2]  # the real sequences' last tokens only
-    assert md.max_query_len == 2 and md.max_seq_len == 7
-    assert batch.sampled == [0, 1]
-    tensors = batch.sampling_tensors()
-    assert not tensors.all_greedy and tensors.top_k.tolist() == [-1, 3]
-    # A chunk that stops inside its prompt samples nothing: no logits row, no parameters.
-    inputs = batch.prepare([Scheduled("a", [4], 3, [], False),
-                            Scheduled("b", [15, 16], 5, [], False, next_token_id=17)], params)
-    assert batch.sampled == [0] and inputs.logits_indices.tolist() == [0]
-    assert batch.sampling_tensors().all_greedy
-    inputs = batch.prepare([Scheduled("b", [15, 16], 5, [], False),
-                            Scheduled("a", [4], 3, [], False, next_token_id=9)], params[::-1])
-    assert batch.sampled == [0] and inputs.logits_indices.tolist() == [1]
-    tensors = batch.sampling_tensors()
-    assert tensors.top_k.tolist() == [3] and tensors.temperature.tolist() == [0.5]
-    # Without padding the same step has just its own tokens and sequences.
-    inputs = batch.prepare([Scheduled("a", [5], 4, [4], False)], params[:1])
-    assert inputs.input_ids.tolist() == [5]
-    assert inputs.attn_metadata.slot_mapping.tolist() == [4 * 4]
-    assert inputs.attn_metadata.query_start_loc.tolist() == [0, 1]
-
-
-@pytest.mark.parametrize("stage", STAGES)
-@pytest.mark.parametrize("budget,max_batch_size", [(1, 1), (100, 256), (256, 256),
-                                                   (2048, 256), (2048, 100), (5000, 300),
-                                                   (2048, 4000)])
-def test_graph_sizes_by_tokens_hold_every_step(stage, budget, max_batch_size):
-    cuda_graph = load_stage(f"{stage}.worker.cuda_graph")
-    sizes = cuda_graph.graph_token_sizes(budget, max_batch_size)
-    assert sizes == sorted(set(sizes)) and sizes[0] == 1
-    assert sizes[-1] == min(budget, cuda_graph.LARGEST_GRAPH_TOKENS)
-    for n in range(1, sizes[-1] + 1):  # every step size has a graph, the smallest that fits
-        size = cuda_graph.padded_size(sizes, n)
-        assert size in sizes and size >= n
-        assert all(s < n for s in sizes if s < size)
-    assert cuda_graph.padded_size(sizes, sizes[-1] + 1) is None  # larger: eager
-    # Every step that can happen has its captured graph: decodes only (a sequence per
-    # token, at most max_batch_size) and mixed steps (two tokens or more).
-    keys = set(cuda_graph.StepGraphs(sizes, max_batch_size).keys)
-    for n in range(1, sizes[-1] + 1):
-        size = cuda_graph.padded_size(sizes, n)
-        if n <= max_batch_size:
-            assert (size, True) in keys, (n, size)
-        if n >= 2:
-            assert (size, False) in keys, (n, size)
-
-
-# --- the kernels -------------------------------------------------------------------------
-
-KERNEL_DEVICE = ("cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
-                 else "cpu")
-
-
-def mixed_batch(query_lens, cached_lens, heads, kv_heads, head_dim, block_size,
-                pad_tokens, pad_seqs, dtype=torch.float32, q_scale=1.0, seed=0):
-    """A paged cache (blocks shuffled in the pool) and the queries of a step of sequences
-    with `query_lens` new tokens after `cached_lens` cached ones, padded as the worker
-    pads: `pad_tokens` tokens of no sequence, `pad_seqs` empty sequences."""
-    g = torch.Generator().manual_seed(seed)
-    seq_lens = [c + n for c, n in zip(cached_lens, query_lens)]
-    blocks_needed = [cdiv(n, block_size) for n in seq_lens]
-    num_blocks = sum(blocks_needed) + 3
-    order = torch.randperm(num_blocks, generator=g).tolist()
-    tables = torch.zeros(len(seq_lens) + pad_seqs, max(blocks_needed), dtype=torch.int32)
-    used = 0
-    for i, n in enumerate(blocks_needed):
-        tables[i, :n] = torch.tensor(order[used:used + n])
-        used += n
-    k_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=g)
-    v_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=g)
-    num_tokens = sum(query_lens)
-    q = q_scale * torch.randn(num_tokens + pad_tokens, heads, head_dim, generator=g)
-    starts = [0] + torch.tensor(query_lens).cumsum(0).tolist() + [num_tokens] * pad_seqs
-    to = lambda t: t.to(KERNEL_DEVICE)  # noqa: E731
-    return (to(q.to(dtype)), to(k_cache.to(dtype)), to(v_cache.to(dtype)),
-            to(torch.tensor(starts, dtype=torch.int32)),
-            to(torch.tensor(seq_lens + [0] * pad_seqs, dtype=torch.int32)), to(tables))
-
-
-@pytest.mark.parametrize("stage", STAGES)
-@pytest.mark.parametrize("num_splits", [1, 3])
-def test_unified_attention_on_a_mixed_padded_batch(stage, num_splits):
-    """Decodes (one of a 1-token sequence, one over 301 keys), a chunk after 70 cached
-    tokens, a chunk that spans two query tiles, a fresh prompt; GQA 4/2, head_dim 24, block size 4;
-    3 padding tokens and 2 empty sequences. Only the real rows are compared."""
-    ops = load_stage(f"{stage}.ops.paged_attention")
-    query_lens = [1, 6, 7, 1, 37, 1]
-    cached_lens = [9, 70, 0, 0, 5, 300]  # 300: three key tiles of 128 for the splits
-    heads, head_dim = 4, 24
-    inputs = mixed_batch(query_lens, cached_lens, heads, 2, head_dim, 4, pad_tokens=3,
-                         pad_seqs=2)
-    scale = head_dim ** -0.5
-    got = ops.unified_attention(*inputs, scale, num_splits).cpu()
-    want = ops.paged_attention_ref(*(t.cpu() for t in inputs), scale)
-    real = sum(query_lens)
-    assert got.shape == inputs[0].shape
-    torch.testing.assert_close(got[:real], want[:real], atol=2e-4, rtol=2e-4)
-    # Each kernel alone writes its own rows: the decodes' and the others'.
-    rows = torch.repeat_interleave(torch.tensor(query_lens), torch.tensor(query_lens))
-    decode_rows = rows == 1
-    q = inputs[0]
-    decoded = ops.paged_decode_attention(q, *inputs[1:], scale, num_splits,
-                                         out=torch.zeros_like(q)).cpu()
-    torch.testing.assert_close(decoded[:real][decode_rows], want[:real][decode_rows],
-                               atol=2e-4, rtol=2e-4)
-    assert torch.count_nonzero(decoded[:real][~decode_rows]) == 0
-    varlen = ops.paged_attention(q, *inputs[1:], scale, out=torch.zeros_like(q)).cpu()
-    torch.testing.assert_close(varlen[:real][~decode_rows], want[:real][~decode_rows],
-                               atol=2e-4, rtol=2e-4)
-    assert torch.count_nonzero(varlen[:real][decode_rows]) == 0
-    # Padding is never written: neither kernel touches rows of no sequence.
-    assert torch.count_nonzero(decoded[real:]) == torch.count_nonzero(varlen[real:]) == 0
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(KERNEL_DEVICE != "cuda", reason="needs compiled Triton on CUDA")
-@pytest.mark.parametrize("stage", STAGES)
-def test_gpu_unified_attention_at_real_shapes(stage):
-    """bf16, qwen3-0.6b's attention (16 heads, 8 kv heads, head_dim 128), block 16: a
-    step of a few hundred tokens mixing decodes over long contexts with chunks after
-    thousands of cached tokens, padded to 512 tokens and 16 sequences. Tolerance as in
-    tests/test_triton_kernels.py (queries scaled up so the softmax is peaked)."""
-    ops = load_stage(f"{stage}.ops.paged_attention")
-    query_lens = [1, 200, 1, 64, 1, 37, 1, 100]
-    cached_lens = [4096, 1000, 17, 0, 300, 2000, 15, 3000]
-    real = sum(query_lens)
-    inputs = mixed_batch(query_lens, cached_lens, 16, 8, 128, 16, pad_tokens=512 - real,
-                         pad_seqs=8, dtype=torch.bfloat16, q_scale=4.0, seed=7)
-    scale = 128 ** -0.5
-    num_sms = torch.cuda.get_device_properties(0).multi_processor_count
-    splits = ops.decode_num_splits(16, 8, num_sms=num_sms)
-    got = ops.unified_attention(*inputs, scale, splits)[:real].float().cpu()
-    q, kc, vc, starts, seq_lens, tables = (t.cpu() for t in inputs)
-    want = ops.paged_attention_ref(q.float(), kc.float(), vc.float(), starts, seq_lens,
-                                   tables, scale)[:real]
-    assert want.abs().amax() > 0.5, "the reference is too flat to catch a wrong key"
-    err = (got - want).abs().max().item()
-    assert err < 2e-2, f"max abs err {err:.3g}"
-
+# --- on a GPU: CUDA graphs of mixed steps ----------------------------------------------
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("stage", STAGES)

@@ -21,6 +21,8 @@ For each pair of neighbouring stages present (bench/stages.py), the files that d
 - a file listed that does not differ is a stale manifest (remove it).
 """
 
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -86,3 +88,31 @@ def test_neighbouring_stages_differ_only_in_lesson_files(old, new):
                        f"stages (or in neither); remove them:")
         message += [f"    {path}" for path in stale]
     assert not unlisted and not stale, "\n".join(message)
+
+
+# M5's idea is scheduling only: the worker, attention and kernels are M4's, unchanged.
+SCHEDULING_ONLY = ("m4_flash_attn", "m5_chunked_prefill")
+SCHEDULING_FILES = ("core/", "engine/", "config.py", "run.py", "__init__.py")
+MAX_SCHEDULING_DIFF_LINES = 450
+
+
+@pytest.mark.skipif(not all(s in STAGES for s in SCHEDULING_ONLY), reason="needs M4 and M5")
+def test_chunked_prefill_changes_only_scheduling_files():
+    old, new = SCHEDULING_ONLY
+    changed = [d.path for d in stage_diff.stage_diff(old, new)]
+    worker_side = [p for p in changed if p.split("/")[0] in ("worker", "attention", "ops")]
+    assert not worker_side, (f"{old} -> {new} changes {worker_side}: chunked prefill is a "
+                             f"scheduling change; the worker's form belongs in {old} too")
+    outside = [p for p in changed if not p.startswith(SCHEDULING_FILES)]
+    assert not outside, f"{old} -> {new} changes files beyond scheduling: {outside}"
+
+
+@pytest.mark.skipif(not all(s in STAGES for s in SCHEDULING_ONLY), reason="needs M4 and M5")
+@pytest.mark.skipif(shutil.which("diff") is None, reason="needs diff")
+def test_chunked_prefill_diff_stays_small():
+    old, new = SCHEDULING_ONLY
+    result = subprocess.run(["diff", "-r", "-x", "__pycache__", old, new], cwd=REPO_ROOT,
+                            capture_output=True, text=True)
+    num_lines = len(result.stdout.splitlines())
+    assert 0 < num_lines <= MAX_SCHEDULING_DIFF_LINES, \
+        f"`diff -r {old} {new}` is {num_lines} lines (at most {MAX_SCHEDULING_DIFF_LINES})"

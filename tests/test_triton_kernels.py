@@ -1,16 +1,16 @@
-"""M4's Triton kernels against their torch references.
+"""M4's Triton attention kernels against their torch references.
 
 On the CPU they run under the Triton interpreter (TRITON_INTERPRET=1, set here before
 triton is imported when torch sees no GPU), in fp32 on tiny shapes; on a GPU the same
 tests run compiled. Shapes cover GQA, head_dim not a power of two, block sizes 16 and
-32, and a batch that mixes a whole prompt, a prompt whose first blocks are already
-cached, and decodes.
+32, and a step that mixes a whole prompt, a prompt whose first blocks are already
+cached, and decodes (`unified_attention`: both kernels).
 
 The tests marked `gpu` (skipped without CUDA, and when TRITON_INTERPRET=1 is forced)
 run the compiled kernels in bf16 and fp16 against the fp32 reference on the same
 inputs: decode batches of 1, 7, 64 and 256, lengths on both sides of block boundaries,
 GQA groups 1, 2, 4, 7, 8, head_dim 40, 48, 64, 80, 128, padding rows (seq_len 0) and
-forced split counts, a mixed varlen batch, and the cache write with padding slots:
+forced split counts, a mixed step, and the cache write with padding slots:
 `TRITON_INTERPRET=0 python3 -m pytest -q -m gpu tests/test_triton_kernels.py` (under a
 minute on an H100, most of it compiling).
 """
@@ -54,13 +54,13 @@ def _batch(query_lens, cached_lens, heads, kv_heads, head_dim, block_size, seed=
 
 @pytest.mark.parametrize("heads, kv_heads, head_dim, block_size", [
     (4, 2, 16, 16), (4, 1, 40, 16), (2, 2, 48, 32), (6, 2, 80, 16)])
-def test_paged_attention_matches_the_reference(heads, kv_heads, head_dim, block_size):
-    query_lens = [19, 7, 1, 1, 33]  # a prompt, a chunk after a cached prefix, 2 decodes
+def test_unified_attention_matches_the_reference(heads, kv_heads, head_dim, block_size):
+    query_lens = [19, 7, 1, 1, 33]  # a prompt, the rest after a cached prefix, 2 decodes
     cached_lens = [0, 40, 25, 16, 0]
     q, kc, vc, starts, seq_lens, tables = _batch(query_lens, cached_lens, heads, kv_heads,
                                                  head_dim, block_size)
     scale = head_dim ** -0.5
-    got = ops.paged_attention(q, kc, vc, starts, seq_lens, tables, max(query_lens), scale)
+    got = ops.unified_attention(q, kc, vc, starts, seq_lens, tables, scale, num_splits=2)
     want = ops.paged_attention_ref(q.cpu(), kc.cpu(), vc.cpu(), starts.cpu(), seq_lens.cpu(),
                                    tables.cpu(), scale)
     torch.testing.assert_close(got.cpu(), want, atol=2e-4, rtol=2e-4)
@@ -87,22 +87,22 @@ def test_paged_decode_matches_the_reference(heads, kv_heads, head_dim, block_siz
     q, kc, vc, starts, seq_lens, tables = _batch([1] * 5, cached_lens, heads, kv_heads,
                                                  head_dim, block_size)
     scale = head_dim ** -0.5
-    got = ops.paged_decode_attention(q, kc, vc, seq_lens, tables, scale,
+    got = ops.paged_decode_attention(q, kc, vc, starts, seq_lens, tables, scale,
                                      num_splits=num_splits, block_n=32)
     want = ops.paged_attention_ref(q.cpu(), kc.cpu(), vc.cpu(), starts.cpu(), seq_lens.cpu(),
                                    tables.cpu(), scale)
     torch.testing.assert_close(got.cpu(), want, atol=2e-4, rtol=2e-4)
 
 
-def test_paged_decode_padding_rows_give_zeros():
-    """A padding row of a CUDA graph's batch (seq_len 0, a table of zeros) comes out as
+def test_paged_decode_rows_without_keys_give_zeros():
+    """A query of a sequence with no keys (seq_len 0, a table of zeros) comes out as
     zeros, and does not disturb its neighbours; tiny, so the interpreter is quick."""
     heads, kv_heads, head_dim, block_size = 4, 2, 16, 16
     q, kc, vc, starts, seq_lens, tables = _batch([1] * 4, [-1, 4, -1, 19], heads, kv_heads,
                                                  head_dim, block_size)
     assert seq_lens.tolist() == [0, 5, 0, 20]
     scale = head_dim ** -0.5
-    got = ops.paged_decode_attention(q, kc, vc, seq_lens, tables, scale, num_splits=2,
+    got = ops.paged_decode_attention(q, kc, vc, starts, seq_lens, tables, scale, num_splits=2,
                                      block_n=16).cpu()
     assert torch.equal(got[[0, 2]], torch.zeros_like(got[[0, 2]]))
     want = ops.paged_attention_ref(q.cpu(), kc.cpu(), vc.cpu(), starts.cpu(), seq_lens.cpu(),
@@ -172,11 +172,12 @@ def test_gpu_paged_decode(dtype, heads, kv_heads, head_dim, block_size, batch, l
     lengths = lengths if isinstance(lengths, list) else _lengths(batch, lengths, seed=batch)
     inputs = _gpu_inputs([1] * batch, [n - 1 for n in lengths], heads, kv_heads, head_dim,
                          block_size, dtype, seed=batch + head_dim)
-    q, kc, vc, _, seq_lens, tables = inputs
+    q, kc, vc, starts, seq_lens, tables = inputs
     scale = head_dim ** -0.5
     num_sms = torch.cuda.get_device_properties(0).multi_processor_count
     splits = ops.decode_num_splits(batch, kv_heads, num_sms=num_sms)
-    got = ops.paged_decode_attention(q, kc, vc, seq_lens, tables, scale, num_splits=splits)
+    got = ops.paged_decode_attention(q, kc, vc, starts, seq_lens, tables, scale,
+                                     num_splits=splits)
     _assert_close(got, _reference(*inputs, scale), dtype)
 
 
@@ -186,18 +187,19 @@ def test_gpu_paged_decode(dtype, heads, kv_heads, head_dim, block_size, batch, l
 @pytest.mark.parametrize("dtype", [BF16, FP16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("splits", ["auto", 1, 32])
 def test_gpu_paged_decode_padding_and_splits(dtype, splits):
-    """Padding rows (seq_len 0) give zeros; the other rows are right with the split count
+    """Rows without keys (seq_len 0) give zeros; the other rows are right with the split count
     the engine picks, with no split and with 32 (more splits than some rows have tiles)."""
     heads, kv_heads, head_dim, block_size = 14, 2, 64, 16
     lengths = [0, 17, 4097, 0, 1, 16, 1000, 0]
-    q, kc, vc, _, seq_lens, tables = inputs = _gpu_inputs(
+    q, kc, vc, starts, seq_lens, tables = inputs = _gpu_inputs(
         [1] * len(lengths), [n - 1 for n in lengths], heads, kv_heads, head_dim, block_size,
         dtype, seed=3)
     scale = head_dim ** -0.5
     if splits == "auto":
         splits = ops.decode_num_splits(len(lengths), kv_heads,
                                        torch.cuda.get_device_properties(0).multi_processor_count)
-    got = ops.paged_decode_attention(q, kc, vc, seq_lens, tables, scale, num_splits=splits)
+    got = ops.paged_decode_attention(q, kc, vc, starts, seq_lens, tables, scale,
+                                     num_splits=splits)
     pad = [i for i, n in enumerate(lengths) if n == 0]
     real = [i for i, n in enumerate(lengths) if n > 0]
     assert torch.equal(got[pad].cpu(), torch.zeros_like(got[pad]).cpu())
@@ -211,16 +213,18 @@ def test_gpu_paged_decode_padding_and_splits(dtype, splits):
     (BF16, 8, 8, 64, 16), (FP16, 8, 4, 40, 16), (BF16, 8, 2, 80, 32),
     (FP16, 14, 2, 64, 16), (BF16, 16, 2, 128, 32), (FP16, 16, 8, 48, 16)],
     ids=lambda v: str(v).removeprefix("torch."))
-def test_gpu_paged_attention_mixed_batch(dtype, heads, kv_heads, head_dim, block_size):
-    """One varlen batch: whole prompts (300, 15 and 1 tokens), a 37-token chunk after
-    1000 cached tokens, and decodes at lengths 16, 17 and 4097."""
+def test_gpu_unified_attention_mixed_batch(dtype, heads, kv_heads, head_dim, block_size):
+    """One step: whole prompts (300, 15 and 1 tokens), 37 new tokens after 1000 cached
+    ones, and decodes at lengths 16, 17 and 4097."""
     query_lens = [300, 37, 1, 1, 1, 15, 1]
     cached_lens = [0, 1000, 15, 16, 4096, 0, 0]
     inputs = _gpu_inputs(query_lens, cached_lens, heads, kv_heads, head_dim, block_size,
                          dtype, seed=head_dim)
     q, kc, vc, starts, seq_lens, tables = inputs
     scale = head_dim ** -0.5
-    got = ops.paged_attention(q, kc, vc, starts, seq_lens, tables, max(query_lens), scale)
+    splits = ops.decode_num_splits(len(query_lens), kv_heads,
+                                   torch.cuda.get_device_properties(0).multi_processor_count)
+    got = ops.unified_attention(q, kc, vc, starts, seq_lens, tables, scale, splits)
     _assert_close(got, _reference(*inputs, scale), dtype)
 
 

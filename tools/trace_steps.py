@@ -189,11 +189,11 @@ def _step_record(index: int, start: float, end: float, out, with_token: set[str]
     for s in out.scheduled:
         n = len(s.new_token_ids)
         inside = getattr(s, "next_token_id", None) is not None  # M5+; None before
-        seqs.append({"request_id": s.request_id, "num_new_tokens": n,
+        rid = s.seq_name  # one sample per request here: the sequence is named by its request
+        seqs.append({"request_id": rid, "num_new_tokens": n,
                      "num_computed_before": s.num_computed_tokens,
-                     "kind": kind_of(s.num_computed_tokens, n, prompt_len[s.request_id],
-                                     inside),
-                     "token": s.request_id in with_token})
+                     "kind": kind_of(s.num_computed_tokens, n, prompt_len[rid], inside),
+                     "token": rid in with_token})
     return {"step": index, "start_s": start, "end_s": end, "budget": budget,
             "num_tokens": sum(s["num_new_tokens"] for s in seqs),
             "num_waiting": waiting, "seqs": seqs}

@@ -44,7 +44,7 @@ def prefill(model, shape, prompts, length, timer):
     rows = []
     for bm, bn, w, s in PREFILL_CONFIGS:
         def kernel():
-            return ops.paged_attention(q, k_cache, v_cache, starts, seq_lens, tables, length,
+            return ops.paged_attention(q, k_cache, v_cache, starts, seq_lens, tables,
                                        head_dim ** -0.5, block_m=bm, block_n=bn,
                                        num_warps=w, num_stages=s)
         try:
@@ -73,7 +73,7 @@ def decode(model, shape, batch, context, timer, num_sms):
         splits = ops.decode_num_splits(batch, kv_heads, num_sms=num_sms * f)
 
         def kernel():
-            return ops.paged_decode_attention(q, k_cache, v_cache, seq_lens, tables,
+            return ops.paged_decode_attention(q, k_cache, v_cache, starts, seq_lens, tables,
                                               head_dim ** -0.5, splits, block_n=bn,
                                               num_warps=w, num_stages=s)
         try:

@@ -1,36 +1,15 @@
-"""Triton kernels over the paged KV cache: the cache write, and flash attention.
+"""Triton kernels over the paged KV cache: the cache write, and one step's attention.
 
-Introduced in M4. They read and write the KV blocks where they lie: the cache is
-`[num_blocks, block_size, kv_heads, head_dim]` per layer for K and for V, and position p
-of a sequence lives in block `block_table[p // block_size]`, row `p % block_size`. A tile
-of BLOCK_N keys is gathered row by row through the block table, so it may span several
-blocks that lie anywhere in the pool.
+K/V stay where they lie: position p of a sequence is row p % block_size of block
+`block_table[p // block_size]`. `write_kv_cache` writes each new token's K/V to its slot
+(-1: nowhere); `paged_attention` (FlashAttention-2 style: query tiles, online softmax,
+causal by position) takes the sequences with several new tokens, `paged_decode_attention`
+(flash-decoding: keys split, merged by log-sum-exp) those with one, and
+`unified_attention` runs both on any mix. Each kernel finds its sequences on the device,
+so a grid depends only on the step's size and one CUDA graph fits every mix. Each has a
+torch reference (`*_ref`) that the tests compare it with.
 
-- `write_kv_cache(k, v, k_cache, v_cache, slot_mapping)`: new token t's key and value go
-  to slot `slot_mapping[t]` (one program per token); slot -1 (a padding token of a CUDA
-  graph's batch) is written nowhere.
-- `paged_attention(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, ...)`:
-  FlashAttention-2 style. One program takes a tile of BLOCK_M queries of one sequence
-  for one query head and sweeps the sequence's keys tile by tile, keeping a running
-  max and sum for the softmax (the "online softmax"), so no score matrix is ever stored.
-  Queries sit at the end of their sequence (positions `[seq_len - num_new, seq_len)`)
-  and see keys up to their own position: a prompt, a chunk of a prompt whose start is
-  already cached, and a decode (one query) are the same case. The key tiles that every
-  query of the tile sees whole need no mask; only those along the diagonal do.
-- `paged_decode_attention(...)`: one query per sequence (flash-decoding). A program
-  takes one sequence, one kv head and all the query heads that share it (GQA: their
-  rows are one small matrix), over one split of the keys; the splits are merged by
-  their log-sum-exp.
-
-Query head h reads kv head `h // (heads // kv_heads)` (GQA). head_dim need not be a
-power of two: it is padded to one inside the kernels and masked. Softmax runs in base 2
-(`exp2`, the scale multiplied by log2(e)), which is the same function, computed faster.
-What these kernels share with the FlashAttention library: the tiling, the online
-softmax and, for decode, the split-K merge; what they do not have: its hand-written
-CUDA, warp specialization and Hopper's asynchronous copies (TMA).
-
-Each kernel has a torch reference (`*_ref`) that the tests compare it with, on the CPU
-under the Triton interpreter (`TRITON_INTERPRET=1`, fp32) and on the GPU.
+Introduced in M4.
 """
 
 import torch
@@ -108,26 +87,50 @@ def _online_softmax_step(q, k, v, running_max, running_sum, acc, visible, qk_sca
     return new_max, running_sum, acc
 
 
-# tiles_per_seq changes from step to step: compiling a variant per value class (Triton
-# specializes integers that are 1 or multiples of 16) would stall a step for a compile.
-@triton.jit(do_not_specialize=["tiles_per_seq"])
+@triton.jit
+def _first_tile(query_start_ptr, seq, BLOCK_M: tl.constexpr):
+    """The program id of sequence `seq`'s first query tile. Sequence i's tiles start
+    at query_start[i] // BLOCK_M + i: never before the end of the tiles of the ones
+    before it, however their lengths fall, so a grid of T // BLOCK_M + B programs covers
+    every tile of a batch of T tokens and B sequences (some programs get none)."""
+    return tl.load(query_start_ptr + seq) // BLOCK_M + seq
+
+
+@triton.jit
+def _sequence_of_program(query_start_ptr, num_seqs, program, BLOCK_M: tl.constexpr):
+    """The last sequence whose first tile is at or before `program` (binary search)."""
+    low = tl.zeros((), dtype=tl.int32)  # _first_tile(low) <= program < _first_tile(high)
+    high = low + num_seqs
+    while high - low > 1:
+        mid = (low + high) // 2
+        if _first_tile(query_start_ptr, mid, BLOCK_M) <= program:
+            low = mid
+        else:
+            high = mid
+    return low
+
+
+@triton.jit
 def _paged_attention_kernel(
         q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
         query_start_ptr, seq_lens_ptr, block_tables_ptr,
-        qk_scale, tiles_per_seq, group, head_dim,
+        qk_scale, num_seqs, group, head_dim,
         q_row_stride, q_head_stride, block_stride, slot_stride, kv_head_stride,
         table_stride,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
         HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr):
-    seq = tl.program_id(0) // tiles_per_seq
-    tile = tl.program_id(0) % tiles_per_seq
+    # Which sequence and tile this program takes is found here, on the device, so the
+    # grid depends only on the batch's shape (a CUDA graph fixes it), not on its lengths.
+    seq = _sequence_of_program(query_start_ptr, num_seqs, tl.program_id(0), BLOCK_M)
+    tile = tl.program_id(0) - _first_tile(query_start_ptr, seq, BLOCK_M)
     head = tl.program_id(1)
     kv_head_offset = (head // group) * kv_head_stride
 
     q_start = tl.load(query_start_ptr + seq)
     q_len = tl.load(query_start_ptr + seq + 1) - q_start
     seq_len = tl.load(seq_lens_ptr + seq)
-    if tile * BLOCK_M < q_len:
+    # A sequence with one query (a decode) is the decode kernel's.
+    if (q_len > 1) & (tile * BLOCK_M < q_len):
         rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)  # query index within the sequence
         row_ok = rows < q_len
         positions = seq_len - q_len + rows  # each query's position in its sequence
@@ -184,25 +187,27 @@ def prefill_config(head_dim: int, dtype: torch.dtype) -> dict:
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
-                    block_tables: torch.Tensor, max_query_len: int, scale: float,
+                    block_tables: torch.Tensor, scale: float, out: torch.Tensor | None = None,
                     **config) -> torch.Tensor:
     """q: [T, heads, d], the new tokens of B sequences one after the other; the caches:
-    [num_blocks, block_size, kv_heads, d]. Returns [T, heads, d]. `config` overrides
-    the tile sizes of `prefill_config` (block_m, block_n, num_warps, num_stages)."""
+    [num_blocks, block_size, kv_heads, d]. Returns [T, heads, d] (into `out` if given),
+    written for the sequences with more than one new token only (the rows of those with
+    one are left as they were, for the decode kernel; `unified_attention` runs both).
+    `config` overrides the tile sizes of `prefill_config` (block_m, block_n,
+    num_warps, num_stages)."""
     num_tokens, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     q = q.contiguous()
-    out = torch.empty_like(q)
+    out = torch.empty_like(q) if out is None else out
     num_seqs = seq_lens.shape[0]
     if num_tokens == 0 or num_seqs == 0:
         return out
     cfg = prefill_config(head_dim, q.dtype) | config
     block_n = max(cfg["block_n"], block_size)
-    tiles_per_seq = triton.cdiv(max_query_len, cfg["block_m"])
-    grid = (num_seqs * tiles_per_seq, num_heads)
+    grid = (num_tokens // cfg["block_m"] + num_seqs, num_heads)  # see _first_tile
     _paged_attention_kernel[grid](
         q, k_cache, v_cache, out, query_start_loc, seq_lens, block_tables,
-        scale * LOG2_E, tiles_per_seq, num_heads // num_kv_heads, head_dim,
+        scale * LOG2_E, num_seqs, num_heads // num_kv_heads, head_dim,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0),
         BLOCK_M=cfg["block_m"], BLOCK_N=block_n, BLOCK_SIZE=block_size,
@@ -239,7 +244,7 @@ def paged_attention_ref(q, k_cache, v_cache, query_start_loc, seq_lens, block_ta
 @triton.jit
 def _paged_decode_kernel(
         q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_out_ptr, part_lse_ptr,
-        seq_lens_ptr, block_tables_ptr,
+        query_start_ptr, seq_lens_ptr, block_tables_ptr,
         qk_scale, group, head_dim, num_splits,
         q_row_stride, q_head_stride, block_stride, slot_stride, kv_head_stride,
         table_stride,
@@ -249,13 +254,17 @@ def _paged_decode_kernel(
     seq, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     num_heads = tl.num_programs(1) * group
     kv_head_offset = kv_head * kv_head_stride
-    seq_len = tl.load(seq_lens_ptr + seq)
+    # The sequence's query is row q_start of the batch. One with more new tokens (a
+    # prompt, or part of one) is the varlen kernel's: here it reads no key, writes nothing.
+    q_start = tl.load(query_start_ptr + seq)
+    is_decode = tl.load(query_start_ptr + seq + 1) - q_start == 1
+    seq_len = tl.where(is_decode, tl.load(seq_lens_ptr + seq), 0)
     rows = tl.arange(0, GROUP_PAD)  # the query heads that share this kv head
-    row_ok = rows < group
+    row_ok = rows < tl.where(is_decode, group, 0)
     heads = kv_head * group + rows
     dims = tl.arange(0, HEAD_DIM)
     dim_ok = dims < head_dim
-    q = tl.load(q_ptr + seq * q_row_stride + heads[:, None] * q_head_stride + dims[None, :],
+    q = tl.load(q_ptr + q_start * q_row_stride + heads[:, None] * q_head_stride + dims[None, :],
                 mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
 
     running_max = tl.full([GROUP_PAD], float("-inf"), tl.float32)
@@ -280,7 +289,7 @@ def _paged_decode_kernel(
     # this split's result, normalized (zeros when it saw no key)
     out = acc / tl.where(running_sum == 0.0, 1.0, running_sum)[:, None]
     if ONE_SPLIT:  # the whole answer: straight to the output
-        tl.store(out_ptr + seq * q_row_stride + heads[:, None] * q_head_stride + dims[None, :],
+        tl.store(out_ptr + q_start * q_row_stride + heads[:, None] * q_head_stride + dims[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
     else:  # and its log-sum-exp (base 2; -inf when it saw no key), for the merge
         lse = tl.where(running_sum == 0.0, float("-inf"),
@@ -292,57 +301,65 @@ def _paged_decode_kernel(
 
 
 @triton.jit
-def _merge_splits_kernel(part_out_ptr, part_lse_ptr, out_ptr, num_splits, head_dim,
-                         out_row_stride, out_head_stride,
+def _merge_splits_kernel(part_out_ptr, part_lse_ptr, out_ptr, query_start_ptr, num_splits,
+                         head_dim, out_row_stride, out_head_stride,
                          SPLITS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr):
     """One (sequence, head): the splits' outputs weighted by exp(lse - max lse)."""
     seq, head = tl.program_id(0), tl.program_id(1)
     part = (seq * tl.num_programs(1) + head) * num_splits
+    # Decodes only, at their own rows: the decode kernel wrote no split of the others.
+    q_start = tl.load(query_start_ptr + seq)
+    is_decode = tl.load(query_start_ptr + seq + 1) - q_start == 1
     splits = tl.arange(0, SPLITS_PAD)
+    split_ok = splits < tl.where(is_decode, num_splits, 0)
     dims = tl.arange(0, HEAD_DIM)
-    lse = tl.load(part_lse_ptr + part + splits, mask=splits < num_splits,
-                  other=float("-inf"))
+    lse = tl.load(part_lse_ptr + part + splits, mask=split_ok, other=float("-inf"))
     top = tl.max(lse, 0)
     weights = tl.exp2(lse - tl.where(top == float("-inf"), 0.0, top))  # 0 for empty splits
     parts = tl.load(part_out_ptr + (part + splits)[:, None] * HEAD_DIM + dims[None, :],
-                    mask=(splits < num_splits)[:, None], other=0.0)
+                    mask=split_ok[:, None], other=0.0)
     total = tl.sum(weights, 0)
     out = tl.sum(weights[:, None] * parts, 0) / tl.where(total == 0.0, 1.0, total)
-    tl.store(out_ptr + seq * out_row_stride + head * out_head_stride + dims,
-             out.to(out_ptr.dtype.element_ty), mask=dims < head_dim)
+    tl.store(out_ptr + q_start * out_row_stride + head * out_head_stride + dims,
+             out.to(out_ptr.dtype.element_ty), mask=dims < tl.where(is_decode, head_dim, 0))
 
 
 def decode_num_splits(num_seqs: int, num_kv_heads: int, num_sms: int = 132,
                       max_splits: int = 32) -> int:
     """How many pieces to cut each sequence's keys into so that about two programs per
     streaming multiprocessor run even when the batch is small (a function of the batch
-    shape only, so that a CUDA graph captured for this batch size fits every step)."""
+    shape only, so that a CUDA graph captured for this step size fits every step)."""
     return max(1, min(max_splits, triton.cdiv(2 * num_sms, num_seqs * num_kv_heads)))
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                           seq_lens: torch.Tensor, block_tables: torch.Tensor, scale: float,
-                           num_splits: int, block_n: int = 128, num_warps: int = 4,
-                           num_stages: int = 2) -> torch.Tensor:
-    """One new token per sequence: q [B, heads, d] -> [B, heads, d]. Each program takes
-    one sequence, one kv head and all the query heads that share it, over one split of
-    the keys; with several splits a second kernel merges them by their log-sum-exp
-    (flash-decoding), so even one long sequence keeps many programs busy. A sequence of
-    length 0 (a padding row) gets zeros."""
-    num_seqs, num_heads, head_dim = q.shape
+                           query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
+                           block_tables: torch.Tensor, scale: float, num_splits: int,
+                           out: torch.Tensor | None = None, block_n: int = 128,
+                           num_warps: int = 4, num_stages: int = 2) -> torch.Tensor:
+    """The sequences with one new token (decodes): q [T, heads, d] -> [T, heads, d] (into
+    `out` if given), written at their rows (the others are the varlen kernel's). Each
+    program takes one sequence, one kv head and all the query heads that share it, over
+    one split of the keys; with several splits a second kernel merges them by their
+    log-sum-exp (flash-decoding), so even one long sequence keeps many programs busy. A
+    sequence of length 0 gets zeros."""
+    num_heads, head_dim = q.shape[1:]
+    num_seqs = seq_lens.shape[0]
     _, block_size, num_kv_heads, _ = k_cache.shape
     group = num_heads // num_kv_heads
     block_n = max(block_n, block_size)
     head_pad = triton.next_power_of_2(head_dim)
     q = q.contiguous()
-    out = torch.empty_like(q)
+    out = torch.empty_like(q) if out is None else out
+    if num_seqs == 0 or q.shape[0] == 0:
+        return out
     one_split = num_splits == 1
     parts = (num_seqs, num_heads, num_splits)
     part_out = out if one_split else torch.empty(*parts, head_pad, device=q.device,
                                                   dtype=torch.float32)
     part_lse = out if one_split else torch.empty(*parts, device=q.device, dtype=torch.float32)
     _paged_decode_kernel[(num_seqs, num_kv_heads, num_splits)](
-        q, k_cache, v_cache, out, part_out, part_lse, seq_lens, block_tables,
+        q, k_cache, v_cache, out, part_out, part_lse, query_start_loc, seq_lens, block_tables,
         scale * LOG2_E, group, head_dim, num_splits,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0),
@@ -351,6 +368,22 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         NUM_STAGES=num_stages, ONE_SPLIT=one_split, num_warps=num_warps)
     if not one_split:
         _merge_splits_kernel[(num_seqs, num_heads)](
-            part_out, part_lse, out, num_splits, head_dim, out.stride(0), out.stride(1),
-            SPLITS_PAD=triton.next_power_of_2(num_splits), HEAD_DIM=head_pad)
+            part_out, part_lse, out, query_start_loc, num_splits, head_dim, out.stride(0),
+            out.stride(1), SPLITS_PAD=triton.next_power_of_2(num_splits), HEAD_DIM=head_pad)
     return out
+
+
+def unified_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
+                      block_tables: torch.Tensor, scale: float,
+                      num_splits: int) -> torch.Tensor:
+    """One step's attention, whatever it mixes: q [T, heads, d] -> [T, heads, d]. The
+    decodes go through flash-decoding, the others (whole prompts or parts of them) through
+    the varlen kernel, each skipping the other's sequences, into one output. Both grids
+    depend only on T, B and num_splits, so a CUDA graph of a step fits any mix of the
+    same size. Rows of no sequence (padding tokens) are left unwritten."""
+    out = torch.empty_like(q)
+    paged_decode_attention(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables,
+                           scale, num_splits, out=out)
+    return paged_attention(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables,
+                           scale, out=out)

@@ -1,26 +1,15 @@
 """The step's inputs: the scheduler's plain ints turned into the model's flat batch.
 
-Introduced in M2 (where a sequence's one block is its whole slot; M3's blocks are
-small, and nothing here changes). Each scheduled sequence computes the new tokens at
-positions `[num_computed, num_computed + n)`: a whole prompt, or the one token sampled
-last step. They are laid one after the other into one flat batch of `T` tokens, with
+Each scheduled sequence computes its new tokens at positions `[num_computed,
+num_computed + n)` (a whole prompt, part of one, or last step's token: the same case),
+laid one after the other into `T` tokens with their positions, cache slots, attention's
+view (`query_start_loc`, `seq_lens`, `block_tables`) and `logits_indices` (the last token
+of each sequence that samples). `InputBatch` is kept from step to step: per running
+sequence a block table row (appended to) and its sampling row; a step's arrays are built
+with numpy into pinned buffers, copied without waiting to device buffers of fixed address
+(what a CUDA graph reads), and padded to a graph's size.
 
-- `positions`: each token's position in its sequence (for the rotary embedding);
-- `slot_mapping`: the cache slot its K/V are written to, from the block table;
-- `query_start_loc`, `seq_lens`, padded `block_tables`: where each sequence's tokens
-  are in the batch, and how many keys it has once they are written (attention's view);
-- `logits_indices`: the row of each sequence's last token, the one whose logits give
-  its next token.
-
-M4 makes this cheap enough that the GPU no longer waits for it. `InputBatch` is made
-once and kept: each running sequence owns a row of a block table that is only appended
-to (the scheduler sends a sequence's new blocks, not its whole table), and of a table of
-its sampling parameters, written once when it starts. A step's arrays are computed with
-numpy in a few vectorized operations (no Python loop over tokens) into pinned host
-buffers and copied to device buffers allocated once, without waiting. Those device
-buffers are also what a CUDA graph reads (`worker/cuda_graph.py`): their addresses never
-change. A decode batch can be padded to the graph's batch size with rows that write to
-slot -1 (nowhere) and attend to no keys.
+Introduced in M2; changed in M4 (kept buffers and tables, padding by tokens).
 """
 
 import itertools
@@ -30,7 +19,7 @@ import numpy as np
 import torch
 
 from ..attention.metadata import AttentionMetadata
-from ..model_executor.layers.sampler import SamplingTensors
+from ..model_executor.layers.sampler import SamplingRow, SamplingTensors
 from ..sampling_params import SamplingParams
 from ..utils import cdiv
 
@@ -40,7 +29,7 @@ class ModelInputs:
     input_ids: torch.Tensor  # [T]
     positions: torch.Tensor  # [T]
     attn_metadata: AttentionMetadata
-    logits_indices: torch.Tensor  # [B]
+    logits_indices: torch.Tensor  # [S] the last tokens of the sequences that sample
 
 
 def slot_of(block_ids: list[int], block_size: int, position: int) -> int:
@@ -84,31 +73,54 @@ class InputBatch:
         # Per running sequence (a row each), kept from step to step.
         self.block_table = np.zeros((max_num_seqs, max_blocks_per_seq), dtype=np.int64)
         self.sampling_table = np.zeros((max_num_seqs, 5), dtype=np.float32)
-        self.rows: dict[str, int] = {}  # request id -> its row
+        self.rows: dict[str, int] = {}  # sequence name -> its row
+        # How to sample each sequence (its generator, its token history), from its first
+        # step until it finishes: a preempted one keeps its own.
+        self.sampling_rows: dict[str, SamplingRow] = {}
         self.free_rows = list(range(max_num_seqs - 1, -1, -1))
         self.step_rows = np.zeros(0, dtype=np.int64)  # the rows of the last step, in order
+        self.sampled: list[int] = []  # which of the last step's sequences sample
         pin = device.type == "cuda"
         self.host = StepBuffers(max_num_seqs, max_num_tokens, max_blocks_per_seq, "cpu", pin)
         self.gpu = StepBuffers(max_num_seqs, max_num_tokens, max_blocks_per_seq, device)
 
     # -- the lasting part ---------------------------------------------------------------
-    def forget(self, request_ids: list[str]) -> None:
+    def update(self, scheduler_output) -> None:
+        """Forget the sequences that finished (their rows and how to sample them) and the
+        tables of those preempted; keep how to sample those that start."""
+        for name in scheduler_output.finished_seq_names:
+            self.sampling_rows.pop(name, None)
+        self.forget(scheduler_output.finished_seq_names + scheduler_output.preempted_seq_names)
+        for s in scheduler_output.scheduled:
+            if s.new_sequence is not None and s.seq_name not in self.sampling_rows:
+                self.sampling_rows[s.seq_name] = self._new_sampling_row(s.new_sequence)
+
+    def _new_sampling_row(self, new) -> SamplingRow:
+        """A row of its own: a private random stream when the request has a seed (so its
+        samples do not depend on what runs beside it), and its token history."""
+        generator = None if new.seed is None else \
+            torch.Generator(self.device).manual_seed(new.seed)
+        return SamplingRow(new.sampling_params, list(new.prompt_token_ids), [], generator,
+                           list(new.blocked_token_ids))
+
+    def forget(self, names: list[str]) -> None:
         """These sequences' blocks were freed: their rows go back."""
-        for request_id in request_ids:
-            row = self.rows.pop(request_id, None)
+        for name in names:
+            row = self.rows.pop(name, None)
             if row is not None:
                 self.free_rows.append(row)
 
-    def _update_row(self, scheduled, params: SamplingParams) -> int:
+    def _update_row(self, scheduled) -> int:
         """The sequence's row, with its block table brought up to date."""
-        row = self.rows.get(scheduled.request_id)
+        row = self.rows.get(scheduled.seq_name)
         if scheduled.is_new:
             if row is None:
-                row = self.rows[scheduled.request_id] = self.free_rows.pop()
+                row = self.rows[scheduled.seq_name] = self.free_rows.pop()
+            params = self.sampling_rows[scheduled.seq_name].params
             self.sampling_table[row] = (params.temperature or 1.0, params.top_k,
                                         params.top_p, params.min_p, params.greedy)
         elif row is None:
-            raise RuntimeError(f"request {scheduled.request_id!r}: no block table kept for it "
+            raise RuntimeError(f"sequence {scheduled.seq_name!r}: no block table kept for it "
                                "(its first step never reached the worker)")
         # The new blocks follow those that hold the tokens already computed (the same rule
         # as the scheduler's), so a step sent again after a failed one writes the same.
@@ -118,12 +130,12 @@ class InputBatch:
         return row
 
     # -- one step -------------------------------------------------------------------------
-    def prepare(self, scheduled: list, params: list[SamplingParams],
-                pad_to: int | None = None) -> ModelInputs:
+    def prepare(self, scheduled: list, pad_to: tuple[int, int] | None = None) -> ModelInputs:
         """The model's inputs for the scheduled sequences (duck-typed `ScheduledSequence`s:
-        request_id, new_token_ids, num_computed_tokens, new_block_ids, is_new). With
-        `pad_to`, a batch of decodes grows to that many rows of padding."""
-        rows = np.fromiter((self._update_row(s, p) for s, p in zip(scheduled, params)),
+        seq_name, new_token_ids, num_computed_tokens, new_block_ids, is_new,
+        next_token_id). With `pad_to` = (tokens, sequences), the step grows to that size
+        with padding."""
+        rows = np.fromiter((self._update_row(s) for s in scheduled),
                            dtype=np.int64, count=len(scheduled))
         query_lens = np.fromiter((len(s.new_token_ids) for s in scheduled), dtype=np.int64,
                                  count=len(scheduled))
@@ -133,10 +145,12 @@ class InputBatch:
         token_ids = np.fromiter(itertools.chain.from_iterable(s.new_token_ids for s in scheduled),
                                 dtype=np.int64, count=num_tokens)
         self.step_rows = rows
+        # New tokens that stop inside the prompt (next_token_id given) sample nothing.
+        self.sampled = [i for i, s in enumerate(scheduled) if s.next_token_id is None]
         return self._fill(rows, query_lens, computed, token_ids, pad_to)
 
     def _fill(self, rows: np.ndarray, query_lens: np.ndarray, computed: np.ndarray,
-              token_ids: np.ndarray, pad_to: int | None) -> ModelInputs:
+              token_ids: np.ndarray, pad_to: tuple[int, int] | None) -> ModelInputs:
         num_seqs, num_tokens = len(rows), len(token_ids)
         starts = np.zeros(num_seqs + 1, dtype=np.int64)
         np.cumsum(query_lens, out=starts[1:])
@@ -145,8 +159,7 @@ class InputBatch:
         blocks = self.block_table[rows[seq_of_token], positions // self.block_size]
         seq_lens = computed + query_lens
 
-        padded_seqs = num_seqs if pad_to is None else pad_to
-        padded_tokens = num_tokens + padded_seqs - num_seqs  # one token per padding row
+        padded_tokens, padded_seqs = (num_tokens, num_seqs) if pad_to is None else pad_to
         h = {name: getattr(self.host, name).numpy() for name in self.host.names()}
         h["input_ids"][:num_tokens] = token_ids
         h["positions"][:num_tokens] = positions
@@ -154,15 +167,15 @@ class InputBatch:
         h["query_start_loc"][:num_seqs + 1] = starts
         h["seq_lens"][:num_seqs] = seq_lens
         h["block_tables"][:num_seqs] = self.block_table[rows]
-        h["logits_indices"][:num_seqs] = starts[1:] - 1
-        # padding rows: a token at position 0 written nowhere, a sequence with no keys
+        num_sampled = len(self.sampled)
+        h["logits_indices"][:num_sampled] = starts[1:][self.sampled] - 1
+        # padding: tokens at position 0 written nowhere and of no sequence; sequences
+        # with no new token and no keys
         h["input_ids"][num_tokens:padded_tokens] = 0
         h["positions"][num_tokens:padded_tokens] = 0
         h["slot_mapping"][num_tokens:padded_tokens] = -1
-        h["query_start_loc"][num_seqs + 1:padded_seqs + 1] = np.arange(
-            num_tokens + 1, padded_tokens + 1)
+        h["query_start_loc"][num_seqs + 1:padded_seqs + 1] = num_tokens
         h["seq_lens"][num_seqs:padded_seqs] = 0
-        h["logits_indices"][num_seqs:padded_seqs] = np.arange(num_tokens, padded_tokens)
 
         g = self.gpu
         # The host buffers are reused next step: safe, because every step ends by copying
@@ -171,7 +184,7 @@ class InputBatch:
                              ("slot_mapping", padded_tokens),
                              ("query_start_loc", padded_seqs + 1),
                              ("seq_lens", padded_seqs), ("block_tables", padded_seqs),
-                             ("logits_indices", padded_seqs)):
+                             ("logits_indices", num_sampled)):
             getattr(g, name)[:length].copy_(getattr(self.host, name)[:length],
                                             non_blocking=True)
         metadata = AttentionMetadata(
@@ -180,12 +193,24 @@ class InputBatch:
             slot_mapping=g.slot_mapping[:padded_tokens],
             max_query_len=int(query_lens.max()), max_seq_len=int(seq_lens.max()))
         return ModelInputs(g.input_ids[:padded_tokens], g.positions[:padded_tokens], metadata,
-                           g.logits_indices[:padded_seqs])
+                           g.logits_indices[:num_sampled])
+
+    def step_sampling_rows(self, scheduled: list) -> list[SamplingRow]:
+        """How to sample each scheduled sequence, in order."""
+        return [self.sampling_rows[s.seq_name] for s in scheduled]
+
+    @staticmethod
+    def append_sampled(rows: list[SamplingRow], tokens: list[int]) -> None:
+        """The sampled tokens join their rows' histories (for the penalties)."""
+        for row, token in zip(rows, tokens):
+            row.output_token_ids.append(token)
 
     def sampling_tensors(self) -> SamplingTensors:
-        """The last step's sampling parameters, gathered from the kept table."""
-        table = self.sampling_table[self.step_rows]  # [B, 5]
-        num_seqs = len(self.step_rows)
+        """The last step's sampling parameters, gathered from the kept table (of its
+        sequences that sample)."""
+        rows = self.step_rows[self.sampled]
+        table = self.sampling_table[rows]  # [B, 5]
+        num_seqs = len(rows)
         columns = self.gpu.sampling[:, :num_seqs]
         if table[:, GREEDY].all():  # one argmax: no parameter is read, none is copied
             return SamplingTensors(*columns, all_greedy=True)
@@ -197,11 +222,12 @@ class InputBatch:
 
 @dataclass
 class _NewSequence:
-    request_id: str
+    seq_name: str
     new_token_ids: list[int]
     num_computed_tokens: int
     new_block_ids: list[int]
     is_new: bool = True
+    next_token_id: int | None = None
 
 
 def prepare_inputs(new_token_ids: list[list[int]], num_computed_tokens: list[int],
@@ -214,4 +240,6 @@ def prepare_inputs(new_token_ids: list[list[int]], num_computed_tokens: list[int
                        block_size, device)
     scheduled = [_NewSequence(str(i), ids, start, blocks) for i, (ids, start, blocks)
                  in enumerate(zip(new_token_ids, num_computed_tokens, block_ids))]
-    return batch.prepare(scheduled, [SamplingParams()] * len(scheduled))
+    for s in scheduled:
+        batch.sampling_rows[s.seq_name] = SamplingRow(SamplingParams(), [], [], None, [])
+    return batch.prepare(scheduled)

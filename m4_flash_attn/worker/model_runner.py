@@ -1,22 +1,15 @@
 """The model runner: puts the model on the device, owns the KV cache, runs forward passes.
 
-Introduced in M0; M1 adds the KV cache and sampling; M2 runs a batch of sequences per
-forward pass; M3 pages the KV cache. The cache is allocated once, at start: per layer a
-(K, V) pair of shape [num_blocks, block_size, kv_heads, head_dim]. `num_blocks` fills a
-memory budget: `kv_cache_memory` bytes if given, else on CUDA what
-`gpu_memory_utilization` of the card leaves after the weights and a profiling forward
-pass, and 1 GiB on the CPU. Each step, `execute_model` takes the scheduler's output
-(per sequence: its new tokens, where they start, its new block ids), lets
-`worker/input_batch.py` flatten it into one batch, runs the model once, and samples one
-token per sequence from the logits of its last new token. It never sees the scheduler's
-books: only plain ints come in.
+The cache is allocated once: per layer a (K, V) pair [num_blocks, block_size, kv_heads,
+head_dim], as many blocks as `kv_cache_memory` holds (CUDA: what `gpu_memory_utilization`
+leaves after the weights, a profiling step and the CUDA graphs' pool; CPU: 1 GiB). Each
+step, `execute_model` takes the scheduler's plain ints, has `InputBatch` flatten them,
+runs the model once on the chosen attention backend (on CUDA the Triton kernels,
+replaying the CUDA graph of the step's padded size), and samples a token for each
+sequence whose new tokens end at its last one, with the rows `InputBatch` keeps.
 
-M4: attention runs on the chosen backend (`flash`, the Triton kernels, by default on
-CUDA; `torch`, the reference, on the CPU). The step's inputs go through a kept
-`InputBatch` (persistent buffers, block tables appended to, not rebuilt). On CUDA with
-the flash backend, a step of decodes replays a CUDA graph captured at start for its
-(padded) batch size (`worker/cuda_graph.py`; `enforce_eager=True` turns them off); the
-graphs' memory is counted before the KV cache is sized.
+Introduced in M0; changed in M1 (KV cache, sampling), M2 (batches), M3 (paged cache), M4
+(attention backends, CUDA graphs).
 """
 
 import itertools
@@ -34,7 +27,7 @@ from ..model_executor.layers.sampler import Sampler, SamplingRow, token_logprobs
 from ..model_executor.model_loader import load_model
 from ..sampling_params import SamplingParams
 from ..utils import cdiv
-from .cuda_graph import DecodeGraphs, graph_batch_sizes, padded_batch_size
+from .cuda_graph import StepGraphs, graph_token_sizes, padded_size
 from .input_batch import InputBatch, ModelInputs, prepare_inputs
 
 DEFAULT_CPU_KV_CACHE_MEMORY = 2**30  # bytes, when kv_cache_memory is None on a CPU
@@ -45,12 +38,14 @@ PositionLogprobs = dict[int, tuple[float, int]]
 
 @dataclass
 class ModelRunnerOutput:
-    """Per sequence that ran, in order: its sampled token, and log-probabilities where its
-    sampling parameters ask for them (else None)."""
+    """Per sequence that ran, in order: its sampled token (None where its new tokens
+    stop before its last token), and log-probabilities where its sampling parameters ask
+    for them (else None)."""
 
-    sampled_token_ids: list[int]
+    sampled_token_ids: list[int | None]  # None: new tokens that stop inside the prompt
     logprobs: list[PositionLogprobs | None]  # of the sampled token (and the top ones)
-    prompt_logprobs: list[list[PositionLogprobs] | None]  # of new tokens 1 .. n - 1
+    # of new tokens 1 .. n - 1, and of the next_token_id after them if any; [] if none
+    prompt_logprobs: list[list[PositionLogprobs] | None]
 
 
 def resolve_device(device: str) -> torch.device:
@@ -95,23 +90,22 @@ class ModelRunner:
         set_attention_backend(self.model, self.attention_backend)
         self.sampler = Sampler(seed=config.seed)
         self.block_size = config.block_size
-        # The most tokens one step can hold: the token budget, or one prompt alone.
-        self.input_batch = InputBatch(config.max_batch_size,
-                                      max(config.max_num_batched_tokens, config.max_model_len),
+        self.input_batch = InputBatch(config.max_batch_size, config.max_step_tokens,
                                       cdiv(config.max_model_len, self.block_size),
                                       self.block_size, self.device)
-        # On CUDA with the kernels, a batch of decodes is padded to one of a few sizes, and
+        # On CUDA with the kernels, a step is padded to one of a few sizes (tokens), and
         # each size is captured as a CUDA graph (unless enforce_eager): graphs need a GPU,
         # and attention that reads its metadata on the device.
         on_gpu_kernels = self.device.type == "cuda" and self.attention_backend == "flash"
-        self.decode_sizes = graph_batch_sizes(config.max_batch_size) if on_gpu_kernels else []
-        self.graphs = DecodeGraphs(self.decode_sizes) if on_gpu_kernels \
+        self.graph_sizes = graph_token_sizes(config.max_graph_tokens, config.max_batch_size) \
+            if on_gpu_kernels else []
+        self.graphs = StepGraphs(self.graph_sizes, config.max_batch_size) if on_gpu_kernels \
             and not config.enforce_eager else None
         self.num_kv_blocks = self._count_kv_blocks()
         self.kv_caches = self.allocate_kv_cache(self.num_kv_blocks)
         if self.graphs is not None:
-            self._empty_decode_buffers()
-            self.graphs.capture(self._run_decode)
+            self._empty_step_buffers()
+            self.graphs.capture(self._run_padded)
 
     def _count_kv_blocks(self) -> int:
         """As many blocks as the memory budget holds."""
@@ -134,11 +128,13 @@ class ModelRunner:
     def _profile_free_memory(self) -> int:
         """Bytes for the KV cache on CUDA: gpu_memory_utilization of the card, less what is
         in use now (weights, other processes) and the peak of the largest step: a prefill
-        of max_num_batched_tokens tokens (or of one max_model_len prompt), and a sampler
-        over max_batch_size rows of logits; and, when CUDA graphs will be captured, the
-        memory of their pool: what the largest graph's decode step allocates (M4)."""
+        of the most tokens a step holds (`max_step_tokens`: the budget, or one whole
+        max_model_len prompt), and a sampler over max_batch_size rows of logits; and, when
+        CUDA graphs will be captured, the memory of their pool: what the largest graph's
+        step allocates."""
         cfg = self.config
-        num_tokens = max(cfg.max_num_batched_tokens, cfg.max_model_len - 1)
+        num_tokens = min(cfg.max_step_tokens, max(cfg.max_num_batched_tokens,
+                                                  cfg.max_model_len - 1))
         lengths = [min(cfg.max_model_len - 1, num_tokens - i)
                    for i in range(0, num_tokens, cfg.max_model_len - 1)]
         blocks_per_seq = cdiv(cfg.max_model_len, self.block_size)
@@ -158,7 +154,7 @@ class ModelRunner:
         self.sampler(self.model.compute_logits(hidden), rows)
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device) - baseline
-        graph_pool = self._profile_decode() if self.graphs is not None else 0
+        graph_pool = self._profile_graphs() if self.graphs is not None else 0
         self.kv_caches = None
         self.sampler.generator = None  # sampling starts from its seed, as without profiling
         del hidden
@@ -166,20 +162,22 @@ class ModelRunner:
         free, total = torch.cuda.mem_get_info(self.device)
         return int(total * cfg.gpu_memory_utilization) - (total - free) - peak - graph_pool
 
-    def _profile_decode(self) -> int:
-        """Peak memory of a decode step of the largest graph's batch size: the graphs'
-        pool keeps that much for good (eager steps cannot reuse it)."""
-        self._empty_decode_buffers()
+    def _profile_graphs(self) -> int:
+        """Peak memory of a step of the largest graph's size: the graphs' pool keeps that
+        much for good (eager steps cannot reuse it)."""
+        self._empty_step_buffers()
         torch.cuda.synchronize(self.device)
         start = torch.cuda.memory_allocated(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
-        self._run_decode(max(self.decode_sizes))
+        self._run_padded(max(self.graph_sizes), decodes_only=False)
         torch.cuda.synchronize(self.device)
         return torch.cuda.max_memory_allocated(self.device) - start
 
-    def _empty_decode_buffers(self) -> None:
-        """Buffers that make a decode step harmless: it writes nowhere and reads no keys."""
+    def _empty_step_buffers(self) -> None:
+        """Buffers that make a step harmless: it writes nowhere, its sequences have no
+        new token and read no keys."""
         self.input_batch.gpu.slot_mapping.fill_(-1)
+        self.input_batch.gpu.query_start_loc.zero_()
         self.input_batch.gpu.seq_lens.zero_()
 
     def allocate_kv_cache(self, num_blocks: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -208,63 +206,84 @@ class ModelRunner:
                                                 mc.num_attention_heads // mc.num_key_value_heads)
         return self.model(inputs.input_ids, inputs.positions, self.kv_caches, attn_metadata)
 
-    def _run_decode(self, batch_size: int) -> torch.Tensor:
-        """Hidden states [batch_size, hidden] of a decode step read from the device
-        buffers as they are: what a CUDA graph records and replays."""
+    def _padded_shape(self, num_tokens: int) -> tuple[int, int] | None:
+        """(tokens, sequences) of the captured size that holds a step of num_tokens
+        tokens, or None where there is none (steps then run as they are)."""
+        size = padded_size(self.graph_sizes, num_tokens)
+        return None if size is None else (size, min(size, self.config.max_batch_size))
+
+    def _run_padded(self, num_tokens: int, decodes_only: bool) -> torch.Tensor:
+        """Hidden states [num_tokens, hidden] of a step of a captured size, read from the
+        device buffers as they are: what a CUDA graph records and replays. A step of
+        decodes only runs the decode kernel alone."""
         g = self.input_batch.gpu
+        num_seqs = min(num_tokens, self.config.max_batch_size)
         metadata = AttentionMetadata(
-            query_start_loc=g.query_start_loc[:batch_size + 1], seq_lens=g.seq_lens[:batch_size],
-            block_tables=g.block_tables[:batch_size], slot_mapping=g.slot_mapping[:batch_size],
-            max_query_len=1, max_seq_len=self.config.max_model_len)
-        return self.model(g.input_ids[:batch_size], g.positions[:batch_size], self.kv_caches,
+            query_start_loc=g.query_start_loc[:num_seqs + 1], seq_lens=g.seq_lens[:num_seqs],
+            block_tables=g.block_tables[:num_seqs], slot_mapping=g.slot_mapping[:num_tokens],
+            max_query_len=1 if decodes_only else num_tokens,
+            max_seq_len=self.config.max_model_len)
+        return self.model(g.input_ids[:num_tokens], g.positions[:num_tokens], self.kv_caches,
                           metadata)
 
-    def _logits_for_step(self, scheduled, sampling_rows: list[SamplingRow]
-                         ) -> tuple[torch.Tensor, torch.Tensor, ModelInputs]:
-        """(logits [B, vocab] of each sequence's last new token, hidden states of the
-        whole batch, the inputs). A batch of decodes is padded to a captured size and
-        replays its CUDA graph (or, eager, runs the same padded shapes)."""
-        params = [row.params for row in sampling_rows]
-        decodes = all(len(s.new_token_ids) == 1 and s.num_computed_tokens > 0
-                      for s in scheduled)
-        size = padded_batch_size(self.decode_sizes, len(scheduled)) if decodes else None
-        inputs = self.input_batch.prepare(scheduled, params, pad_to=size)
-        if size is not None and self.graphs is not None:
-            hidden = self.graphs.replay(size)
+    def _logits_for_step(self, scheduled
+                         ) -> tuple[torch.Tensor, list[int], torch.Tensor, ModelInputs]:
+        """(logits [S, vocab] of the last new token of each sequence that samples, the
+        indices of those S sequences, hidden states of the whole batch, the inputs). A
+        step is padded to a captured size and replays its CUDA graph (or, eager, runs the
+        same padded shapes)."""
+        shape = self._padded_shape(sum(len(s.new_token_ids) for s in scheduled))
+        inputs = self.input_batch.prepare(scheduled, pad_to=shape)
+        if shape is not None and self.graphs is not None:
+            hidden = self.graphs.replay(shape[0], inputs.attn_metadata.max_query_len == 1)
         else:
             hidden = self._run_model(inputs)
+        # only the sequences that sample (not new tokens that stop inside the prompt)
         logits = self.model.compute_logits(hidden[inputs.logits_indices])
-        return logits[:len(scheduled)], hidden, inputs
+        return logits, self.input_batch.sampled, hidden, inputs
 
     @torch.inference_mode()
-    def execute_model(self, scheduler_output, sampling_rows: list[SamplingRow]
-                      ) -> ModelRunnerOutput:
-        """Run one step in one forward pass, then sample one token for each sequence."""
+    def execute_model(self, scheduler_output) -> ModelRunnerOutput:
+        """Run one step in one forward pass, then sample one token for each sequence
+        whose new tokens end at its last one (not where they stop inside the prompt)."""
         scheduled = scheduler_output.scheduled
-        self.input_batch.forget(scheduler_output.freed_request_ids)
-        logits, hidden, inputs = self._logits_for_step(scheduled, sampling_rows)
-        wants_logprobs = [row.params.logprobs is not None for row in sampling_rows]
-        raw_logits = logits.clone() if any(wants_logprobs) else None  # the sampler edits
-        tokens = self.sampler(logits, sampling_rows, self.input_batch.sampling_tensors())
-        logprobs = [token_logprobs(raw_logits[i:i + 1], tokens[i:i + 1], row.params.logprobs)[0]
-                    if wants else None
-                    for i, (row, wants) in enumerate(zip(sampling_rows, wants_logprobs))]
-        return ModelRunnerOutput(tokens.tolist(), logprobs,
-                                 self._prompt_logprobs(hidden, inputs, scheduled, sampling_rows))
+        self.input_batch.update(scheduler_output)
+        logits, sampled, hidden, inputs = self._logits_for_step(scheduled)
+        sampling_rows = self.input_batch.step_sampling_rows(scheduled)
+        tokens: list[int | None] = [None] * len(scheduled)
+        logprobs: list[PositionLogprobs | None] = [None] * len(scheduled)
+        rows = [sampling_rows[i] for i in sampled]
+        if rows:
+            wants_logprobs = [row.params.logprobs is not None for row in rows]
+            raw_logits = logits.clone() if any(wants_logprobs) else None  # the sampler edits
+            new_tokens = self.sampler(logits, rows, self.input_batch.sampling_tensors())
+            for j, (i, row, wants) in enumerate(zip(sampled, rows, wants_logprobs)):
+                if wants:
+                    logprobs[i] = token_logprobs(raw_logits[j:j + 1], new_tokens[j:j + 1],
+                                                 row.params.logprobs)[0]
+            for i, token in zip(sampled, new_tokens.tolist()):
+                tokens[i] = token
+        prompt_logprobs = self._prompt_logprobs(hidden, inputs, scheduled, sampling_rows)
+        self.input_batch.append_sampled(rows, [tokens[i] for i in sampled])
+        return ModelRunnerOutput(tokens, logprobs, prompt_logprobs)
 
     def _prompt_logprobs(self, hidden: torch.Tensor, inputs: ModelInputs, scheduled,
                          sampling_rows: list[SamplingRow]) -> list:
-        """For a sequence whose prompt starts in this step and whose parameters ask for
-        prompt_logprobs: how likely each of its new tokens after the first was."""
+        """For a sequence whose parameters ask for prompt_logprobs: how likely each token
+        after its first new one was (and of `next_token_id`, the one after them, where
+        they stop inside the prompt), given the tokens before it. The engine keeps those
+        of the prompt."""
         result = []
         starts = list(itertools.accumulate((len(s.new_token_ids) for s in scheduled),
                                            initial=0))  # on the host: no copy back
         for i, (s, row) in enumerate(zip(scheduled, sampling_rows)):
             num_top = row.params.prompt_logprobs
-            if num_top is None or s.num_computed_tokens != 0:
-                result.append(None)
+            targets = s.new_token_ids[1:] + ([] if s.next_token_id is None
+                                             else [s.next_token_id])
+            if num_top is None or not targets:
+                result.append(None if num_top is None else [])
                 continue
-            logits = self.model.compute_logits(hidden[starts[i]:starts[i + 1] - 1])
-            targets = torch.tensor(s.new_token_ids[1:], device=logits.device)
-            result.append(token_logprobs(logits, targets, num_top))
+            logits = self.model.compute_logits(hidden[starts[i]:starts[i] + len(targets)])
+            result.append(token_logprobs(logits, torch.tensor(targets, device=logits.device),
+                                         num_top))
         return result

@@ -1,42 +1,15 @@
-"""Triton kernels over the paged KV cache: the cache write, and flash attention.
+"""Triton kernels over the paged KV cache: the cache write, and one step's attention.
 
-Introduced in M4; M5 runs a mixed batch through both attention kernels. They read and
-write the KV blocks where they lie: the cache is `[num_blocks, block_size, kv_heads,
-head_dim]` per layer for K and for V, and position p of a sequence lives in block
-`block_table[p // block_size]`, row `p % block_size`. A tile of BLOCK_N keys is gathered
-row by row through the block table, so it may span several blocks that lie anywhere in
-the pool.
+K/V stay where they lie: position p of a sequence is row p % block_size of block
+`block_table[p // block_size]`. `write_kv_cache` writes each new token's K/V to its slot
+(-1: nowhere); `paged_attention` (FlashAttention-2 style: query tiles, online softmax,
+causal by position) takes the sequences with several new tokens, `paged_decode_attention`
+(flash-decoding: keys split, merged by log-sum-exp) those with one, and
+`unified_attention` runs both on any mix. Each kernel finds its sequences on the device,
+so a grid depends only on the step's size and one CUDA graph fits every mix. Each has a
+torch reference (`*_ref`) that the tests compare it with.
 
-- `write_kv_cache(k, v, k_cache, v_cache, slot_mapping)`: new token t's key and value go
-  to slot `slot_mapping[t]` (one program per token); slot -1 (a padding token of a CUDA
-  graph's batch) is written nowhere.
-- `paged_attention(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, ...)`:
-  FlashAttention-2 style. One program takes a tile of BLOCK_M queries of one sequence
-  for one query head and sweeps the sequence's keys tile by tile, keeping a running
-  max and sum for the softmax (the "online softmax"), so no score matrix is ever stored.
-  Queries sit at the end of their sequence (positions `[seq_len - num_new, seq_len)`)
-  and see keys up to their own position: a prompt, a chunk of a prompt whose start is
-  already cached, and a decode (one query) are the same case. The key tiles that every
-  query of the tile sees whole need no mask; only those along the diagonal do.
-- `paged_decode_attention(...)`: one query per sequence (flash-decoding). A program
-  takes one sequence, one kv head and all the query heads that share it (GQA: their
-  rows are one small matrix), over one split of the keys; the splits are merged by
-  their log-sum-exp.
-- `unified_attention(...)` (M5): a step that mixes decodes with chunks of prompts runs
-  both kernels on the whole batch; each takes its own sequences (one new token: the
-  decode kernel; more: the varlen kernel) and skips the others. Both find their
-  sequences on the device, so their grids depend only on the batch's size, and one CUDA
-  graph per number of tokens serves every mix.
-
-Query head h reads kv head `h // (heads // kv_heads)` (GQA). head_dim need not be a
-power of two: it is padded to one inside the kernels and masked. Softmax runs in base 2
-(`exp2`, the scale multiplied by log2(e)), which is the same function, computed faster.
-What these kernels share with the FlashAttention library: the tiling, the online
-softmax and, for decode, the split-K merge; what they do not have: its hand-written
-CUDA, warp specialization and Hopper's asynchronous copies (TMA).
-
-Each kernel has a torch reference (`*_ref`) that the tests compare it with, on the CPU
-under the Triton interpreter (`TRITON_INTERPRET=1`, fp32) and on the GPU.
+Introduced in M4.
 """
 
 import torch
@@ -116,7 +89,7 @@ def _online_softmax_step(q, k, v, running_max, running_sum, acc, visible, qk_sca
 
 @triton.jit
 def _first_tile(query_start_ptr, seq, BLOCK_M: tl.constexpr):
-    """The program id of sequence `seq`'s first query tile (M5). Sequence i's tiles start
+    """The program id of sequence `seq`'s first query tile. Sequence i's tiles start
     at query_start[i] // BLOCK_M + i: never before the end of the tiles of the ones
     before it, however their lengths fall, so a grid of T // BLOCK_M + B programs covers
     every tile of a batch of T tokens and B sequences (some programs get none)."""
@@ -146,7 +119,7 @@ def _paged_attention_kernel(
         table_stride,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
         HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr):
-    # M5: which sequence and tile this program takes is found here, on the device, so the
+    # Which sequence and tile this program takes is found here, on the device, so the
     # grid depends only on the batch's shape (a CUDA graph fixes it), not on its lengths.
     seq = _sequence_of_program(query_start_ptr, num_seqs, tl.program_id(0), BLOCK_M)
     tile = tl.program_id(0) - _first_tile(query_start_ptr, seq, BLOCK_M)
@@ -218,9 +191,9 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                     **config) -> torch.Tensor:
     """q: [T, heads, d], the new tokens of B sequences one after the other; the caches:
     [num_blocks, block_size, kv_heads, d]. Returns [T, heads, d] (into `out` if given),
-    written for the sequences with more than one new token only (M5: the rows of those
-    with one are left as they were, for the decode kernel; `unified_attention` runs
-    both). `config` overrides the tile sizes of `prefill_config` (block_m, block_n,
+    written for the sequences with more than one new token only (the rows of those with
+    one are left as they were, for the decode kernel; `unified_attention` runs both).
+    `config` overrides the tile sizes of `prefill_config` (block_m, block_n,
     num_warps, num_stages)."""
     num_tokens, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
@@ -281,8 +254,8 @@ def _paged_decode_kernel(
     seq, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     num_heads = tl.num_programs(1) * group
     kv_head_offset = kv_head * kv_head_stride
-    # M5: the sequence's query is row q_start of the batch. One with more new tokens (a
-    # prompt's chunk) is the varlen kernel's: here it reads no key and writes nothing.
+    # The sequence's query is row q_start of the batch. One with more new tokens (a
+    # prompt, or part of one) is the varlen kernel's: here it reads no key, writes nothing.
     q_start = tl.load(query_start_ptr + seq)
     is_decode = tl.load(query_start_ptr + seq + 1) - q_start == 1
     seq_len = tl.where(is_decode, tl.load(seq_lens_ptr + seq), 0)
@@ -334,18 +307,19 @@ def _merge_splits_kernel(part_out_ptr, part_lse_ptr, out_ptr, query_start_ptr, n
     """One (sequence, head): the splits' outputs weighted by exp(lse - max lse)."""
     seq, head = tl.program_id(0), tl.program_id(1)
     part = (seq * tl.num_programs(1) + head) * num_splits
+    # Decodes only, at their own rows: the decode kernel wrote no split of the others.
+    q_start = tl.load(query_start_ptr + seq)
+    is_decode = tl.load(query_start_ptr + seq + 1) - q_start == 1
     splits = tl.arange(0, SPLITS_PAD)
+    split_ok = splits < tl.where(is_decode, num_splits, 0)
     dims = tl.arange(0, HEAD_DIM)
-    lse = tl.load(part_lse_ptr + part + splits, mask=splits < num_splits,
-                  other=float("-inf"))
+    lse = tl.load(part_lse_ptr + part + splits, mask=split_ok, other=float("-inf"))
     top = tl.max(lse, 0)
     weights = tl.exp2(lse - tl.where(top == float("-inf"), 0.0, top))  # 0 for empty splits
     parts = tl.load(part_out_ptr + (part + splits)[:, None] * HEAD_DIM + dims[None, :],
-                    mask=(splits < num_splits)[:, None], other=0.0)
+                    mask=split_ok[:, None], other=0.0)
     total = tl.sum(weights, 0)
     out = tl.sum(weights[:, None] * parts, 0) / tl.where(total == 0.0, 1.0, total)
-    q_start = tl.load(query_start_ptr + seq)  # M5: decodes only, at their own rows
-    is_decode = tl.load(query_start_ptr + seq + 1) - q_start == 1
     tl.store(out_ptr + q_start * out_row_stride + head * out_head_stride + dims,
              out.to(out_ptr.dtype.element_ty), mask=dims < tl.where(is_decode, head_dim, 0))
 
@@ -354,7 +328,7 @@ def decode_num_splits(num_seqs: int, num_kv_heads: int, num_sms: int = 132,
                       max_splits: int = 32) -> int:
     """How many pieces to cut each sequence's keys into so that about two programs per
     streaming multiprocessor run even when the batch is small (a function of the batch
-    shape only, so that a CUDA graph captured for this batch size fits every step)."""
+    shape only, so that a CUDA graph captured for this step size fits every step)."""
     return max(1, min(max_splits, triton.cdiv(2 * num_sms, num_seqs * num_kv_heads)))
 
 
@@ -364,7 +338,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            out: torch.Tensor | None = None, block_n: int = 128,
                            num_warps: int = 4, num_stages: int = 2) -> torch.Tensor:
     """The sequences with one new token (decodes): q [T, heads, d] -> [T, heads, d] (into
-    `out` if given), written at their rows (M5: the others are the varlen kernel's). Each
+    `out` if given), written at their rows (the others are the varlen kernel's). Each
     program takes one sequence, one kv head and all the query heads that share it, over
     one split of the keys; with several splits a second kernel merges them by their
     log-sum-exp (flash-decoding), so even one long sequence keeps many programs busy. A
@@ -403,9 +377,9 @@ def unified_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
                       query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
                       block_tables: torch.Tensor, scale: float,
                       num_splits: int) -> torch.Tensor:
-    """One step's attention, whatever it mixes (M5): q [T, heads, d] -> [T, heads, d].
-    The decodes go through flash-decoding and the prompts and chunks through the varlen
-    kernel, each kernel skipping the other's sequences, into one output. Both grids
+    """One step's attention, whatever it mixes: q [T, heads, d] -> [T, heads, d]. The
+    decodes go through flash-decoding, the others (whole prompts or parts of them) through
+    the varlen kernel, each skipping the other's sequences, into one output. Both grids
     depend only on T, B and num_splits, so a CUDA graph of a step fits any mix of the
     same size. Rows of no sequence (padding tokens) are left unwritten."""
     out = torch.empty_like(q)

@@ -1,27 +1,15 @@
 """The step's inputs: the scheduler's plain ints turned into the model's flat batch.
 
-Introduced in M2 (where a sequence's one block is its whole slot; M3's blocks are
-small, and nothing here changes). Each scheduled sequence computes the new tokens at
-positions `[num_computed, num_computed + n)`: a whole prompt, the one token sampled
-last step, or (M5) a chunk of a prompt: the same case. They are laid one after the
-other into one flat batch of `T` tokens, with
+Each scheduled sequence computes its new tokens at positions `[num_computed,
+num_computed + n)` (a whole prompt, part of one, or last step's token: the same case),
+laid one after the other into `T` tokens with their positions, cache slots, attention's
+view (`query_start_loc`, `seq_lens`, `block_tables`) and `logits_indices` (the last token
+of each sequence that samples). `InputBatch` is kept from step to step: per running
+sequence a block table row (appended to) and its sampling row; a step's arrays are built
+with numpy into pinned buffers, copied without waiting to device buffers of fixed address
+(what a CUDA graph reads), and padded to a graph's size.
 
-- `positions`: each token's position in its sequence (for the rotary embedding);
-- `slot_mapping`: the cache slot its K/V are written to, from the block table;
-- `query_start_loc`, `seq_lens`, padded `block_tables`: where each sequence's tokens
-  are in the batch, and how many keys it has once they are written (attention's view);
-- `logits_indices`: the row of each sequence's last token, the one whose logits give
-  its next token (M5: of the sequences that sample one: not a chunk inside its prompt).
-
-M4 makes this cheap enough that the GPU no longer waits for it. `InputBatch` is made
-once and kept: each running sequence owns a row of a block table that is only appended
-to (the scheduler sends a sequence's new blocks, not its whole table), and of a table of
-its sampling parameters, written once when it starts. A step's arrays are computed with
-numpy in a few vectorized operations (no Python loop over tokens) into pinned host
-buffers and copied to device buffers allocated once, without waiting. Those device
-buffers are also what a CUDA graph reads (`worker/cuda_graph.py`): their addresses never
-change. M5: a step can be padded to a graph's size, its tokens with tokens that write to
-slot -1 (nowhere), its sequences with empty ones (no new token, no keys).
+Introduced in M2; changed in M4 (kept buffers and tables, padding by tokens).
 """
 
 import itertools
@@ -41,7 +29,7 @@ class ModelInputs:
     input_ids: torch.Tensor  # [T]
     positions: torch.Tensor  # [T]
     attn_metadata: AttentionMetadata
-    logits_indices: torch.Tensor  # [S] the last tokens of the sequences that sample (M5)
+    logits_indices: torch.Tensor  # [S] the last tokens of the sequences that sample
 
 
 def slot_of(block_ids: list[int], block_size: int, position: int) -> int:
@@ -91,7 +79,7 @@ class InputBatch:
         self.sampling_rows: dict[str, SamplingRow] = {}
         self.free_rows = list(range(max_num_seqs - 1, -1, -1))
         self.step_rows = np.zeros(0, dtype=np.int64)  # the rows of the last step, in order
-        self.sampled: list[int] = []  # which of the last step's sequences sample (M5)
+        self.sampled: list[int] = []  # which of the last step's sequences sample
         pin = device.type == "cuda"
         self.host = StepBuffers(max_num_seqs, max_num_tokens, max_blocks_per_seq, "cpu", pin)
         self.gpu = StepBuffers(max_num_seqs, max_num_tokens, max_blocks_per_seq, device)
@@ -146,7 +134,7 @@ class InputBatch:
         """The model's inputs for the scheduled sequences (duck-typed `ScheduledSequence`s:
         seq_name, new_token_ids, num_computed_tokens, new_block_ids, is_new,
         next_token_id). With `pad_to` = (tokens, sequences), the step grows to that size
-        with padding (M5)."""
+        with padding."""
         rows = np.fromiter((self._update_row(s) for s in scheduled),
                            dtype=np.int64, count=len(scheduled))
         query_lens = np.fromiter((len(s.new_token_ids) for s in scheduled), dtype=np.int64,
@@ -157,7 +145,7 @@ class InputBatch:
         token_ids = np.fromiter(itertools.chain.from_iterable(s.new_token_ids for s in scheduled),
                                 dtype=np.int64, count=num_tokens)
         self.step_rows = rows
-        # A chunk that stops inside its prompt samples nothing (M5).
+        # New tokens that stop inside the prompt (next_token_id given) sample nothing.
         self.sampled = [i for i, s in enumerate(scheduled) if s.next_token_id is None]
         return self._fill(rows, query_lens, computed, token_ids, pad_to)
 
@@ -182,7 +170,7 @@ class InputBatch:
         num_sampled = len(self.sampled)
         h["logits_indices"][:num_sampled] = starts[1:][self.sampled] - 1
         # padding: tokens at position 0 written nowhere and of no sequence; sequences
-        # with no new token and no keys (M5)
+        # with no new token and no keys
         h["input_ids"][num_tokens:padded_tokens] = 0
         h["positions"][num_tokens:padded_tokens] = 0
         h["slot_mapping"][num_tokens:padded_tokens] = -1
@@ -218,7 +206,7 @@ class InputBatch:
             row.output_token_ids.append(token)
 
     def sampling_tensors(self) -> SamplingTensors:
-        """The last step's sampling parameters, gathered from the kept table (M5: of its
+        """The last step's sampling parameters, gathered from the kept table (of its
         sequences that sample)."""
         rows = self.step_rows[self.sampled]
         table = self.sampling_table[rows]  # [B, 5]

@@ -1,39 +1,15 @@
-"""CUDA graphs for whole steps: a forward pass replayed with one launch.
+"""CUDA graphs for whole steps: a forward pass's hundreds of kernels replayed with one launch.
 
-Introduced in M4 for decode steps; M5 captures steps by their number of tokens, so that
-steps mixing decodes with chunks of prompts replay a graph too. A step of a 24-layer
-model launches hundreds of small kernels; launched one by one from Python, the GPU
-finishes each long before the host has issued the next, and waits. A CUDA graph records
-the kernels of one forward pass once (their arguments, the memory they read and write)
-and replays all of them with one call.
+A graph fixes what it recorded (kernels, grids, buffer addresses): a step's inputs live
+in buffers allocated once (`worker/input_batch.py`), and a graph is captured per step
+size in tokens (1, 2, 4, 8, every 16 to 256, every 64 to 512, every 256 to 2048, up to
+the config's `max_graph_tokens`, and `max_batch_size`), once for steps of decodes only
+(the decode kernel alone) and once for the others. A step is padded to the next size with
+tokens that write nowhere and empty sequences (eager steps on CUDA too); a larger one
+runs eager. The kernels find each sequence's work on the device, so one graph fits every
+mix of its size. The graphs share one memory pool; logits are computed after them.
 
-What a graph fixes is everything it recorded: the kernels, their grid sizes, and the
-addresses of their inputs and outputs. So
-
-- the inputs live in buffers allocated once (`worker/input_batch.py`'s device buffers:
-  token ids, positions, slot mapping, query start locations, sequence lengths, block
-  tables); a step copies its values into them and replays;
-- the shape is fixed: a graph is captured for each of a few token counts (M5; M4 had
-  batch sizes of decodes): 1, 2, 4, 8, every 16 up to 256, every 64 up to 512, every
-  256 up to 2048, at most `max_num_batched_tokens`, and `max_batch_size`; twice up to
-  `max_batch_size`, once for steps of decodes only (one new token per sequence: the
-  decode kernel alone) and once for steps with prompts or chunks (both kernels). A step
-  is padded to the next size: its tokens with padding tokens that write nowhere, its
-  sequences with empty ones, up to `min(tokens, max_batch_size)`, the most a step of
-  that many tokens can hold. Eager
-  steps on CUDA are padded the same way, so a graph and its eager run compute the very
-  same thing. A step larger than the largest graph (a whole long prompt, with chunked
-  prefill off) runs eager: its kernels are long enough that launching them costs little;
-- anything decided on the host at capture time stays as it was: the attention backend
-  must take its metadata from device buffers and find each sequence's work on the
-  device (the Triton kernels do, M5: whatever the mix of decodes and chunks; the torch
-  reference builds index tensors on the host, so it runs eager), and the decode
-  kernel's split count depends only on the number of sequences.
-
-Capturing runs each size once to compile its kernels, then records it; the graphs share
-one memory pool (largest first, so the smaller ones fit in its blocks). A graph ends at
-the hidden states: the logits (a [sequences, vocab] matrix) are computed after it,
-outside the pool. The model runner counts the pool's size before it sizes the KV cache.
+Introduced in M4.
 """
 
 import time

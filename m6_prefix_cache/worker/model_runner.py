@@ -1,33 +1,15 @@
 """The model runner: puts the model on the device, owns the KV cache, runs forward passes.
 
-Introduced in M0; M1 adds the KV cache and sampling; M2 runs a batch of sequences per
-forward pass; M3 pages the KV cache. The cache is allocated once, at start: per layer a
-(K, V) pair of shape [num_blocks, block_size, kv_heads, head_dim]. `num_blocks` fills a
-memory budget: `kv_cache_memory` bytes if given, else on CUDA what
-`gpu_memory_utilization` of the card leaves after the weights and a profiling forward
-pass, and 1 GiB on the CPU. Each step, `execute_model` takes the scheduler's output
-(per sequence: its new tokens, where they start, its new block ids), lets
-`worker/input_batch.py` flatten it into one batch, runs the model once, and samples one
-token per sequence from the logits of its last new token. It never sees the scheduler's
-books: only plain ints come in.
+The cache is allocated once: per layer a (K, V) pair [num_blocks, block_size, kv_heads,
+head_dim], as many blocks as `kv_cache_memory` holds (CUDA: what `gpu_memory_utilization`
+leaves after the weights, a profiling step and the CUDA graphs' pool; CPU: 1 GiB). Each
+step, `execute_model` takes the scheduler's plain ints, has `InputBatch` flatten them,
+runs the model once on the chosen attention backend (on CUDA the Triton kernels,
+replaying the CUDA graph of the step's padded size), and samples a token for each
+sequence whose new tokens end at its last one, with the rows `InputBatch` keeps.
 
-M4: attention runs on the chosen backend (`flash`, the Triton kernels, by default on
-CUDA; `torch`, the reference, on the CPU). The step's inputs go through a kept
-`InputBatch` (persistent buffers, block tables appended to, not rebuilt). On CUDA with
-the flash backend, a step of decodes replays a CUDA graph captured at start for its
-(padded) batch size (`worker/cuda_graph.py`; `enforce_eager=True` turns them off); the
-graphs' memory is counted before the KV cache is sized.
-
-M5: a step may mix decodes with chunks of prompts, and a chunk's sequence samples
-nothing (its token comes after its last chunk): logits are computed only for the
-sequences that sample. Graphs are captured per number of tokens, so mixed steps replay
-one too. With chunked prefill, no step holds more than `max_num_batched_tokens`
-tokens, however long a prompt: that, not the longest prompt, bounds the activations
-that the memory profile sets aside.
-
-M6: blocks may be shared between sequences (the prefix cache, and the n samples of a
-request); a step may first copy a block, in every layer, for a sample about to write
-into a block it shares (copy-on-write): the scheduler lists the copies.
+Introduced in M0; changed in M1 (KV cache, sampling), M2 (batches), M3 (paged cache), M4
+(attention backends, CUDA graphs), M6 (block copies for copy-on-write).
 """
 
 import itertools
@@ -56,13 +38,13 @@ PositionLogprobs = dict[int, tuple[float, int]]
 
 @dataclass
 class ModelRunnerOutput:
-    """Per sequence that ran, in order: its sampled token (M5: None for a chunk that
-    stops before the sequence's last token), and log-probabilities where its sampling
-    parameters ask for them (else None)."""
+    """Per sequence that ran, in order: its sampled token (None where its new tokens
+    stop before its last token), and log-probabilities where its sampling parameters ask
+    for them (else None)."""
 
-    sampled_token_ids: list[int | None]  # None: a chunk inside a prompt (M5)
+    sampled_token_ids: list[int | None]  # None: new tokens that stop inside the prompt
     logprobs: list[PositionLogprobs | None]  # of the sampled token (and the top ones)
-    # of new tokens 1 .. n - 1, and of the token after a chunk (M5); [] if none
+    # of new tokens 1 .. n - 1, and of the next_token_id after them if any; [] if none
     prompt_logprobs: list[list[PositionLogprobs] | None]
 
 
@@ -84,15 +66,6 @@ def resolve_attention_backend(name: str, device: torch.device) -> str:
         raise ValueError("attention_backend: 'flash' on the CPU runs Triton's interpreter; "
                          "set TRITON_INTERPRET=1 before starting Python, or use 'torch'")
     return name
-
-
-def max_step_tokens(config: EngineConfig) -> int:
-    """The most tokens one step can hold: the token budget (M5, with chunked prefill);
-    without it, one whole prompt may exceed it, and a decode step has a token per
-    running sequence."""
-    if config.enable_chunked_prefill:
-        return config.max_num_batched_tokens
-    return max(config.max_num_batched_tokens, config.max_model_len, config.max_batch_size)
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
@@ -117,18 +90,14 @@ class ModelRunner:
         set_attention_backend(self.model, self.attention_backend)
         self.sampler = Sampler(seed=config.seed)
         self.block_size = config.block_size
-        self.input_batch = InputBatch(config.max_batch_size, max_step_tokens(config),
+        self.input_batch = InputBatch(config.max_batch_size, config.max_step_tokens,
                                       cdiv(config.max_model_len, self.block_size),
                                       self.block_size, self.device)
-        # On CUDA with the kernels, a step is padded to one of a few sizes (tokens, M5),
-        # and each size is captured as a CUDA graph (unless enforce_eager): graphs need a
-        # GPU, and attention that reads its metadata on the device.
+        # On CUDA with the kernels, a step is padded to one of a few sizes (tokens), and
+        # each size is captured as a CUDA graph (unless enforce_eager): graphs need a GPU,
+        # and attention that reads its metadata on the device.
         on_gpu_kernels = self.device.type == "cuda" and self.attention_backend == "flash"
-        # Graphs up to the budget (without chunked prefill, also up to a decode step of
-        # max_batch_size sequences); a whole long prompt runs eager.
-        largest = config.max_num_batched_tokens if config.enable_chunked_prefill \
-            else max(config.max_num_batched_tokens, config.max_batch_size)
-        self.graph_sizes = graph_token_sizes(largest, config.max_batch_size) \
+        self.graph_sizes = graph_token_sizes(config.max_graph_tokens, config.max_batch_size) \
             if on_gpu_kernels else []
         self.graphs = StepGraphs(self.graph_sizes, config.max_batch_size) if on_gpu_kernels \
             and not config.enforce_eager else None
@@ -159,13 +128,13 @@ class ModelRunner:
     def _profile_free_memory(self) -> int:
         """Bytes for the KV cache on CUDA: gpu_memory_utilization of the card, less what is
         in use now (weights, other processes) and the peak of the largest step: a prefill
-        of max_num_batched_tokens tokens (M5: with chunked prefill, no step is larger;
-        without it, also one of a whole max_model_len prompt), and a sampler over
-        max_batch_size rows of logits; and, when CUDA graphs will be captured, the memory
-        of their pool: what the largest graph's step allocates (M4)."""
+        of the most tokens a step holds (`max_step_tokens`: the budget, or one whole
+        max_model_len prompt), and a sampler over max_batch_size rows of logits; and, when
+        CUDA graphs will be captured, the memory of their pool: what the largest graph's
+        step allocates."""
         cfg = self.config
-        num_tokens = min(max_step_tokens(cfg), max(cfg.max_num_batched_tokens,
-                                                   cfg.max_model_len - 1))
+        num_tokens = min(cfg.max_step_tokens, max(cfg.max_num_batched_tokens,
+                                                  cfg.max_model_len - 1))
         lengths = [min(cfg.max_model_len - 1, num_tokens - i)
                    for i in range(0, num_tokens, cfg.max_model_len - 1)]
         blocks_per_seq = cdiv(cfg.max_model_len, self.block_size)
@@ -248,14 +217,14 @@ class ModelRunner:
 
     def _padded_shape(self, num_tokens: int) -> tuple[int, int] | None:
         """(tokens, sequences) of the captured size that holds a step of num_tokens
-        tokens (M5), or None where there is none (steps then run as they are)."""
+        tokens, or None where there is none (steps then run as they are)."""
         size = padded_size(self.graph_sizes, num_tokens)
         return None if size is None else (size, min(size, self.config.max_batch_size))
 
     def _run_padded(self, num_tokens: int, decodes_only: bool) -> torch.Tensor:
         """Hidden states [num_tokens, hidden] of a step of a captured size, read from the
         device buffers as they are: what a CUDA graph records and replays. A step of
-        decodes only runs the decode kernel alone (M5)."""
+        decodes only runs the decode kernel alone."""
         g = self.input_batch.gpu
         num_seqs = min(num_tokens, self.config.max_batch_size)
         metadata = AttentionMetadata(
@@ -278,14 +247,14 @@ class ModelRunner:
             hidden = self.graphs.replay(shape[0], inputs.attn_metadata.max_query_len == 1)
         else:
             hidden = self._run_model(inputs)
-        # M5: only the sequences that sample (not a chunk that stops inside its prompt)
+        # only the sequences that sample (not new tokens that stop inside the prompt)
         logits = self.model.compute_logits(hidden[inputs.logits_indices])
         return logits, self.input_batch.sampled, hidden, inputs
 
     @torch.inference_mode()
     def execute_model(self, scheduler_output) -> ModelRunnerOutput:
         """Run one step in one forward pass, then sample one token for each sequence
-        whose new tokens end at its last one (M5: not for a chunk inside a prompt)."""
+        whose new tokens end at its last one (not where they stop inside the prompt)."""
         scheduled = scheduler_output.scheduled
         self.input_batch.update(scheduler_output)
         self.copy_blocks(scheduler_output.blocks_to_copy)
@@ -311,8 +280,9 @@ class ModelRunner:
     def _prompt_logprobs(self, hidden: torch.Tensor, inputs: ModelInputs, scheduled,
                          sampling_rows: list[SamplingRow]) -> list:
         """For a sequence whose parameters ask for prompt_logprobs: how likely each token
-        after its first new one was (M5: and the token after a chunk, the next chunk's
-        first), given the tokens before it. The engine keeps those of the prompt."""
+        after its first new one was (and of `next_token_id`, the one after them, where
+        they stop inside the prompt), given the tokens before it. The engine keeps those
+        of the prompt."""
         result = []
         starts = list(itertools.accumulate((len(s.new_token_ids) for s in scheduled),
                                            initial=0))  # on the host: no copy back

@@ -1,27 +1,21 @@
 """The flash attention backend: Triton kernels that read the KV cache's blocks in place.
 
-Introduced in M4. The torch reference (`torch_ref.py`) copies every sequence's keys out
-of their blocks into a padded batch at every step, and builds its gather indices on the
-host. Here nothing is copied and nothing is built: the kernels in `ops/paged_attention.py`
-take the common metadata as it is (query_start_loc, seq_lens, block_tables, all in the
-worker's persistent buffers) and follow each sequence's block table themselves.
+Unlike the torch reference (`torch_ref.py`), which copies each sequence's keys out of
+their blocks and builds gather indices on the host, the kernels in `ops/paged_attention.py`
+take the common metadata as it is (in the worker's persistent buffers) and follow the
+block tables themselves. Every step goes through `unified_attention`: flash-decoding for
+the sequences with one new token, the varlen kernel for the others; a step of decodes
+only (known on the host) runs the decode kernel alone. The split count depends only on
+the number of sequences, so a CUDA graph captured for a step's size fits every mix.
+Without CUDA the kernels run under Triton's interpreter (`ops/__init__.py`).
 
-- a step whose sequences all have one new token (a decode) runs the flash-decoding
-  kernel: one program per (sequence, kv head, split of the keys), splits merged by
-  log-sum-exp. The number of splits depends only on the batch size, so a CUDA graph
-  captured for a batch size fits every step of that size;
-- any other step (prompts, and in later stages chunks of prompts beside decodes) runs
-  the FlashAttention-2 style varlen kernel: tiles of a sequence's queries, online
-  softmax over its key blocks, causal by position.
-
-On a machine without CUDA the same kernels run under Triton's interpreter (slow, exact
-in fp32; `ops/__init__.py` chooses it): that is how the CPU tests check them.
+Introduced in M4.
 """
 
 import torch
 
-from ...ops.paged_attention import (decode_num_splits, paged_attention,
-                                    paged_decode_attention, write_kv_cache)
+from ...ops.paged_attention import (decode_num_splits, paged_decode_attention,
+                                    unified_attention, write_kv_cache)
 from ..metadata import AttentionMetadata
 
 
@@ -45,13 +39,13 @@ class FlashAttention:
     def forward(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                 md: AttentionMetadata) -> torch.Tensor:
         """q: [T, heads, d]; caches: [num_blocks, block_size, kv_heads, d] -> [T, heads * d]."""
-        if md.max_query_len == 1:  # decodes only: one query per sequence
-            if self.num_sms is None:
-                self.num_sms = multiprocessor_count(q.device)
-            splits = decode_num_splits(q.shape[0], self.num_kv_heads, self.num_sms)
-            out = paged_decode_attention(q, k_cache, v_cache, md.seq_lens, md.block_tables,
-                                         self.scale, splits)
+        if self.num_sms is None:
+            self.num_sms = multiprocessor_count(q.device)
+        splits = decode_num_splits(md.seq_lens.shape[0], self.num_kv_heads, self.num_sms)
+        if md.max_query_len == 1:  # decodes only: the varlen kernel would find no work
+            out = paged_decode_attention(q, k_cache, v_cache, md.query_start_loc, md.seq_lens,
+                                         md.block_tables, self.scale, splits)
         else:
-            out = paged_attention(q, k_cache, v_cache, md.query_start_loc, md.seq_lens,
-                                  md.block_tables, md.max_query_len, self.scale)
+            out = unified_attention(q, k_cache, v_cache, md.query_start_loc, md.seq_lens,
+                                    md.block_tables, self.scale, splits)
         return out.view(q.shape[0], self.num_heads * self.head_dim)

@@ -8,7 +8,8 @@ step also brings what the worker keeps to sample it. The step names the sequence
 blocks were freed since the last one: preempted (the worker forgets their tables) and
 finished (it forgets them). The worker never sees a `Sequence`.
 
-Introduced in M2; changed in M4 (only what changed is sent).
+Introduced in M2; changed in M4 (only what changed is sent; `next_token_id`, for new
+tokens that stop inside the prompt, which M4's scheduler never sends).
 """
 
 from dataclasses import dataclass, field
@@ -38,6 +39,10 @@ class ScheduledSequence:
     new_block_ids: list[int]
     is_new: bool  # nothing computed yet (new, recomputed, or retried): a whole table
     new_sequence: NewSequenceData | None = None  # with its first step only
+    # The token after new_token_ids when they stop inside the prompt (a chunk): the step
+    # then samples nothing for this sequence. None: they end at its last token, and the
+    # step samples its next one (always here: M4 schedules whole prompts).
+    next_token_id: int | None = None
 
 
 @dataclass

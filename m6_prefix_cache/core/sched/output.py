@@ -39,8 +39,8 @@ class ScheduledSequence:
     new_block_ids: list[int]
     is_new: bool  # nothing computed yet (M6: but what it started with cached): a whole table
     new_sequence: NewSequenceData | None = None  # with its first step only
-    # The token after new_token_ids when they are a chunk that stops inside the prompt:
-    # no token is sampled for this sequence. None: they end at its last token, and the
+    # The token after new_token_ids when they stop inside the prompt (a chunk): the step
+    # then samples nothing for this sequence. None: they end at its last token, and the
     # step samples its next one.
     next_token_id: int | None = None
 

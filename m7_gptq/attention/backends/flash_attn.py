@@ -1,25 +1,15 @@
 """The flash attention backend: Triton kernels that read the KV cache's blocks in place.
 
-Introduced in M4; M5 runs every step, whatever it mixes, through both kernels. The
-torch reference (`torch_ref.py`) copies every sequence's keys out of their blocks into a
-padded batch at every step, and builds its gather indices on the host. Here nothing is
-copied and nothing is built: the kernels in `ops/paged_attention.py` take the common
-metadata as it is (query_start_loc, seq_lens, block_tables, all in the worker's
-persistent buffers) and follow each sequence's block table themselves.
+Unlike the torch reference (`torch_ref.py`), which copies each sequence's keys out of
+their blocks and builds gather indices on the host, the kernels in `ops/paged_attention.py`
+take the common metadata as it is (in the worker's persistent buffers) and follow the
+block tables themselves. Every step goes through `unified_attention`: flash-decoding for
+the sequences with one new token, the varlen kernel for the others; a step of decodes
+only (known on the host) runs the decode kernel alone. The split count depends only on
+the number of sequences, so a CUDA graph captured for a step's size fits every mix.
+Without CUDA the kernels run under Triton's interpreter (`ops/__init__.py`).
 
-- the sequences with one new token (decodes) go through the flash-decoding kernel: one
-  program per (sequence, kv head, split of the keys), splits merged by log-sum-exp;
-- the others (prompts, and M5's chunks of prompts) through the FlashAttention-2 style
-  varlen kernel: tiles of a sequence's queries, online softmax over its key blocks,
-  causal by position.
-
-M5: a step may mix both (`unified_attention`). Each kernel finds its own sequences on
-the device and skips the others, and the number of splits depends only on the number of
-sequences, so a CUDA graph captured for a step's size fits every mix of that size. A
-step of decodes only (known on the host) runs the decode kernel alone.
-
-On a machine without CUDA the same kernels run under Triton's interpreter (slow, exact
-in fp32; `ops/__init__.py` chooses it): that is how the CPU tests check them.
+Introduced in M4.
 """
 
 import torch
