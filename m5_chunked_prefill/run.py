@@ -147,17 +147,16 @@ def print_kv_cache(stats: dict) -> None:
           f"at once, {stats['num_preemptions']} preemptions\n")
 
 
-def print_runner(runner) -> None:
+def print_runner(info: dict, config) -> None:
     """Which attention ran, whether steps were CUDA graphs, and how steps were filled."""
-    graphs, config = runner.graphs, runner.config
-    how = (f"steps of up to {graphs.token_sizes[-1]} tokens replay CUDA graphs "
-           f"({len(graphs.graphs)} graphs of {len(graphs.token_sizes)} sizes, captured in "
-           f"{graphs.capture_seconds:.1f} s, "
-           f"{graphs.memory_bytes / 2**20:.0f} MiB)"
+    graphs = info["cuda_graphs"]
+    how = (f"steps of up to {graphs['max_tokens']} tokens replay CUDA graphs "
+           f"({graphs['num_graphs']} graphs of {graphs['num_sizes']} sizes, captured in "
+           f"{graphs['capture_seconds']:.1f} s, {graphs['memory_bytes'] / 2**20:.0f} MiB)"
            if graphs is not None else "every step runs eager (no CUDA graphs)")
     steps = (f"chunked prefill, {config.max_num_batched_tokens} tokens a step"
              if config.enable_chunked_prefill else "whole prompts, then decodes (M4)")
-    print(f"Attention: {runner.attention_backend} backend; {how}\nScheduler: {steps}\n")
+    print(f"Attention: {info['attention_backend']} backend; {how}\nScheduler: {steps}\n")
 
 
 def print_metrics(outputs) -> None:
@@ -205,7 +204,7 @@ def main(argv=None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print_kv_cache(llm.engine.kv_cache_stats())
-    print_runner(llm.engine.model_runner)
+    print_runner(llm.engine.describe_runner(), llm.config)
     print_metrics(outputs)
     return 0
 

@@ -114,6 +114,10 @@ class LLMEngine:
                 "max_concurrent_seqs": s.max_concurrent_seqs,
                 "num_preemptions": s.num_preemptions}
 
+    def describe_runner(self) -> dict:
+        """How the model runner runs steps (attention backend, CUDA graphs), for the demo."""
+        return self.model_runner.describe()
+
     def reset_stats(self) -> None:
         """Start kv_cache_stats()'s peaks over from now, e.g. after an untimed warm-up."""
         self.scheduler.reset_stats()

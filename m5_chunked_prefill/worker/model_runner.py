@@ -192,6 +192,15 @@ class ModelRunner:
             for _ in range(mc.num_hidden_layers)
         ]
 
+    def describe(self) -> dict:
+        """How steps run, for the demo: the attention backend and the CUDA graphs (M4)."""
+        g = self.graphs
+        info = {"attention_backend": self.attention_backend, "cuda_graphs": None if g is None
+                else {"max_tokens": g.token_sizes[-1], "num_graphs": len(g.graphs),
+                      "num_sizes": len(g.token_sizes), "capture_seconds": g.capture_seconds,
+                      "memory_bytes": g.memory_bytes}}
+        return info
+
     def kv_cache_bytes_per_token(self) -> int:
         mc = self.model_config
         itemsize = torch.empty((), dtype=self.dtype).element_size()

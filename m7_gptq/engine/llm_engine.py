@@ -138,6 +138,10 @@ class LLMEngine:
                 "prefix_cache_hit_rate": kv.prefix_cache_hits / kv.prefix_cache_queries
                 if kv.prefix_cache_queries else None}
 
+    def describe_runner(self) -> dict:
+        """How the model runner runs steps (attention backend, CUDA graphs), for the demo."""
+        return self.model_runner.describe()
+
     def reset_stats(self) -> None:
         """Start kv_cache_stats()'s peaks over from now, e.g. after an untimed warm-up."""
         self.scheduler.reset_stats()

@@ -23,6 +23,7 @@ from ..attention.backends.torch_ref import build_metadata as build_attn_metadata
 from ..attention.layer import set_attention_backend
 from ..attention.metadata import AttentionMetadata
 from ..config import EngineConfig, ModelConfig
+from ..model_executor.layers.quantization.gptq import GPTQLinear, weight_bytes
 from ..model_executor.layers.sampler import Sampler, SamplingRow, token_logprobs
 from ..model_executor.model_loader import load_model
 from ..sampling_params import SamplingParams
@@ -200,6 +201,18 @@ class ModelRunner:
         for k_cache, v_cache in self.kv_caches:
             k_cache[destination] = k_cache[source]
             v_cache[destination] = v_cache[source]
+
+    def describe(self) -> dict:
+        """How steps run, for the demo: the attention backend and the CUDA graphs (M4), and what the weights take (M7)."""
+        g = self.graphs
+        info = {"attention_backend": self.attention_backend, "cuda_graphs": None if g is None
+                else {"max_tokens": g.token_sizes[-1], "num_graphs": len(g.graphs),
+                      "num_sizes": len(g.token_sizes), "capture_seconds": g.capture_seconds,
+                      "memory_bytes": g.memory_bytes}}
+        layers = [m for m in self.model.modules() if isinstance(m, GPTQLinear)]
+        info["weights"] = dict(weight_bytes(self.model), gptq_layers=len(layers),
+                               gptq_layout=layers[0].extra_repr() if layers else None)
+        return info
 
     def kv_cache_bytes_per_token(self) -> int:
         mc = self.model_config

@@ -146,7 +146,7 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         """Free the sequence's blocks; it waits first in line and will be recomputed."""
         self.kv_cache_manager.free(seq)
-        self.preempted_seq_names.append(seq.name)
+        self.preempted_seq_names.append(seq.name)  # the worker forgets its table
         seq.num_computed_tokens = 0
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)

@@ -209,7 +209,7 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         """Free the sequence's blocks; it waits first in line and will be recomputed."""
         self.kv_cache_manager.free(seq)
-        self.preempted_seq_names.append(seq.name)
+        self.preempted_seq_names.append(seq.name)  # the worker forgets its table
         seq.num_computed_tokens = 0
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
@@ -217,9 +217,10 @@ class Scheduler:
 
     # -- after the step --------------------------------------------------------------
     def update_from_output(self, out: SchedulerOutput, runner_output) -> list[Sequence]:
-        """The step ran: its tokens' K/V are in the cache, and each sequence sampled a
-        token. Append them, apply the stop rules, let the finished ones go. Returns the
-        sequences that advanced, for the engine's outputs."""
+        """The step ran: its tokens' K/V are in the cache, and each sequence whose new
+        tokens reached its last one sampled a token. Append them, apply the stop rules,
+        let the finished ones go. Returns the sequences that advanced, for the engine's
+        outputs."""
         advanced = []
         for seq, scheduled, token, prompt_logprobs, logprobs in zip(
                 out.seqs, out.scheduled, runner_output.sampled_token_ids,

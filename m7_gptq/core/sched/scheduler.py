@@ -251,8 +251,8 @@ class Scheduler:
     def update_from_output(self, out: SchedulerOutput, runner_output) -> list[Sequence]:
         """The step ran: its tokens' K/V are in the cache, and each sequence whose new
         tokens reached its last one sampled a token. Append them, apply the stop rules,
-        fork a first sample's siblings, let the finished ones go. Returns the sequences
-        that advanced, for the engine's outputs."""
+        let the finished ones go. Returns the sequences that advanced, for the engine's
+        outputs."""
         advanced = []
         for seq, scheduled, token, prompt_logprobs, logprobs in zip(
                 out.seqs, out.scheduled, runner_output.sampled_token_ids,
