@@ -4,8 +4,8 @@ A step has no phase: every sequence has `num_computed_tokens` (its tokens whose 
 in the cache), and a step gives each scheduled one a number of new tokens, all within a
 budget of `max_num_batched_tokens`: the running sequences first (a decode's one token, a
 prompt's next chunk; when the pool runs out, the newest is preempted and recomputed
-later), then chunks of waiting prompts while the free blocks (less a watermark) hold
-them. `enable_chunked_prefill=False` gives M4's prefills-first policy. After the step,
+later), then chunks of waiting prompts while the free blocks hold their whole prompts
+too. `enable_chunked_prefill=False` gives M4's prefills-first policy. After the step,
 `update_from_output` is the one place its results change the sequences.
 
 Introduced in M2; changed in M3 (blocks; preemption), M4 (only new blocks sent), M5 (one
@@ -108,23 +108,36 @@ class Scheduler:
                 budget -= num_new
         if preempted:
             return chosen  # the pool is short: no new prompt now
+        promised = self._blocks_promised()
         while self.waiting and budget > 0 and len(self.running) < cfg.max_batch_size:
             seq = self.waiting[0]
             num_new = self._chunk(seq, budget)
-            if not self._admit(seq, num_new, others_running=bool(self.running)):
+            if not self._admit(seq, num_new, others_running=bool(self.running),
+                               promised=promised):
                 break
+            promised += kv.num_blocks_needed(seq, num_new_tokens(seq))  # its later chunks
             self.running.append(seq)
             chosen.append((seq, num_new))
             budget -= num_new
         return chosen
 
-    def _admit(self, seq: Sequence, num_new: int, others_running: bool) -> bool:
-        """Take the first waiting sequence out of the queue with blocks for num_new of its
-        tokens, if the pool has them (and, when others run, a few to spare for them)."""
+    def _blocks_promised(self) -> int:
+        """Blocks the running sequences still need for the rest of their prompts (and a
+        decode for its next token): room that admitting a new prompt must not take."""
         kv = self.kv_cache_manager
-        if others_running and (kv.num_free_blocks - kv.num_blocks_needed(seq, num_new)
-                               < self.watermark_blocks):
-            return False  # keep some blocks for the running ones (alone, it may take all)
+        return sum(kv.num_blocks_needed(seq, num_new_tokens(seq)) for seq in self.running)
+
+    def _admit(self, seq: Sequence, num_new: int, others_running: bool,
+               promised: int = 0) -> bool:
+        """Take the first waiting sequence out of the queue with blocks for num_new of its
+        tokens, if the pool has them. When others run, the pool must also hold the rest of
+        its prompt beside the blocks `promised` to the running ones, and a few to spare:
+        a prompt taken in chunk by chunk would otherwise run out of room half way, and
+        the newest sequences would be preempted and computed again."""
+        kv = self.kv_cache_manager
+        whole = kv.num_blocks_needed(seq, num_new_tokens(seq))
+        if others_running and kv.num_free_blocks - promised - whole < self.watermark_blocks:
+            return False  # keep room for the running ones (alone, it may take all)
         if not kv.allocate_slots(seq, num_new):
             return False
         self.waiting.popleft()
