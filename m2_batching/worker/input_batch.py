@@ -58,6 +58,13 @@ def prepare_inputs(new_token_ids: list[list[int]], num_computed_tokens: list[int
     return ModelInputs(tensor(token_ids), tensor(positions), metadata, starts[1:] - 1)
 
 
+def keep_history(row: SamplingRow, end: int) -> None:
+    """A row's history holds its tokens before position `end`, where the step that
+    samples its next token ends: a token sampled in a step whose results were then lost
+    (an error after it ran; the step runs again) leaves it."""
+    del row.output_token_ids[end - len(row.prompt_token_ids):]
+
+
 class InputBatch:
     """The worker's lasting view of the sequences it runs: how to sample each one."""
 
@@ -73,7 +80,10 @@ class InputBatch:
         for s in scheduler_output.scheduled:
             if s.new_sequence is not None and s.seq_name not in self.sampling_rows:
                 self.sampling_rows[s.seq_name] = self._new_row(s.new_sequence)
-        return [self.sampling_rows[s.seq_name] for s in scheduler_output.scheduled]
+        rows = [self.sampling_rows[s.seq_name] for s in scheduler_output.scheduled]
+        for s, row in zip(scheduler_output.scheduled, rows):
+            keep_history(row, s.num_computed_tokens + len(s.new_token_ids))
+        return rows
 
     def _new_row(self, new) -> SamplingRow:
         """A row of its own: a private random stream when the request has a seed (so its

@@ -59,6 +59,13 @@ class StepBuffers:
         return list(vars(self))
 
 
+def keep_history(row: SamplingRow, end: int) -> None:
+    """A row's history holds its tokens before position `end`, where the step that
+    samples its next token ends: a token sampled in a step whose results were then lost
+    (an error after it ran; the step runs again) leaves it."""
+    del row.output_token_ids[end - len(row.prompt_token_ids):]
+
+
 # columns of the sampling parameter table, one row per running sequence
 TEMPERATURE, TOP_K, TOP_P, MIN_P, GREEDY = range(5)
 
@@ -94,6 +101,9 @@ class InputBatch:
         for s in scheduler_output.scheduled:
             if s.new_sequence is not None and s.seq_name not in self.sampling_rows:
                 self.sampling_rows[s.seq_name] = self._new_sampling_row(s.new_sequence)
+            if s.next_token_id is None:  # it samples: its history ends where its tokens do
+                keep_history(self.sampling_rows[s.seq_name],
+                             s.num_computed_tokens + len(s.new_token_ids))
 
     def _new_sampling_row(self, new) -> SamplingRow:
         """A row of its own: a private random stream when the request has a seed (so its
