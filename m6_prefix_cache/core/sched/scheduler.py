@@ -114,7 +114,7 @@ class Scheduler:
                 budget -= num_new
         if preempted:
             return chosen  # the pool is short: no new prompt now
-        promised = self._blocks_promised()
+        promised = self._blocks_promised() if self.waiting else 0  # only for admissions
         while self.waiting and budget > 0 and len(self.running) < cfg.max_batch_size:
             seq = self.waiting[0]
             cached = kv.cached_prefix(seq)  # M6: the blocks that hold its prefix already
