@@ -4,10 +4,10 @@
 and checks them: a bad value raises `ValueError` naming the field. `ModelConfig` is the
 model's architecture from its `config.json`; `EngineConfig.resolve` fills in what
 depends on it, once, in a copy. Besides the model, they cover: batching limits; the KV
-cache's budget and blocks; the attention backend and CUDA graphs.
+cache's budget and blocks; the attention backend, CUDA graphs and async scheduling.
 
 Introduced in M0; changed in M2 (batching limits, a KV budget), M3 (blocks), M4
-(attention backend, CUDA graphs).
+(attention backend, CUDA graphs, async scheduling).
 """
 
 import dataclasses
@@ -156,6 +156,8 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9  # fraction of the GPU's memory to use (M3)
     attention_backend: str = "auto"  # one of ATTENTION_BACKENDS (M4)
     enforce_eager: bool = False  # True: no CUDA graphs, every step launched op by op (M4)
+    # Schedule the next step while this one runs (M4); off until measured on a GPU.
+    async_scheduling: bool = False
 
     def __post_init__(self) -> None:
         _require(isinstance(self.model, str) and self.model != "", "model",
@@ -187,6 +189,8 @@ class EngineConfig:
                  f"must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}")
         _require(isinstance(self.enforce_eager, bool), "enforce_eager",
                  f"must be True or False, got {self.enforce_eager!r}")
+        _require(isinstance(self.async_scheduling, bool), "async_scheduling",
+                 f"must be True or False, got {self.async_scheduling!r}")
 
     @property
     def max_step_tokens(self) -> int:

@@ -5,7 +5,8 @@ producing for it, with a status, how many tokens the KV cache holds, the text so
 the timing metrics. The engine makes them; from then on only `core/` changes a sequence.
 
 Introduced in M0; changed in M1 (generation state), M2 (a KV cache slot; the sampling
-parameters travel with the sequence), M3 (KV blocks, not a slot).
+parameters travel with the sequence), M3 (KV blocks, not a slot), M4 (tokens pending on
+the device).
 """
 
 import enum
@@ -46,7 +47,8 @@ class Sequence:
     kv_blocks: list = field(default_factory=list)  # M3: its KVBlocks, in token order
     status: SequenceStatus = SequenceStatus.WAITING
     num_prompt_tokens: int = field(init=False)
-    num_computed_tokens: int = 0  # tokens whose keys and values are in the KV cache
+    num_computed_tokens: int = 0  # tokens whose K/V are in the cache or in a scheduled step
+    num_pending_tokens: int = 0  # sampled by steps still on the device, not yet appended
     output_text: str = ""
     stop_reason: str | int | None = None
     # Incremental detokenization: text is decoded from token prefix_offset on.

@@ -4,11 +4,12 @@ attention.
 Prints each reply and a TTFT / TPOT / tokens-per-second table (--stream: the replies as
 they are generated). The requests run together, at most --max-batch-size per step
 (--show-steps: each step's new text). --attention-backend picks the Triton kernels or
-the torch reference, and steps replay CUDA graphs unless --enforce-eager; the
-closing lines show the KV cache's blocks and which attention ran.
+the torch reference, steps replay CUDA graphs unless --enforce-eager, and the next step
+is scheduled while one runs with --async-scheduling; the closing lines show the KV
+cache's blocks and how steps ran.
 
 Introduced in M0; changed in M1 (generation), M2 (batching, --show-steps), M3 (the
-blocks used), M4 (--attention-backend, --enforce-eager).
+blocks used), M4 (--attention-backend, --enforce-eager, --async-scheduling).
 """
 
 import argparse
@@ -62,6 +63,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "on CUDA, torch on the CPU, where flash runs Triton's slow interpreter)")
     p.add_argument("--enforce-eager", action="store_true",
                    help="no CUDA graphs: launch every kernel of every step from Python")
+    p.add_argument("--async-scheduling", action="store_true",
+                   help="schedule the next step while this one runs on the device")
     p.add_argument("--show-steps", action="store_true",
                    help="instead of flowing text, print one line per engine step with the "
                         "new text of every request in it (continuous batching interleaves "
@@ -140,13 +143,15 @@ def print_kv_cache(stats: dict) -> None:
 
 
 def print_runner(info: dict) -> None:
-    """Which attention ran, and whether steps were CUDA graphs."""
+    """Which attention ran, whether steps were CUDA graphs, and scheduled ahead."""
     graphs = info["cuda_graphs"]
     how = (f"steps of up to {graphs['max_tokens']} tokens replay CUDA graphs "
            f"({graphs['num_graphs']} graphs of {graphs['num_sizes']} sizes, captured in "
            f"{graphs['capture_seconds']:.1f} s, {graphs['memory_bytes'] / 2**20:.0f} MiB)"
            if graphs is not None else "every step runs eager (no CUDA graphs)")
-    print(f"Attention: {info['attention_backend']} backend; {how}\n")
+    ahead = ("the next step scheduled while one runs" if info["async_scheduling"]
+             else "each step scheduled after the last one's results")
+    print(f"Attention: {info['attention_backend']} backend; {how}\nScheduler: {ahead}\n")
 
 
 def print_metrics(outputs) -> None:
@@ -166,7 +171,8 @@ def main(argv=None) -> int:
                                 seed=args.seed, ignore_eos=args.ignore_eos)
         llm = LLM(args.model, device=args.device, dtype=args.dtype,
                   max_batch_size=args.max_batch_size,
-                  attention_backend=args.attention_backend, enforce_eager=args.enforce_eager)
+                  attention_backend=args.attention_backend, enforce_eager=args.enforce_eager,
+                  async_scheduling=args.async_scheduling)
         if args.chat:
             prompts = [llm.chat_prompt([{"role": "user", "content": args.chat}])]
             shown = [args.chat]

@@ -4,11 +4,12 @@
 and checks them: a bad value raises `ValueError` naming the field. `ModelConfig` is the
 model's architecture from its `config.json`; `EngineConfig.resolve` fills in what
 depends on it, once, in a copy. Besides the model, they cover: batching limits and the
-token budget; the KV cache's budget and blocks; the attention backend and CUDA graphs;
-chunked prefill.
+token budget; the KV cache's budget and blocks; the attention backend, CUDA graphs and
+async scheduling; chunked prefill.
 
 Introduced in M0; changed in M2 (batching limits, a KV budget), M3 (blocks), M4
-(attention backend, CUDA graphs), M5 (chunked prefill, a smaller budget).
+(attention backend, CUDA graphs, async scheduling), M5 (chunked prefill, a smaller
+budget).
 """
 
 import dataclasses
@@ -159,6 +160,8 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9  # fraction of the GPU's memory to use (M3)
     attention_backend: str = "auto"  # one of ATTENTION_BACKENDS (M4)
     enforce_eager: bool = False  # True: no CUDA graphs, every step launched op by op (M4)
+    # Schedule the next step while this one runs (M4); off until measured on a GPU.
+    async_scheduling: bool = False
     # True: prompts are cut into chunks that share steps with decodes (M5); False: M4's
     # scheduler, whole prompts in steps of their own.
     enable_chunked_prefill: bool = True
@@ -194,6 +197,8 @@ class EngineConfig:
                  f"must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}")
         _require(isinstance(self.enforce_eager, bool), "enforce_eager",
                  f"must be True or False, got {self.enforce_eager!r}")
+        _require(isinstance(self.async_scheduling, bool), "async_scheduling",
+                 f"must be True or False, got {self.async_scheduling!r}")
         _require(isinstance(self.enable_chunked_prefill, bool), "enable_chunked_prefill",
                  f"must be True or False, got {self.enable_chunked_prefill!r}")
         if self.max_chunk_size is not None:

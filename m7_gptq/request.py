@@ -7,8 +7,8 @@ the timing metrics. The engine makes them; from then on only `core/` changes a s
 A request may have n sequences, its samples (`SamplingParams(n=...)`).
 
 Introduced in M0; changed in M1 (generation state), M2 (a KV cache slot; the sampling
-parameters travel with the sequence), M3 (KV blocks, not a slot), M6 (block hashes,
-cached tokens; n samples).
+parameters travel with the sequence), M3 (KV blocks, not a slot), M4 (tokens pending on
+the device), M6 (block hashes, cached tokens; n samples).
 """
 
 import enum
@@ -50,7 +50,8 @@ class Sequence:
     kv_blocks: list = field(default_factory=list)  # M3: its KVBlocks, in token order
     status: SequenceStatus = SequenceStatus.WAITING
     num_prompt_tokens: int = field(init=False)
-    num_computed_tokens: int = 0  # tokens whose keys and values are in the KV cache
+    num_computed_tokens: int = 0  # tokens whose K/V are in the cache or in a scheduled step
+    num_pending_tokens: int = 0  # sampled by steps still on the device, not yet appended
     output_text: str = ""
     stop_reason: str | int | None = None
     # Incremental detokenization: text is decoded from token prefix_offset on.

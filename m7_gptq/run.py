@@ -4,11 +4,12 @@ Prints each reply and a TTFT / TPOT / tokens-per-second table (--stream: the rep
 they are generated). --model takes a GPTQ checkpoint (a folder written by
 `m7_gptq.quantize`, or any of the Llama family in format v1), and a line shows what the
 weights take; --quantization gptq rounds a dummy model's weights to 4 bits. Also the
-prefix cache, token budget, batch and attention options of the stages before.
+prefix cache, token budget, batch, attention and scheduling options of the stages before.
 
 Introduced in M0; changed in M1 (generation), M2 (batching, --show-steps), M3 (the
-blocks used), M4 (--attention-backend, --enforce-eager), M5 (a token budget, chunks), M6
-(--system, --n, the prefix cache), M7 (GPTQ checkpoints, --quantization).
+blocks used), M4 (--attention-backend, --enforce-eager, --async-scheduling), M5 (a
+token budget, chunks), M6 (--system, --n, the prefix cache), M7 (GPTQ checkpoints,
+--quantization).
 """
 
 import argparse
@@ -68,6 +69,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "on CUDA, torch on the CPU, where flash runs Triton's slow interpreter)")
     p.add_argument("--enforce-eager", action="store_true",
                    help="no CUDA graphs: launch every kernel of every step from Python")
+    p.add_argument("--async-scheduling", action="store_true",
+                   help="schedule the next step while this one runs on the device")
     p.add_argument("--max-num-batched-tokens", type=int, default=2048,
                    help="the token budget of one step, decodes and prompt chunks together "
                         "(default %(default)s)")
@@ -184,7 +187,10 @@ def print_runner(info: dict, config) -> None:
            if graphs is not None else "every step runs eager (no CUDA graphs)")
     steps = (f"chunked prefill, {config.max_num_batched_tokens} tokens a step"
              if config.enable_chunked_prefill else "whole prompts, then decodes (M4)")
-    print(f"Attention: {info['attention_backend']} backend; {how}\nScheduler: {steps}\n")
+    ahead = ("the next step scheduled while one runs" if info["async_scheduling"]
+             else "each step scheduled after the last one's results")
+    print(f"Attention: {info['attention_backend']} backend; {how}\nScheduler: {steps}; "
+          f"{ahead}\n")
 
 
 def print_metrics(outputs) -> None:
@@ -219,6 +225,7 @@ def main(argv=None) -> int:
         llm = LLM(args.model, device=args.device, dtype=args.dtype,
                   max_batch_size=args.max_batch_size,
                   attention_backend=args.attention_backend, enforce_eager=args.enforce_eager,
+                  async_scheduling=args.async_scheduling,
                   max_num_batched_tokens=args.max_num_batched_tokens,
                   max_chunk_size=args.max_chunk_size,
                   enable_chunked_prefill=not args.no_chunked_prefill,

@@ -74,6 +74,31 @@ def model_runner(llm):
     return llm.engine.model_runner if hasattr(llm, "engine") else llm.model_runner
 
 
+def forward_entry(engine) -> str:
+    """The model runner's method that the engine calls for a step: `launch_model` from M4
+    on (a step queued, its result asked for later), `execute_model` before."""
+    return "launch_model" if hasattr(engine.model_runner, "launch_model") else "execute_model"
+
+
+class _Ran:
+    """A step that already ran: what `launch_model` returns, from a plain output."""
+
+    def __init__(self, output) -> None:
+        self.output = output
+
+    def result(self):
+        return self.output
+
+
+def replace_forward(engine, execute_model) -> None:
+    """Make the engine run `execute_model(scheduler_output) -> ModelRunnerOutput` (a fake
+    forward pass) in place of its model runner's, in any stage."""
+    if forward_entry(engine) == "launch_model":
+        engine.model_runner.launch_model = lambda out: _Ran(execute_model(out))
+    else:
+        engine.model_runner.execute_model = execute_model
+
+
 def prefill_logits(llm, token_ids: list[int]) -> torch.Tensor:
     """Logits [T, vocab] (float32) for every position of a prompt, from any stage's LLM.
 

@@ -32,8 +32,9 @@ from transformers.utils import logging as hf_logging
 
 from conftest import STAGES as PRESENT_STAGES
 from conftest import hf_greedy, load_stage, make_tiny_hf_model, stages_with
-from test_batching import (assert_kv_cache_empty, drive_random_workload,  # noqa: F401
-                           record_step, run_to_end, tiny_kv_bytes_per_token, workloads)
+from test_batching import (assert_kv_cache_empty, computed_before_step,  # noqa: F401
+                           drive_random_workload, record_step, run_to_end,
+                           tiny_kv_bytes_per_token, workloads)
 from test_paged import check_blocks
 from test_parity import NUM_TOKENS_TINY, TINY_CONFIGS
 from test_parity import TINY_PROMPTS as HF_PROMPTS
@@ -228,7 +229,7 @@ def check_blocks_and_order(engine, seqs, is_prefill, num_new) -> None:
     """check_blocks, and: the sequences that were running (something computed) come
     before those that start in this step."""
     check_blocks(engine, seqs, is_prefill, num_new)
-    starting = [seq.num_computed_tokens == 0 for seq in seqs]
+    starting = [computed_before_step(seq, num_new) == 0 for seq in seqs]
     assert starting == sorted(starting), "a new sequence was scheduled before a running one"
 
 

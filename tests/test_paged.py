@@ -14,8 +14,8 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from conftest import load_stage, model_runner, stages_with
-from test_batching import (assert_kv_cache_empty, drive_random_workload,  # noqa: F401
-                           tiny_kv_bytes_per_token, workloads)  # (a fixture, for tests here)
+from test_batching import (assert_kv_cache_empty, computed_before_step,  # noqa: F401
+                           drive_random_workload, tiny_kv_bytes_per_token, workloads)  # (a fixture, for tests here)
 
 PAGED_STAGES = stages_with("paged")
 
@@ -143,7 +143,7 @@ def check_blocks(engine, seqs, is_prefill, num_new) -> None:
     pool, size = kv.block_pool, kv.block_size
     holders = collections.Counter()
     for seq in scheduler.running:
-        tokens = seq.num_computed_tokens + num_new.get(seq.seq_id, 0)
+        tokens = computed_before_step(seq, num_new) + num_new.get(seq.seq_id, 0)
         assert len(seq.kv_blocks) == cdiv(tokens, size)
         assert len(set(map(id, seq.kv_blocks))) == len(seq.kv_blocks)
         holders.update(b.block_id for b in seq.kv_blocks)

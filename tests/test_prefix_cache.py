@@ -53,8 +53,10 @@ from hypothesis.control import currently_in_test_context
 from transformers.utils import logging as hf_logging
 
 from conftest import STAGES as PRESENT_STAGES
-from conftest import hf_greedy, load_stage, make_tiny_hf_model, run_cli, stages_with
-from test_batching import (assert_kv_cache_empty, fake_token, record_step,  # noqa: F401
+from conftest import (forward_entry, hf_greedy, load_stage, make_tiny_hf_model, replace_forward,
+                      run_cli, stages_with)
+from test_batching import (assert_kv_cache_empty, computed_before_step,  # noqa: F401
+                           fake_token, record_step,
                            run_to_end, tiny_kv_bytes_per_token)
 from test_chunked_prefill import spy_on_chunks
 from test_parity import TINY_CONFIGS
@@ -744,7 +746,7 @@ class CacheChecker:
         scheduler._fork = checked_fork
         scheduler.schedule = recording_schedule
         pool.allocate = recording_allocate
-        self.engine.model_runner.execute_model = self.execute_model
+        replace_forward(self.engine, self.execute_model)
 
     def content(self, seq, position: int) -> tuple:
         return tuple(seq.token_ids[:position + 1])
@@ -758,9 +760,9 @@ class CacheChecker:
             self.tables.pop(name, None)
         num_new, spans = {}, []
         for seq, s in zip(out.seqs, out.scheduled):
-            start = seq.num_computed_tokens
+            start = s.num_computed_tokens  # the scheduler counts the step as computed already
             end = start + len(s.new_token_ids)
-            assert s.seq_name == seq.name and s.num_computed_tokens == start
+            assert s.seq_name == seq.name and seq.num_computed_tokens == end
             assert s.new_token_ids and s.new_token_ids == seq.token_ids[start:end]
             assert s.next_token_id == (seq.token_ids[end] if end < len(seq.token_ids)
                                        else None)
@@ -837,7 +839,8 @@ class CacheChecker:
         of a failed step may still hold the blocks it got for it, until it runs again."""
         holders = collections.Counter()
         for seq in self.scheduler.running:
-            need = cdiv(seq.num_computed_tokens + num_new.get(seq.seq_id, 0), self.bs)
+            need = cdiv(computed_before_step(seq, num_new) + num_new.get(seq.seq_id, 0),
+                        self.bs)
             if seq.seq_id in num_new:
                 self.kept.discard(seq.seq_id)
             assert len(seq.kv_blocks) == need or (
@@ -854,7 +857,7 @@ class CacheChecker:
         """Every running sequence finds its own tokens' K/V at every position it has
         computed (or computes in this step): what attention reads is right."""
         for seq in self.scheduler.running:
-            computed = seq.num_computed_tokens + num_new.get(seq.seq_id, 0)
+            computed = computed_before_step(seq, num_new) + num_new.get(seq.seq_id, 0)
             for p in range(computed):
                 block = seq.kv_blocks[p // self.bs].block_id
                 assert self.slots.get((block, p % self.bs)) == self.content(seq, p), (
@@ -1218,7 +1221,7 @@ def test_a_failed_step_leaves_no_hash_on_unwritten_blocks(stage):
     engine.add_request("b", b, params)
     engine.add_request("c", c, params)
     log = spy_on_chunks(engine)
-    restore = fail_on_call(1, RuntimeError("boom"))(engine.model_runner, "execute_model")
+    restore = fail_on_call(1, RuntimeError("boom"))(engine.model_runner, forward_entry(engine))
     with pytest.raises(RuntimeError, match="boom"):
         engine.step()
     restore()
@@ -1245,7 +1248,8 @@ def test_a_failed_step_in_generate_then_a_retry(stage):
     prefix, hitting in that step) leaves no request, nothing cached; a retry is clean."""
     prompts = [PREFIX + TAIL[:5], PREFIX + TAIL[5:8], PREFIX + [TAIL[9]]]
     llm = tiny(stage)
-    restore = fail_on_call(1, RuntimeError("boom"))(llm.engine.model_runner, "execute_model")
+    restore = fail_on_call(1, RuntimeError("boom"))(llm.engine.model_runner,
+                                                   forward_entry(llm.engine))
     with pytest.raises(RuntimeError, match="boom"):
         llm.generate(prompts, greedy(stage, 6), use_tqdm=False)
     restore()

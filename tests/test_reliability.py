@@ -10,7 +10,7 @@ lost; and building an `LLM` resolves the config in a copy.
 
 import pytest
 
-from conftest import load_stage, model_runner, stages_with
+from conftest import forward_entry, load_stage, model_runner, stages_with
 
 STAGES = stages_with("generate")
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "1, 2, 3,"]
@@ -61,7 +61,7 @@ def fail_on_call(n: int, exc: BaseException):
 def test_an_error_in_a_step_leaves_the_engine_clean(stage, exc):
     llm = tiny(stage)
     expected = [o.token_ids for o in llm.generate(PROMPTS, greedy(stage), use_tqdm=False)]
-    restore = fail_on_call(3, exc)(llm.engine.model_runner, "execute_model")
+    restore = fail_on_call(3, exc)(llm.engine.model_runner, forward_entry(llm.engine))
     with pytest.raises(type(exc)):
         llm.generate(PROMPTS, greedy(stage), use_tqdm=False)
     restore()
@@ -105,7 +105,8 @@ def test_held_outputs_survive_a_failed_step(stage):
     assert done.finished
     engine.hold_outputs([done])  # as `generate` does with an output that is not its own
     engine.add_request("a", PROMPTS[0], greedy(stage, 3))
-    restore = fail_on_call(1, RuntimeError("boom"))(engine.model_runner, "execute_model")
+    restore = fail_on_call(1, RuntimeError("boom"))(engine.model_runner,
+                                               forward_entry(engine))
     with pytest.raises(RuntimeError):
         engine.step()
     restore()

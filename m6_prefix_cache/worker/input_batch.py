@@ -1,13 +1,13 @@
 """The step's inputs: the scheduler's plain ints turned into the model's flat batch.
 
 Each scheduled sequence computes its new tokens at positions `[num_computed,
-num_computed + n)` (a whole prompt, part of one, or last step's token: the same case),
-laid one after the other into `T` tokens with their positions, cache slots, attention's
-view (`query_start_loc`, `seq_lens`, `block_tables`) and `logits_indices` (the last token
-of each sequence that samples). `InputBatch` is kept from step to step: per running
-sequence a block table row (appended to) and its sampling row; a step's arrays are built
-with numpy into pinned buffers, copied without waiting to device buffers of fixed address
-(what a CUDA graph reads), and padded to a graph's size.
+num_computed + n)` (a prompt, part of one, or last step's token: the same case), laid
+one after the other into `T` tokens with their positions, cache slots, attention's view
+and `logits_indices` (the last token of each sequence that samples). Kept from step to
+step: per running sequence a block table row, its sampling row and its last sampled
+token on the device (where a token the host does not know yet, a negative id, is taken
+from). Arrays are built with numpy in pinned buffers (two sets, used in turn), copied
+without waiting to device buffers of fixed address (what a CUDA graph reads), padded.
 
 Introduced in M2; changed in M4 (kept buffers and tables, padding by tokens).
 """
@@ -52,6 +52,10 @@ class StepBuffers:
         self.seq_lens = buffer(max_num_seqs)
         self.block_tables = buffer(max_num_seqs, max_blocks_per_seq)
         self.logits_indices = buffer(max_num_seqs)
+        self.sampled_rows = buffer(max_num_seqs)  # the rows of the sequences that sample
+        self.sampled_tokens = buffer(max_num_seqs)  # what they sampled, back on the host
+        self.pending_index = buffer(max_num_seqs)  # where the tokens not yet known go
+        self.pending_rows = buffer(max_num_seqs)  # and whose last sampled token each is
         self.sampling = torch.zeros(5, max_num_seqs, dtype=torch.float32, device=device,
                                     pin_memory=pin_memory)
 
@@ -88,8 +92,13 @@ class InputBatch:
         self.step_rows = np.zeros(0, dtype=np.int64)  # the rows of the last step, in order
         self.sampled: list[int] = []  # which of the last step's sequences sample
         pin = device.type == "cuda"
-        self.host = StepBuffers(max_num_seqs, max_num_tokens, max_blocks_per_seq, "cpu", pin)
+        # Two sets of host buffers, one per step in turn: a step is built while the copies
+        # of the one before may still be running.
+        self.hosts = [StepBuffers(max_num_seqs, max_num_tokens, max_blocks_per_seq, "cpu",
+                                  pin) for _ in range(2)]
+        self.host = self.hosts[0]
         self.gpu = StepBuffers(max_num_seqs, max_num_tokens, max_blocks_per_seq, device)
+        self.last_tokens = torch.zeros(max_num_seqs, dtype=torch.long, device=device)
 
     # -- the lasting part ---------------------------------------------------------------
     def update(self, scheduler_output) -> None:
@@ -157,6 +166,7 @@ class InputBatch:
         self.step_rows = rows
         # New tokens that stop inside the prompt (next_token_id given) sample nothing.
         self.sampled = [i for i, s in enumerate(scheduled) if s.next_token_id is None]
+        self.host = self.hosts[1] if self.host is self.hosts[0] else self.hosts[0]
         return self._fill(rows, query_lens, computed, token_ids, pad_to)
 
     def _fill(self, rows: np.ndarray, query_lens: np.ndarray, computed: np.ndarray,
@@ -188,8 +198,8 @@ class InputBatch:
         h["seq_lens"][num_seqs:padded_seqs] = 0
 
         g = self.gpu
-        # The host buffers are reused next step: safe, because every step ends by copying
-        # its sampled tokens back, which waits for these copies to be done.
+        # These host buffers are reused two steps later, once this step's tokens were
+        # copied back (after these copies).
         for name, length in (("input_ids", padded_tokens), ("positions", padded_tokens),
                              ("slot_mapping", padded_tokens),
                              ("query_start_loc", padded_seqs + 1),
@@ -197,6 +207,9 @@ class InputBatch:
                              ("logits_indices", num_sampled)):
             getattr(g, name)[:length].copy_(getattr(self.host, name)[:length],
                                             non_blocking=True)
+        pending = np.flatnonzero(token_ids < 0)
+        if len(pending):
+            self._fill_pending(pending, rows[seq_of_token[pending]])
         metadata = AttentionMetadata(
             query_start_loc=g.query_start_loc[:padded_seqs + 1],
             seq_lens=g.seq_lens[:padded_seqs], block_tables=g.block_tables[:padded_seqs],
@@ -204,6 +217,30 @@ class InputBatch:
             max_query_len=int(query_lens.max()), max_seq_len=int(seq_lens.max()))
         return ModelInputs(g.input_ids[:padded_tokens], g.positions[:padded_tokens], metadata,
                            g.logits_indices[:num_sampled])
+
+    def _fill_pending(self, index: np.ndarray, rows: np.ndarray) -> None:
+        """Tokens sampled by the step before, not yet known on the host (async
+        scheduling): each is its row's last sampled token, copied on the device."""
+        n = len(index)
+        self.host.pending_index.numpy()[:n] = index
+        self.host.pending_rows.numpy()[:n] = rows
+        g = self.gpu
+        for name in ("pending_index", "pending_rows"):
+            getattr(g, name)[:n].copy_(getattr(self.host, name)[:n], non_blocking=True)
+        g.input_ids[g.pending_index[:n]] = self.last_tokens[g.pending_rows[:n]]
+
+    def keep_sampled(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The step's sampled tokens: kept on the device as their rows' last tokens (the
+        next step may read them before the host does), and copied back to the host
+        without waiting. Returns the host copy, valid once the device gets there."""
+        n = len(tokens)
+        self.host.sampled_rows.numpy()[:n] = self.step_rows[self.sampled]
+        rows = self.gpu.sampled_rows[:n]
+        rows.copy_(self.host.sampled_rows[:n], non_blocking=True)
+        self.last_tokens[rows] = tokens
+        host = self.host.sampled_tokens[:n]
+        host.copy_(tokens, non_blocking=True)
+        return host
 
     def step_sampling_rows(self, scheduled: list) -> list[SamplingRow]:
         """How to sample each scheduled sequence, in order."""

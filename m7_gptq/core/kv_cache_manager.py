@@ -83,7 +83,8 @@ class KVCacheManager:
         Done when the step that fills them is scheduled (as vLLM does), so a request
         admitted later in the same step can already share them: every layer writes the
         whole step's keys and values before its attention reads any."""
-        full = num_tokens // self.block_size
+        # A token still on the device (async scheduling) is hashed once it is known.
+        full = min(num_tokens, len(seq.token_ids)) // self.block_size
         hashes = self.block_hashes(seq, full)
         for i in range(seq.num_hashed_blocks, full):
             self.block_pool.cache(seq.kv_blocks[i], hashes[i])
@@ -129,7 +130,8 @@ class KVCacheManager:
         new_blocks = cdiv(num_tokens, self.block_size) - len(seq.kv_blocks)
         if new_blocks > 0:
             seq.kv_blocks.extend(self.block_pool.allocate(new_blocks))
-        if self.enable_prefix_caching and num_tokens // self.block_size > seq.num_hashed_blocks:
+        if self.enable_prefix_caching and \
+                min(num_tokens, len(seq.token_ids)) // self.block_size > seq.num_hashed_blocks:
             self._cache_full_blocks(seq, num_tokens)
         return True
 

@@ -1,15 +1,14 @@
 """The engine: takes requests, and on each `step` advances many of them by one token.
 
-Requests go to the scheduler's waiting queue. A step is three calls: the scheduler says
-what runs, the model runner runs it in one forward pass and samples, and the scheduler's
-`update_from_output` applies the results (tokens, stop rules, finishing). The engine
-then turns the sequences that advanced into outputs. New requests may be added, and
-any aborted, between two steps. A prompt that could not fit in the whole KV cache is
-refused at `add_request`, and no sequence grows past what the cache holds. A request
-may ask for n samples: one sequence each, and one output that carries them all.
+A step is three calls: the scheduler says what runs, the model runner runs it in one
+forward pass and samples, and the scheduler's `update_from_output` applies the results;
+the engine turns the sequences that advanced into outputs (a request's n samples: one
+output). With async scheduling the next step is launched before the last one's results
+are applied. Requests may be added or aborted between two steps; a prompt too long for
+the whole KV cache is refused, and no sequence grows past what it holds.
 
 Introduced in M1; changed in M2 (a scheduler picks many sequences per step), M3 (the
-cache's size caps a sequence's length), M6 (n samples; an emptied prefix cache).
+cache's size caps a sequence's length), M4 (async scheduling), M6 (n samples).
 """
 
 import itertools
@@ -17,6 +16,7 @@ import time
 import warnings
 
 from ..config import EngineConfig
+from ..core.sched.output import SchedulerOutput
 from ..core.sched.scheduler import Scheduler
 from ..core.sched.stop_checker import StopChecker
 from ..model_executor.model_loader import load_model_config, resolve_model_path
@@ -25,7 +25,7 @@ from ..request import Request, Sequence
 from ..sampling_params import SamplingParams
 from ..tokenizer import get_tokenizer
 from ..utils import cdiv
-from ..worker.model_runner import ModelRunner
+from ..worker.model_runner import LaunchedStep, ModelRunner
 from .input_processor import check_sampling_params, encode_prompt
 from .output_processor import make_output
 
@@ -54,6 +54,9 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self.sequences: dict[str, Sequence] = {}  # by name (M6: n per request)
         self.undelivered: dict[str, RequestOutput] = {}  # see `hold_outputs`
+        # Async scheduling: the step on the device whose results are not applied yet.
+        self.async_scheduling = config.async_scheduling
+        self.in_flight: tuple[SchedulerOutput, LaunchedStep] | None = None
         self._seq_ids = itertools.count()
 
     # -- requests in ------------------------------------------------------------------
@@ -117,7 +120,8 @@ class LLMEngine:
 
     def has_unfinished_requests(self) -> bool:
         """True while a request runs or waits, or an output waits to be returned."""
-        return bool(self.undelivered) or self.scheduler.has_unfinished()
+        return bool(self.undelivered) or self.scheduler.has_unfinished() or \
+            self.in_flight is not None
 
     def kv_cache_stats(self) -> dict:
         """How much of the KV cache is reserved (in held blocks), and how much holds tokens."""
@@ -139,8 +143,8 @@ class LLMEngine:
                 if kv.prefix_cache_queries else None}
 
     def describe_runner(self) -> dict:
-        """How the model runner runs steps (attention backend, CUDA graphs), for the demo."""
-        return self.model_runner.describe()
+        """How steps run (attention backend, CUDA graphs, async scheduling), for the demo."""
+        return {**self.model_runner.describe(), "async_scheduling": self.async_scheduling}
 
     def reset_stats(self) -> None:
         """Start kv_cache_stats()'s peaks over from now, e.g. after an untimed warm-up."""
@@ -157,25 +161,61 @@ class LLMEngine:
     # -- one step ---------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Run one scheduled batch; return an output for each sequence that advanced (and
-        any that `hold_outputs` kept for this call)."""
+        any that `hold_outputs` kept for this call). With async scheduling, the next
+        batch is launched first, and the outputs are those of the batch before it."""
         outputs = dict(self.undelivered)  # emptied only once this step has succeeded
-        scheduler_output = self.scheduler.schedule()
-        if not scheduler_output.seqs:
-            self.undelivered = {}
-            return list(outputs.values())
-        try:
-            runner_output = self.model_runner.execute_model(scheduler_output)
-        except BaseException:
-            self.scheduler.undo_step(scheduler_output)  # M6: no cache entry for its blocks
-            raise
-        advanced = self.scheduler.update_from_output(scheduler_output, runner_output)
-        for seq in advanced:
-            outputs[seq.request_id] = make_output(self.requests[seq.request_id])
-        for seq in advanced:
-            if seq.status.is_finished:
-                self._forget(seq)
+        launched = self._launch_step()
+        if self.async_scheduling:
+            launched, self.in_flight = self.in_flight, launched
+        if launched is not None:
+            advanced = self._apply_step(*launched)
+            for seq in advanced:
+                outputs[seq.request_id] = make_output(self.requests[seq.request_id])
+            for seq in advanced:
+                if seq.status.is_finished:
+                    self._forget(seq)
+        if self.in_flight is not None and not self.scheduler.has_unfinished():
+            # Its sequences all finished meanwhile: let it end, its tokens are dropped.
+            last, self.in_flight = self.in_flight, None
+            self._apply_step(*last)
         self.undelivered = {}
         return list(outputs.values())
+
+    def _launch_step(self) -> tuple[SchedulerOutput, LaunchedStep] | None:
+        """Schedule a batch and queue it on the device (None: nothing to run)."""
+        scheduler_output = self.scheduler.schedule()
+        if not scheduler_output.seqs:
+            return None
+        try:
+            return scheduler_output, self.model_runner.launch_model(scheduler_output)
+        except BaseException:
+            self.scheduler.undo_step(scheduler_output)  # it did not run: run it again
+            raise
+
+    def _apply_step(self, scheduler_output: SchedulerOutput,
+                    launched: LaunchedStep) -> list[Sequence]:
+        """Wait for a launched batch's tokens and apply them; the sequences that advanced.
+        If that fails, the batch (and any launched after it) will run again."""
+        try:
+            runner_output = launched.result()
+        except BaseException:
+            self.scheduler.undo_step(scheduler_output)
+            self._take_back_in_flight()
+            raise
+        try:
+            return self.scheduler.update_from_output(scheduler_output, runner_output)
+        except BaseException:
+            self._take_back_in_flight()  # it was built on tokens that are now lost
+            raise
+
+    def _take_back_in_flight(self) -> None:
+        if self.in_flight is not None:
+            scheduler_output, launched = self.in_flight
+            self.in_flight = None
+            try:
+                launched.result()  # let it end before its sequences are scheduled again
+            finally:
+                self.scheduler.undo_step(scheduler_output)
 
     def hold_outputs(self, outputs: list[RequestOutput]) -> None:
         """Keep outputs that a caller stepped past (`LLM.generate` runs only its own

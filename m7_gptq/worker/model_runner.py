@@ -24,7 +24,8 @@ from ..attention.layer import set_attention_backend
 from ..attention.metadata import AttentionMetadata
 from ..config import EngineConfig, ModelConfig
 from ..model_executor.layers.quantization.gptq import GPTQLinear, weight_bytes
-from ..model_executor.layers.sampler import Sampler, SamplingRow, token_logprobs
+from ..model_executor.layers.sampler import (Sampler, SamplingRow, reads_history,
+                                               token_logprobs)
 from ..model_executor.model_loader import load_model
 from ..sampling_params import SamplingParams
 from ..utils import cdiv
@@ -47,6 +48,33 @@ class ModelRunnerOutput:
     logprobs: list[PositionLogprobs | None]  # of the sampled token (and the top ones)
     # of new tokens 1 .. n - 1, and of the next_token_id after them if any; [] if none
     prompt_logprobs: list[list[PositionLogprobs] | None]
+
+
+@dataclass
+class LaunchedStep:
+    """A step queued on the device. `result()` waits for its sampled tokens only (a
+    step launched after it runs on), adds them to their rows' histories and returns the
+    step's output."""
+
+    sampled: list[int]  # which of its sequences sample
+    rows: list[SamplingRow]  # their sampling rows
+    tokens: torch.Tensor | None  # [len(sampled)] on the host, once `ready`
+    ready: torch.cuda.Event | None  # None: on the CPU, the tokens are there
+    logprobs: list  # as in ModelRunnerOutput
+    prompt_logprobs: list
+    output: ModelRunnerOutput | None = None
+
+    def result(self) -> ModelRunnerOutput:
+        if self.output is None:
+            if self.ready is not None:
+                self.ready.synchronize()
+            values = [] if self.tokens is None else self.tokens.tolist()
+            tokens: list[int | None] = [None] * len(self.logprobs)
+            for i, token in zip(self.sampled, values):
+                tokens[i] = token
+            InputBatch.append_sampled(self.rows, values)
+            self.output = ModelRunnerOutput(tokens, self.logprobs, self.prompt_logprobs)
+        return self.output
 
 
 def resolve_device(device: str) -> torch.device:
@@ -102,6 +130,7 @@ class ModelRunner:
             if on_gpu_kernels else []
         self.graphs = StepGraphs(self.graph_sizes, config.max_batch_size) if on_gpu_kernels \
             and not config.enforce_eager else None
+        self.launched: list[LaunchedStep] = []  # the last two steps queued, oldest first
         self.num_kv_blocks = self._count_kv_blocks()
         self.kv_caches = self.allocate_kv_cache(self.num_kv_blocks)
         if self.graphs is not None:
@@ -264,31 +293,45 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden[inputs.logits_indices])
         return logits, self.input_batch.sampled, hidden, inputs
 
-    @torch.inference_mode()
     def execute_model(self, scheduler_output) -> ModelRunnerOutput:
         """Run one step in one forward pass, then sample one token for each sequence
         whose new tokens end at its last one (not where they stop inside the prompt)."""
+        return self.launch_model(scheduler_output).result()
+
+    @torch.inference_mode()
+    def launch_model(self, scheduler_output) -> "LaunchedStep":
+        """Queue one step on the device (forward pass and sampling) and return without
+        waiting for it: the host can schedule the next step meanwhile. Log-probabilities,
+        and sampling that reads a sequence's history (penalties, min_tokens), wait for the
+        step before, whose tokens are not in the histories until then."""
         scheduled = scheduler_output.scheduled
+        if len(self.launched) == 2:
+            self.launched.pop(0).result()  # its host buffers are about to be reused
         self.input_batch.update(scheduler_output)
         self.copy_blocks(scheduler_output.blocks_to_copy)
         logits, sampled, hidden, inputs = self._logits_for_step(scheduled)
         sampling_rows = self.input_batch.step_sampling_rows(scheduled)
-        tokens: list[int | None] = [None] * len(scheduled)
-        logprobs: list[PositionLogprobs | None] = [None] * len(scheduled)
         rows = [sampling_rows[i] for i in sampled]
+        if any(reads_history(row.params) for row in rows) and self.launched:
+            self.launched[-1].result()
+        host_tokens, ready = None, None
+        logprobs: list[PositionLogprobs | None] = [None] * len(scheduled)
         if rows:
             wants_logprobs = [row.params.logprobs is not None for row in rows]
             raw_logits = logits.clone() if any(wants_logprobs) else None  # the sampler edits
             new_tokens = self.sampler(logits, rows, self.input_batch.sampling_tensors())
+            host_tokens = self.input_batch.keep_sampled(new_tokens)
+            if self.device.type == "cuda":
+                ready = torch.cuda.Event()
+                ready.record()
             for j, (i, row, wants) in enumerate(zip(sampled, rows, wants_logprobs)):
                 if wants:
                     logprobs[i] = token_logprobs(raw_logits[j:j + 1], new_tokens[j:j + 1],
                                                  row.params.logprobs)[0]
-            for i, token in zip(sampled, new_tokens.tolist()):
-                tokens[i] = token
-        prompt_logprobs = self._prompt_logprobs(hidden, inputs, scheduled, sampling_rows)
-        self.input_batch.append_sampled(rows, [tokens[i] for i in sampled])
-        return ModelRunnerOutput(tokens, logprobs, prompt_logprobs)
+        step = LaunchedStep(sampled, rows, host_tokens, ready, logprobs,
+                            self._prompt_logprobs(hidden, inputs, scheduled, sampling_rows))
+        self.launched.append(step)
+        return step
 
     def _prompt_logprobs(self, hidden: torch.Tensor, inputs: ModelInputs, scheduled,
                          sampling_rows: list[SamplingRow]) -> list:

@@ -1,15 +1,15 @@
 """The scheduler: which sequences run in the next step, and what a step's results do.
 
-New requests wait in a first-come-first-served queue; the decision of what runs is made
-again at every step (iteration-level scheduling, as in Orca and vLLM). A step is either
-a prefill (newly admitted sequences' whole prompts, within `max_batch_size` sequences,
-`max_num_batched_tokens` tokens and the free blocks, less a watermark kept for the
-running ones; a longer prompt goes alone) or a decode (every running sequence, one
-token each; when the pool runs out, the newest is preempted: its blocks are freed and it
-waits first in line, to be recomputed). After the step, `update_from_output` is the one
-place its results change the sequences: computed tokens, sampled tokens, the stop rules.
+New requests wait in a first-come-first-served queue; what runs is decided again at
+every step (iteration-level scheduling). A step is a prefill (newly admitted prompts,
+within `max_batch_size` sequences, `max_num_batched_tokens` tokens and the free blocks
+less a watermark) or a decode (every running sequence, one token each; when the pool
+runs out, the newest is preempted and waits to be recomputed). A scheduled step counts
+at once, its sampled token as pending, so the next step can be scheduled before its
+results are back. `update_from_output` is the one place results change the sequences.
 
-Introduced in M2; changed in M3 (blocks, not slots; preemption), M4 (only new blocks sent).
+Introduced in M2; changed in M3 (blocks, not slots; preemption), M4 (only new blocks
+sent; steps scheduled ahead of their results).
 """
 
 import time
@@ -19,7 +19,7 @@ from ...config import EngineConfig
 from ...request import Sequence, SequenceStatus
 from ...utils import cdiv
 from ..kv_cache_manager import KVCacheManager
-from .output import NewSequenceData, ScheduledSequence, SchedulerOutput
+from .output import PENDING_TOKEN, NewSequenceData, ScheduledSequence, SchedulerOutput
 from .stop_checker import StopChecker
 
 
@@ -74,6 +74,8 @@ class Scheduler:
         num_tokens = 0
         while self.waiting and len(self.running) + len(admitted) < cfg.max_batch_size:
             seq = self.waiting[0]
+            if seq.num_pending_tokens:
+                break  # preempted while its last token is on the device: wait for it
             num_new = num_new_tokens(seq)  # a preempted one recomputes its output too
             if admitted and num_tokens + num_new > cfg.max_num_batched_tokens:
                 break  # the budget is spent (a first prompt always goes, even if longer)
@@ -96,7 +98,9 @@ class Scheduler:
         out = SchedulerOutput([self._scheduled(seq) for seq in admitted], admitted,
                               sum(num_new_tokens(seq) for seq in admitted), finished,
                               preempted)
-        self._record_usage(out)
+        for seq, scheduled in zip(out.seqs, out.scheduled):
+            advance(seq, scheduled)
+        self._record_usage()
         return out
 
     def _schedule_running(self) -> list[Sequence]:
@@ -104,8 +108,12 @@ class Scheduler:
         is empty, the newest running sequence is preempted to free its blocks."""
         kv = self.kv_cache_manager
         scheduled: list[Sequence] = []
+        waiting_for_last: list[Sequence] = []
         while self.running:
             seq = self.running.popleft()
+            if self.stop_checker.ends_by_length(seq, seq.num_pending_tokens):
+                waiting_for_last.append(seq)  # its last token is on the device already
+                continue
             while not kv.allocate_slots(seq, num_new_tokens(seq)):
                 # No free block: preempt the newest running sequence (this one, if no
                 # newer one is left) and try again.
@@ -116,6 +124,7 @@ class Scheduler:
             if seq.status == SequenceStatus.RUNNING:
                 scheduled.append(seq)
         self.running.extend(scheduled)
+        self.running.extend(waiting_for_last)
         return scheduled
 
     def _scheduled(self, seq: Sequence) -> ScheduledSequence:
@@ -127,7 +136,9 @@ class Scheduler:
         is_new = start == 0
         seen = 0 if is_new else cdiv(start, self.kv_cache_manager.block_size)
         new = self._new_sequence_data(seq) if is_new else None
-        return ScheduledSequence(seq.name, seq.token_ids[start:], start,
+        # A token still on the device goes as a placeholder: the worker has it.
+        new_token_ids = seq.token_ids[start:] + [PENDING_TOKEN] * seq.num_pending_tokens
+        return ScheduledSequence(seq.name, new_token_ids, start,
                                  self.kv_cache_manager.block_table(seq, seen), is_new, new)
 
     def _take_freed(self) -> tuple[list[str], list[str]]:
@@ -154,21 +165,36 @@ class Scheduler:
 
     # -- after the step --------------------------------------------------------------
     def update_from_output(self, out: SchedulerOutput, runner_output) -> list[Sequence]:
-        """The step ran: its tokens' K/V are in the cache, and each sequence sampled a
-        token. Append them, apply the stop rules, let the finished ones go. Returns the
-        sequences that advanced, for the engine's outputs."""
+        """The step ran: each sequence sampled a token. Append them, apply the stop rules,
+        let the finished ones go. A sequence that finished since the step was scheduled
+        (stopped by the token before, or aborted) drops its token. Returns the sequences
+        that advanced, for the engine's outputs."""
         advanced = []
-        for seq, scheduled, token, prompt_logprobs, logprobs in zip(
+        for i, (seq, scheduled, token, prompt_logprobs, logprobs) in enumerate(zip(
                 out.seqs, out.scheduled, runner_output.sampled_token_ids,
-                runner_output.prompt_logprobs, runner_output.logprobs):
-            self.stop_checker.append_token(seq, token)
-            self.stop_checker.record_logprobs(seq, scheduled.num_computed_tokens,
-                                              prompt_logprobs, logprobs)
-            seq.num_computed_tokens += len(scheduled.new_token_ids)
+                runner_output.prompt_logprobs, runner_output.logprobs)):
+            if seq.status.is_finished:
+                continue
+            try:
+                self.stop_checker.append_token(seq, token)
+                self.stop_checker.record_logprobs(seq, scheduled.num_computed_tokens,
+                                                  prompt_logprobs, logprobs)
+            except BaseException:  # this and the later sequences run the step again
+                self.undo_step(SchedulerOutput(out.scheduled[i:], out.seqs[i:], 0))
+                raise
+            seq.num_pending_tokens -= 1
             advanced.append(seq)
             if seq.status.is_finished:
                 self._finish(seq)
         return advanced
+
+    def undo_step(self, out: SchedulerOutput) -> None:
+        """The step's results are lost (it failed, or an error came before they were
+        applied): its sequences are computed and pending again as before it, so a later
+        step computes the same tokens again."""
+        for seq, scheduled in zip(out.seqs, out.scheduled):
+            if not seq.status.is_finished:
+                advance(seq, scheduled, undo=True)
 
     def abort(self, seq: Sequence) -> None:
         """Drop a waiting or running sequence: it finishes now, and frees its blocks."""
@@ -185,10 +211,8 @@ class Scheduler:
         self.kv_cache_manager.free(seq)
         self.finished_seq_names.append(seq.name)
 
-    def _record_usage(self, out: SchedulerOutput) -> None:
-        # After this step a scheduled sequence holds all its tokens but the one it samples.
-        used = sum(seq.num_computed_tokens for seq in self.running) + out.num_batched_tokens
-        self.used_token_slots_peak = max(self.used_token_slots_peak, used)
+    def _record_usage(self) -> None:
+        self.used_token_slots_peak = max(self.used_token_slots_peak, self.used_token_slots)
         self.reserved_token_slots_peak = max(self.reserved_token_slots_peak,
                                              self.reserved_token_slots)
         self.max_concurrent_seqs = max(self.max_concurrent_seqs, len(self.running))
@@ -196,5 +220,18 @@ class Scheduler:
 
 def num_new_tokens(seq: Sequence) -> int:
     """Tokens of `seq` whose K/V are not in the cache yet: its prompt when it starts (its
-    prompt and output after a preemption), then the one token sampled in the last step."""
-    return len(seq.token_ids) - seq.num_computed_tokens
+    prompt and output after a preemption), then the one token sampled in the last step
+    (perhaps still pending)."""
+    return len(seq.token_ids) + seq.num_pending_tokens - seq.num_computed_tokens
+
+
+def advance(seq: Sequence, scheduled: ScheduledSequence, undo: bool = False) -> None:
+    """A scheduled step counts at once: its tokens as computed, the token it samples as
+    pending. Undo takes the step back (a sequence preempted meanwhile stays at 0)."""
+    num_new, samples = len(scheduled.new_token_ids), scheduled.next_token_id is None
+    if undo:
+        seq.num_computed_tokens = max(0, seq.num_computed_tokens - num_new)
+        seq.num_pending_tokens -= samples
+    else:
+        seq.num_computed_tokens += num_new
+        seq.num_pending_tokens += samples

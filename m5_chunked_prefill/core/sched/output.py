@@ -2,20 +2,22 @@
 
 For every sequence that runs, the new tokens it computes this step (positions
 `[num_computed_tokens, num_computed_tokens + len(new_token_ids))`: a whole prompt, a
-chunk of one, or the one token sampled last step) and the part of its block table the
-worker has not seen: the whole table when it (re)starts, then only the blocks it gets.
+chunk of one, or the token sampled last step, `PENDING_TOKEN` while it is on the device)
+and the block table entries the worker has not seen (all of them when it (re)starts).
 A sequence's first step also brings what the worker keeps to sample it. The step names
-the sequences whose blocks were freed since the last one: preempted (the worker forgets
-their tables) and finished (it forgets them). The worker never sees a `Sequence`.
+the sequences freed since the last one: preempted (the worker forgets their tables) and
+finished (it forgets them). The worker never sees a `Sequence`.
 
-Introduced in M2; changed in M4 (only what changed is sent), M5 (a chunk names the token
-after it, and samples nothing).
+Introduced in M2; changed in M4 (only what changed is sent; pending tokens), M5 (a chunk
+names the token after it, and samples nothing).
 """
 
 from dataclasses import dataclass, field
 
 from ...request import Sequence
 from ...sampling_params import SamplingParams
+
+PENDING_TOKEN = -1  # a new token sampled by the step before, not yet known on the host
 
 
 @dataclass
@@ -32,7 +34,7 @@ class NewSequenceData:
 @dataclass
 class ScheduledSequence:
     seq_name: str  # `Sequence.name`
-    new_token_ids: list[int]  # the tokens whose K/V this step computes
+    new_token_ids: list[int]  # the tokens whose K/V this step computes (or PENDING_TOKEN)
     num_computed_tokens: int  # tokens before them whose K/V are already in the cache
     # Its block table's new entries, in order: all of them when the sequence (re)starts
     # (`is_new`), else the blocks it got since the last step (usually none).

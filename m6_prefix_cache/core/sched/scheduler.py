@@ -1,15 +1,15 @@
 """The scheduler: which sequences run in the next step, and what a step's results do.
 
-A step has no phase: every sequence has `num_computed_tokens` (its tokens whose K/V are
-in the cache), and a step gives each scheduled one a number of new tokens, all within a
+A step has no phase: each scheduled sequence gets a number of new tokens, all within a
 budget of `max_num_batched_tokens`: the running sequences first (when the pool runs out,
 the newest is preempted and recomputed later), then chunks of waiting prompts, each
 starting after the part the prefix cache holds. A request's n samples: the first runs
-alone until its first token, then the others fork from it, sharing its blocks. After the
-step, `update_from_output` is the one place its results change the sequences.
+alone until its first token, then the others fork from it, sharing its blocks. A
+scheduled step counts at once (its token pending), so the next can be scheduled before
+its results are back; `update_from_output` applies them.
 
-Introduced in M2; changed in M3 (blocks; preemption), M4 (only new blocks sent), M5 (one
-token budget; prompts in chunks), M6 (prefix cache hits; forks of n samples).
+Introduced in M2; changed in M3 (blocks; preemption), M4 (only new blocks sent; steps
+scheduled ahead), M5 (one token budget; prompts in chunks), M6 (prefix cache hits; forks).
 """
 
 import time
@@ -19,7 +19,7 @@ from ...config import EngineConfig
 from ...request import Sequence, SequenceStatus
 from ...utils import cdiv
 from ..kv_cache_manager import KVCacheManager
-from .output import NewSequenceData, ScheduledSequence, SchedulerOutput
+from .output import PENDING_TOKEN, NewSequenceData, ScheduledSequence, SchedulerOutput
 from .stop_checker import StopChecker
 
 
@@ -85,7 +85,9 @@ class Scheduler:
         out = SchedulerOutput([self._scheduled(seq, n) for seq, n in chosen],
                               [seq for seq, _ in chosen], sum(n for _, n in chosen), finished,
                               preempted, self.kv_cache_manager.take_copies())
-        self._record_usage(out)
+        for seq, scheduled in zip(out.seqs, out.scheduled):
+            advance(seq, scheduled)
+        self._record_usage()
         return out
 
     def _schedule_by_budget(self) -> list[tuple[Sequence, int]]:
@@ -100,6 +102,8 @@ class Scheduler:
                 break
             if seq.status != SequenceStatus.RUNNING:
                 continue  # preempted in this loop, to make room for an older one
+            if self.stop_checker.ends_by_length(seq, seq.num_pending_tokens):
+                continue  # its last token is on the device already
             num_new = self._chunk(seq, budget)
             while not kv.allocate_slots(seq, num_new):
                 # No free block: preempt the newest running sequence (this one, if no
@@ -143,6 +147,8 @@ class Scheduler:
         run out of room half way, and the newest sequences would be preempted and
         computed again."""
         kv = self.kv_cache_manager
+        if seq.num_pending_tokens:
+            return False  # preempted while its last token is on the device: wait for it
         whole = kv.num_blocks_needed(seq, num_new_tokens(seq) - len(cached) * kv.block_size,
                                      cached)
         if others_running and kv.num_free_blocks - promised - whole < self.watermark_blocks:
@@ -193,8 +199,12 @@ class Scheduler:
         is empty, the newest running sequence is preempted to free its blocks."""
         kv = self.kv_cache_manager
         scheduled: list[Sequence] = []
+        waiting_for_last: list[Sequence] = []
         while self.running:
             seq = self.running.popleft()
+            if self.stop_checker.ends_by_length(seq, seq.num_pending_tokens):
+                waiting_for_last.append(seq)  # its last token is on the device already
+                continue
             while not kv.allocate_slots(seq, num_new_tokens(seq)):
                 # No free block: preempt the newest running sequence (this one, if no
                 # newer one is left) and try again.
@@ -205,6 +215,7 @@ class Scheduler:
             if seq.status == SequenceStatus.RUNNING:
                 scheduled.append(seq)
         self.running.extend(scheduled)
+        self.running.extend(waiting_for_last)
         return scheduled
 
     def _scheduled(self, seq: Sequence, num_new: int) -> ScheduledSequence:
@@ -220,7 +231,9 @@ class Scheduler:
         seen = 0 if is_new else cdiv(start, self.kv_cache_manager.block_size)
         new = self._new_sequence_data(seq) if is_new else None
         next_token_id = seq.token_ids[end] if end < len(seq.token_ids) else None
-        return ScheduledSequence(seq.name, seq.token_ids[start:end], start,
+        # A token still on the device goes as a placeholder: the worker has it.
+        token_ids = seq.token_ids + [PENDING_TOKEN] * seq.num_pending_tokens
+        return ScheduledSequence(seq.name, token_ids[start:end], start,
                                  self.kv_cache_manager.block_table(seq, seen), is_new, new,
                                  next_token_id)
 
@@ -249,40 +262,49 @@ class Scheduler:
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
 
-    def undo_step(self, out: SchedulerOutput) -> None:
-        """The step failed before its K/V were surely written (M6): the blocks it was to
-        fill leave the prefix cache, and a sequence that started in it (perhaps on such
-        blocks, or on a copy that was never made) goes back to wait, to start again."""
-        for seq in out.seqs:
-            self.kv_cache_manager.forget_uncomputed(seq)
-        for seq, scheduled in reversed(list(zip(out.seqs, out.scheduled))):
-            if scheduled.is_new and seq.status == SequenceStatus.RUNNING:
-                self.running.remove(seq)
-                self._requeue(seq)
-
     # -- after the step --------------------------------------------------------------
     def update_from_output(self, out: SchedulerOutput, runner_output) -> list[Sequence]:
-        """The step ran: its tokens' K/V are in the cache, and each sequence whose new
-        tokens reached its last one sampled a token. Append them, apply the stop rules,
-        let the finished ones go. Returns the sequences that advanced, for the engine's
-        outputs."""
+        """The step ran: each sequence whose new tokens reached its last one sampled a
+        token. Append them, apply the stop rules, let the finished ones go. A sequence
+        that finished since the step was scheduled (stopped by the token before, or
+        aborted) drops its token. Returns the sequences that advanced, for the outputs."""
         advanced = []
-        for seq, scheduled, token, prompt_logprobs, logprobs in zip(
+        for i, (seq, scheduled, token, prompt_logprobs, logprobs) in enumerate(zip(
                 out.seqs, out.scheduled, runner_output.sampled_token_ids,
-                runner_output.prompt_logprobs, runner_output.logprobs):
-            if token is not None:  # None: a chunk inside the prompt, its token comes later
-                self.stop_checker.append_token(seq, token)
-            self.stop_checker.record_logprobs(seq, scheduled.num_computed_tokens,
-                                              prompt_logprobs, logprobs)
-            seq.num_computed_tokens += len(scheduled.new_token_ids)
+                runner_output.prompt_logprobs, runner_output.logprobs)):
+            if seq.status.is_finished:
+                continue
+            try:
+                if token is not None:  # None: a chunk inside the prompt, no token yet
+                    self.stop_checker.append_token(seq, token)
+                self.stop_checker.record_logprobs(seq, scheduled.num_computed_tokens,
+                                                  prompt_logprobs, logprobs)
+            except BaseException:  # this and the later sequences run the step again
+                self.undo_step(SchedulerOutput(out.scheduled[i:], out.seqs[i:], 0))
+                raise
             if token is None:
                 continue
+            seq.num_pending_tokens -= 1
             advanced.append(seq)
             if seq.name in self.unforked:  # its first token: the other samples start (M6)
                 self._fork(seq, self.unforked.pop(seq.name))
             if seq.status.is_finished:
                 self._finish(seq)
         return advanced
+
+    def undo_step(self, out: SchedulerOutput) -> None:
+        """The step's results are lost (it failed, or an error came before they were
+        applied): its sequences are computed and pending again as before it, the blocks
+        it was to fill leave the prefix cache (M6), and a sequence that started in it
+        (perhaps on such blocks, or on a copy never made) goes back to wait."""
+        for seq, scheduled in zip(out.seqs, out.scheduled):
+            if not seq.status.is_finished:
+                advance(seq, scheduled, undo=True)
+                self.kv_cache_manager.forget_uncomputed(seq)
+        for seq, scheduled in reversed(list(zip(out.seqs, out.scheduled))):
+            if scheduled.is_new and seq.status == SequenceStatus.RUNNING:
+                self.running.remove(seq)
+                self._requeue(seq)
 
     def abort(self, seq: Sequence) -> None:
         """Drop a waiting or running sequence: it finishes now, and frees its blocks."""
@@ -317,10 +339,8 @@ class Scheduler:
         self.finished_seq_names.append(seq.name)
         self.unforked.pop(seq.name, None)
 
-    def _record_usage(self, out: SchedulerOutput) -> None:
-        # After this step a scheduled sequence holds all its tokens but the one it samples.
-        used = sum(seq.num_computed_tokens for seq in self.running) + out.num_batched_tokens
-        self.used_token_slots_peak = max(self.used_token_slots_peak, used)
+    def _record_usage(self) -> None:
+        self.used_token_slots_peak = max(self.used_token_slots_peak, self.used_token_slots)
         self.reserved_token_slots_peak = max(self.reserved_token_slots_peak,
                                              self.reserved_token_slots)
         self.max_concurrent_seqs = max(self.max_concurrent_seqs, len(self.running))
@@ -328,5 +348,18 @@ class Scheduler:
 
 def num_new_tokens(seq: Sequence) -> int:
     """Tokens of `seq` whose K/V are not in the cache yet: its prompt when it starts (its
-    prompt and output after a preemption), then the one token sampled in the last step."""
-    return len(seq.token_ids) - seq.num_computed_tokens
+    prompt and output after a preemption), then the one token sampled in the last step
+    (perhaps still pending)."""
+    return len(seq.token_ids) + seq.num_pending_tokens - seq.num_computed_tokens
+
+
+def advance(seq: Sequence, scheduled: ScheduledSequence, undo: bool = False) -> None:
+    """A scheduled step counts at once: its tokens as computed, the token it samples as
+    pending. Undo takes the step back (a sequence preempted meanwhile stays at 0)."""
+    num_new, samples = len(scheduled.new_token_ids), scheduled.next_token_id is None
+    if undo:
+        seq.num_computed_tokens = max(0, seq.num_computed_tokens - num_new)
+        seq.num_pending_tokens -= samples
+    else:
+        seq.num_computed_tokens += num_new
+        seq.num_pending_tokens += samples

@@ -7,7 +7,7 @@ the first three fire before min_tokens are out. Log-probabilities are kept with 
 text. The scheduler calls it from `update_from_output`, the one place a step's results
 change a sequence.
 
-Introduced in M2 (M1's engine did this itself).
+Introduced in M2 (M1's engine did this itself); changed in M4 (`ends_by_length`).
 """
 
 import time
@@ -34,6 +34,13 @@ class StopChecker:
         seq.metrics.num_output_tokens = seq.num_output_tokens
         if seq.status.is_finished:
             seq.metrics.finish_time = now
+
+    def ends_by_length(self, seq: Sequence, num_more: int) -> bool:
+        """True if `num_more` more tokens bring `seq` to max_tokens or the length limit
+        (M4: its last token can be pending on the device, and then it needs no step)."""
+        return num_more > 0 and (
+            seq.num_output_tokens + num_more >= seq.sampling_params.max_tokens
+            or len(seq.token_ids) + num_more >= self.max_model_len)
 
     def record_logprobs(self, seq: Sequence, start: int, prompt_logprobs, logprobs) -> None:
         """Keep what the runner computed. `prompt_logprobs[j]` is of the token at position

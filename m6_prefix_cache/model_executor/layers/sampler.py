@@ -52,6 +52,12 @@ class SamplingTensors:
                    all(p.greedy for p in params))
 
 
+def reads_history(params: SamplingParams) -> bool:
+    """Whether sampling this row reads its tokens so far (penalties, min_tokens)."""
+    return (params.repetition_penalty != 1.0 or bool(params.presence_penalty)
+            or bool(params.frequency_penalty) or params.min_tokens > 0)
+
+
 def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     for i, row in enumerate(rows):
         p = row.params
