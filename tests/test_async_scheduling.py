@@ -7,10 +7,15 @@ seeded, with stop strings, stop tokens, `min_tokens`, penalties, preemption on a
 pool, aborts while a step is on the device, and errors inside a step. A sequence that
 stopped on a token the host learns one step late never emits the token computed after
 it, and a sequence whose last token is already on the device is not scheduled again.
-On the CPU the steps do not overlap in time, but the bookkeeping is the same.
+On the CPU the steps do not overlap in time, but the bookkeeping is the same; the `gpu`
+test runs both on CUDA with CUDA graphs (float32: bf16 sums of a different batch could
+flip a near-tie, and the two modes batch the last steps differently).
 """
 
+import gc
+
 import pytest
+import torch
 
 from conftest import forward_entry, load_stage, run_cli, stages_with
 from test_reliability import PROMPTS, assert_clean, fail_on_call
@@ -273,3 +278,21 @@ def test_the_demo_runs_with_async_scheduling_and_says_so(stage):
     assert "each step scheduled after the last one's results" in off.stdout
     replies = [r.stdout.split("KV cache:")[0] for r in (on, off)]
     assert replies[0] == replies[1] and replies[0].count("--- ") >= 2  # the same text
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("stage", STAGES)
+def test_on_cuda_with_graphs_the_outputs_equal_the_synchronous_engine(stage):
+    prompts = [[3 + (i * 37 + j * 11) % 30000 for j in range(20 + 9 * i)] for i in range(14)]
+    params = (mixed_params(stage) * 2)[:len(prompts)]
+    runs = {}
+    for mode in (False, True):
+        llm = load_stage(stage).LLM("dummy:qwen2.5-0.5b", device="cuda", dtype="float32",
+                                    async_scheduling=mode, gpu_memory_utilization=0.5)
+        assert llm.engine.describe_runner()["cuda_graphs"] is not None
+        runs[mode] = summary(llm.generate(prompts, params, use_tqdm=False))
+        assert_clean(llm)
+        del llm
+        gc.collect()
+        torch.cuda.empty_cache()
+    assert runs[True] == runs[False]

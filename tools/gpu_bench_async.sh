@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Async scheduling on a GPU, in one device call (about 9 minutes on an H100 or H200):
+#   tests     the gpu-marked async tests (outputs equal the synchronous engine's on CUDA)
+#   check     tools/gpu_async_check.py: parity (fp32) and tokens/s off and on, M4-M7
+#   latency   dummy:qwen2.5-0.5b, 128 in / 128 out, 3 repeats: m3, m4 and m7 off and on, hf
+#   nano      nano-vllm's workload (dummy:qwen3-0.6b, 256 prompts): m4 and m7 off and on
+# Files go to $RESULTS, then into $OUT/async-results.tar after each part.
+#   FOLOVLLM_GIT_COMMIT=<sha> FOLOVLLM_GIT_DIRTY=0 bash tools/gpu_bench_async.sh [parts...]
+set -u
+RESULTS=${RESULTS:-/tmp/async-results}
+OUT=${OUT:-gpu-out}
+mkdir -p "$RESULTS" "$OUT"
+export PYTHONUNBUFFERED=1 FOLOVLLM_BENCH_RESULTS="$RESULTS"
+parts=${*:-"tests check latency nano"}
+common="--device cuda --publish --no-progress"
+on=async_scheduling=true
+day=$(date -u +%Y%m%d)
+gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | grep -o 'H[0-9][0-9]*' | head -1 | tr 'H' 'h')
+{
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+for part in $parts; do
+  echo "== $part $(date -u +%H:%M:%S)"
+  case $part in
+    tests) python3 -m pytest -q -m gpu tests/test_async_scheduling.py -p no:cacheprovider;;
+    check) python3 tools/gpu_async_check.py \
+        --stages m4_flash_attn,m5_chunked_prefill,m6_prefix_cache,m7_gptq \
+        --out "$RESULTS/async-check-${gpu:-gpu}-$day.json";;
+    latency) python3 bench/compare.py --milestones "m3,m4,m4:$on,m7,m7:$on,hf" \
+        --workload latency --input-len 128 --output-len 128 --repeat 3 \
+        --model dummy:qwen2.5-0.5b $common;;
+    nano) python3 bench/compare.py --milestones "m4,m4:$on,m7,m7:$on" --workload throughput \
+        --model dummy:qwen3-0.6b $common;;
+    *) echo "unknown part $part: choose from tests check latency nano";;
+  esac
+  tar -C "$RESULTS" -cf "$OUT/async-results.tar" .
+done 2>&1 | grep -v Warn
+echo "== end $(date -u +%H:%M:%S)"
+} 2>&1 | tee "$RESULTS/gpu-bench-async-${gpu:-gpu}-$day.log"
+tar -C "$RESULTS" -cf "$OUT/async-results.tar" .
