@@ -4,6 +4,8 @@
 #   check     tools/gpu_async_check.py: parity (fp32) and tokens/s off and on, M4-M7
 #   latency   dummy:qwen2.5-0.5b, 128 in / 128 out, 3 repeats: m3, m4 and m7 off and on, hf
 #   nano      nano-vllm's workload (dummy:qwen3-0.6b, 256 prompts): m4 and m7 off and on
+#   profile   (not in the default list: a second call) tools/profile_step.py, m4 and m7 off
+#             and on, batches 1, 64, 256: wall, steady (back to back), CPU and GPU ms
 # Files go to $RESULTS, then into $OUT/async-results.tar after each part.
 #   FOLOVLLM_GIT_COMMIT=<sha> FOLOVLLM_GIT_DIRTY=0 bash tools/gpu_bench_async.sh [parts...]
 set -u
@@ -30,7 +32,10 @@ for part in $parts; do
         --model dummy:qwen2.5-0.5b $common;;
     nano) python3 bench/compare.py --milestones "m4,m4:$on,m7,m7:$on" --workload throughput \
         --model dummy:qwen3-0.6b $common;;
-    *) echo "unknown part $part: choose from tests check latency nano";;
+    profile) python3 tools/profile_step.py --stages m4,m4:async,m7,m7:async \
+        --batches 1,64,256 --model dummy:qwen2.5-0.5b \
+        --out "$RESULTS/profile-async-dummy-qwen2.5-0.5b-cuda-${gpu:-gpu}-$day.json";;
+    *) echo "unknown part $part: choose from tests check latency nano profile";;
   esac
   tar -C "$RESULTS" -cf "$OUT/async-results.tar" .
 done 2>&1 | grep -v Warn

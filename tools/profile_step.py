@@ -5,8 +5,11 @@ the device, adds `batch` requests with random 200-token prompts (greedy, ignore_
 max_tokens enough for the whole run), steps until every one has had its prefill, runs a
 few warm-up decode steps, then measures decode steps, each with all `batch` sequences:
 
-- wall ms: host time around `engine.step()`, measured without the profiler. A step
-  ends by copying the sampled tokens to the host, so it includes waiting for the GPU;
+- wall ms: host time around `engine.step()`, measured without the profiler, the GPU idle
+  before each step. A step ends by copying sampled tokens to the host, so it includes
+  waiting for the GPU;
+- steady ms: the same steps back to back, nothing waited for between them, over their
+  count: with async scheduling (`:async`) the host's work overlaps the GPU's here;
 - GPU ms: the sum of the CUDA kernels' durations in the step, from torch.profiler (CUPTI
   records the kernels inside CUDA graph replays too on recent CUDA; this is checked
   once per run on a tiny graph, and where the profiler cannot see them, a row that
@@ -31,7 +34,8 @@ how M5's CUDA graphs for mixed steps are compared with eager mixed steps.
 
 Rows are stage packages (or m3, m4) and, with a suffix, a setting: `m4_flash_attn:eager`
 runs it with `enforce_eager=True` (no CUDA graphs), `:graphs` with `enforce_eager=False`,
-`:gptq` with `quantization="gptq"` (M7: the dummy weights rounded to 4 bits);
+`:gptq` with `quantization="gptq"` (M7: the dummy weights rounded to 4 bits), `:async`
+with `async_scheduling=True` (M4+: the next step scheduled while one runs);
 `--m4-eager` adds the `:eager` row of every M4+ stage asked for. Each LLM is freed
 (del, gc, empty_cache) before the next is built.
 
@@ -78,7 +82,7 @@ SYNC_CALLS = {"cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchr
               "cuStreamSynchronize", "cuCtxSynchronize", "cuEventSynchronize"}
 # row suffix -> the EngineConfig setting it makes
 SETTINGS = {"eager": {"enforce_eager": True}, "graphs": {"enforce_eager": False},
-            "gptq": {"quantization": "gptq"}}
+            "gptq": {"quantization": "gptq"}, "async": {"async_scheduling": True}}
 PROFILER_WARMUP = 2  # profiled steps thrown away (CUPTI's start-up)
 
 
@@ -90,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "durations), GPU busy %, kernels per step and the top kernels; a "
                     "table and a JSON.",
         epilog="Rows: STAGE or STAGE:eager / STAGE:graphs (enforce_eager True / False) / "
-               "STAGE:gptq (M7's 4-bit weights), "
+               "STAGE:gptq (M7's 4-bit weights) / STAGE:async (async_scheduling=True), "
                "STAGE a package (m3_paged_kv) or short name (m3). The KV cache is sized "
                "to the run (see --kv-cache-memory).")
     p.add_argument("--stages", default="m3_paged_kv,m4_flash_attn",
@@ -288,7 +292,7 @@ def profile_row(package: str, setting: str | None, batch: int, args, mc) -> dict
     row = {"row": label, "stage": package, "setting": setting, "batch": batch}
     field_names = {f.name for f in dataclasses.fields(stage.EngineConfig)}
     # decode steps: warm-up, the unprofiled ones, the profiler's warm-up and its steps
-    decode_steps = args.warmup + 2 * args.steps + PROFILER_WARMUP
+    decode_steps = args.warmup + 3 * args.steps + PROFILER_WARMUP
     # every step until the last prefill gives the early requests a token too: a bound on
     # those steps (prompts admitted per token budget) keeps every request from finishing
     budget = max(1, (args.mixed_budget or stage.EngineConfig.max_num_batched_tokens) - batch)
@@ -379,6 +383,15 @@ def profile_row(package: str, setting: str | None, batch: int, args, mc) -> dict
                 e1.synchronize()
                 spans.append(e0.elapsed_time(e1))
 
+        # unprofiled, back to back: the steps' rate when nothing waits between them (what
+        # async scheduling overlaps: the host's work for the next step with this one)
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            step()
+        sync()
+        row["steady_ms"] = (time.perf_counter() - t0) * 1e3 / args.steps
+
         # profiled
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
         with profile(activities=activities,
@@ -463,9 +476,10 @@ def _f(x, fmt: str):
 
 
 def table(rows: list[dict]) -> str:
-    headers = ["stage", "batch", "wall ms", "CPU ms", "GPU ms", "GPU busy %", "kernels/step",
-               "prof wall ms", "note"]
-    body = [[r["row"], r["batch"], _f(r.get("wall_ms"), ".2f"), _f(r.get("cpu_ms"), ".2f"),
+    headers = ["stage", "batch", "wall ms", "steady ms", "CPU ms", "GPU ms", "GPU busy %",
+               "kernels/step", "prof wall ms", "note"]
+    body = [[r["row"], r["batch"], _f(r.get("wall_ms"), ".2f"), _f(r.get("steady_ms"), ".2f"),
+             _f(r.get("cpu_ms"), ".2f"),
              _f(r.get("gpu_ms"), ".2f"),
              _f(None if r.get("gpu_busy") is None else 100 * r["gpu_busy"], ".0f"),
              _f(r.get("kernels_per_step"), ".0f"), _f(r.get("wall_ms_profiled"), ".2f"),
@@ -520,6 +534,7 @@ def main(argv: list[str] | None = None) -> int:
         device=args.device, model=args.model, prompt_len=args.prompt_len, steps=args.steps,
         warmup=args.warmup, profiler_sees_graph_kernels=args.graph_kernels_visible,
         notes={"wall_ms": "median host time around engine.step(), without the profiler",
+               "steady_ms": "steps back to back without waiting between them, per step",
                "cpu_ms": "wall_ms less the median time a profiled step was blocked on the "
                          "GPU (synchronize calls, blocking copies); cpu_ms_profiled: the "
                          "profiled wall less that, the profiler's own cost included",
