@@ -209,6 +209,8 @@ class LLMEngine:
             raise
 
     def _take_back_in_flight(self) -> None:
+        """The step on the device was built on results that are lost: it ends, and is
+        taken back to run again."""
         if self.in_flight is not None:
             scheduler_output, launched = self.in_flight
             self.in_flight = None
