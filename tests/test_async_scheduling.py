@@ -203,17 +203,20 @@ def test_abort_mid_flight_drops_the_request_and_keeps_the_others(stage):
 
 @pytest.mark.parametrize("stage", STAGES)
 @pytest.mark.parametrize("fail_at", [1, 2, 4])
-def test_a_failed_launch_is_run_again(stage, fail_at):
-    """The forward pass of a step fails (before or while the one before it is on the
-    device): after the error, stepping on gives a clean run's tokens."""
-    params = mixed_params(stage)[:3]
+@pytest.mark.parametrize("where", ["entry", "after sampling"])
+def test_a_failed_launch_is_run_again(stage, fail_at, where):
+    """The launch of a step fails (before or while the one before it is on the device;
+    at its start, or after it sampled): after the error, stepping on gives a clean run's
+    tokens (a retried step still takes its pending tokens from the step before). After
+    sampling, greedy only: a failed step has drawn from the seeded random streams."""
+    params = mixed_params(stage)[:3] if where == "entry" else [mixed_params(stage)[0]] * 3
     expected = summary(tiny(stage, False).generate(PROMPTS, params, use_tqdm=False))
     llm = tiny(stage, True)
     engine = llm.engine
     for i, (prompt, p) in enumerate(zip(PROMPTS, params)):
         engine.add_request(f"req-{i}", prompt, p)
-    restore = fail_on_call(fail_at, RuntimeError("boom"))(engine.model_runner,
-                                                         forward_entry(engine))
+    method = forward_entry(engine) if where == "entry" else "_prompt_logprobs"
+    restore = fail_on_call(fail_at, RuntimeError("boom"))(engine.model_runner, method)
     finished = {}
     with pytest.raises(RuntimeError, match="boom"):
         for _ in range(fail_at + 1):

@@ -297,12 +297,25 @@ class ModelRunner:
     @torch.inference_mode()
     def launch_model(self, scheduler_output) -> "LaunchedStep":
         """Queue one step on the device (forward pass and sampling) and return without
-        waiting for it: the host can schedule the next step meanwhile. Log-probabilities,
-        and sampling that reads a sequence's history (penalties, min_tokens), wait for the
-        step before, whose tokens are not in the histories until then."""
-        scheduled = scheduler_output.scheduled
+        waiting for it: the host can schedule the next step meanwhile. Sampling that reads
+        a sequence's history (penalties, min_tokens) first waits for the step before,
+        whose tokens are not in the histories until then; log-probabilities are read
+        back at once."""
         if len(self.launched) == 2:
             self.launched.pop(0).result()  # its host buffers are about to be reused
+        try:
+            step, new_tokens = self._launch(scheduler_output)
+        except BaseException:
+            if self.device.type == "cuda":  # copies from its host buffers may be running:
+                torch.cuda.synchronize(self.device)  # they end before the buffers are reused
+            raise
+        self.input_batch.commit_step(new_tokens)
+        self.launched.append(step)
+        return step
+
+    def _launch(self, scheduler_output) -> tuple["LaunchedStep", torch.Tensor | None]:
+        """The step queued on the device, and its sampled tokens there (None: none)."""
+        scheduled = scheduler_output.scheduled
         self.input_batch.update(scheduler_output)
         self.copy_blocks(scheduler_output.blocks_to_copy)
         logits, sampled, hidden, inputs = self._logits_for_step(scheduled)
@@ -310,13 +323,13 @@ class ModelRunner:
         rows = [sampling_rows[i] for i in sampled]
         if any(reads_history(row.params) for row in rows) and self.launched:
             self.launched[-1].result()
-        host_tokens, ready = None, None
+        new_tokens, host_tokens, ready = None, None, None
         logprobs: list[PositionLogprobs | None] = [None] * len(scheduled)
         if rows:
             wants_logprobs = [row.params.logprobs is not None for row in rows]
             raw_logits = logits.clone() if any(wants_logprobs) else None  # the sampler edits
             new_tokens = self.sampler(logits, rows, self.input_batch.sampling_tensors())
-            host_tokens = self.input_batch.keep_sampled(new_tokens)
+            host_tokens = self.input_batch.tokens_to_host(new_tokens)
             if self.device.type == "cuda":
                 ready = torch.cuda.Event()
                 ready.record()
@@ -324,10 +337,9 @@ class ModelRunner:
                 if wants:
                     logprobs[i] = token_logprobs(raw_logits[j:j + 1], new_tokens[j:j + 1],
                                                  row.params.logprobs)[0]
-        step = LaunchedStep(sampled, rows, host_tokens, ready, logprobs,
-                            self._prompt_logprobs(hidden, inputs, scheduled, sampling_rows))
-        self.launched.append(step)
-        return step
+        return LaunchedStep(sampled, rows, host_tokens, ready, logprobs,
+                            self._prompt_logprobs(hidden, inputs, scheduled,
+                                                  sampling_rows)), new_tokens
 
     def _prompt_logprobs(self, hidden: torch.Tensor, inputs: ModelInputs, scheduled,
                          sampling_rows: list[SamplingRow]) -> list:

@@ -4,10 +4,10 @@ Each scheduled sequence computes its new tokens at positions `[num_computed,
 num_computed + n)` (a prompt, part of one, or last step's token: the same case), laid
 one after the other into `T` tokens with their positions, cache slots, attention's view
 and `logits_indices` (the last token of each sequence that samples). Kept from step to
-step: per running sequence a block table row, its sampling row and its last sampled
-token on the device (where a token the host does not know yet, a negative id, is taken
-from). Arrays are built with numpy in pinned buffers (two sets, used in turn), copied
-without waiting to device buffers of fixed address (what a CUDA graph reads), padded.
+step: per running sequence a block table row and its sampling row, and the last step's
+sampled tokens on the device (a token the host does not know yet, a negative id, is
+copied from them). Arrays are built with numpy in pinned buffers (two sets, in turn),
+copied without waiting to device buffers of fixed address (what a CUDA graph reads).
 
 Introduced in M2; changed in M4 (kept buffers and tables, padding by tokens).
 """
@@ -52,10 +52,9 @@ class StepBuffers:
         self.seq_lens = buffer(max_num_seqs)
         self.block_tables = buffer(max_num_seqs, max_blocks_per_seq)
         self.logits_indices = buffer(max_num_seqs)
-        self.sampled_rows = buffer(max_num_seqs)  # the rows of the sequences that sample
         self.sampled_tokens = buffer(max_num_seqs)  # what they sampled, back on the host
         self.pending_index = buffer(max_num_seqs)  # where the tokens not yet known go
-        self.pending_rows = buffer(max_num_seqs)  # and whose last sampled token each is
+        self.pending_source = buffer(max_num_seqs)  # and which of the last step's each is
         self.sampling = torch.zeros(5, max_num_seqs, dtype=torch.float32, device=device,
                                     pin_memory=pin_memory)
 
@@ -96,9 +95,10 @@ class InputBatch:
         # of the one before may still be running.
         self.hosts = [StepBuffers(max_num_seqs, max_num_tokens, max_blocks_per_seq, "cpu",
                                   pin) for _ in range(2)]
-        self.host = self.hosts[0]
+        self.host, self.turn = self.hosts[0], 0  # the set the next step is built in
         self.gpu = StepBuffers(max_num_seqs, max_num_tokens, max_blocks_per_seq, device)
-        self.last_tokens = torch.zeros(max_num_seqs, dtype=torch.long, device=device)
+        # The last launched step's sampled tokens, on the device, and their rows.
+        self.last_sampled: tuple[torch.Tensor, np.ndarray] | None = None
 
     # -- the lasting part ---------------------------------------------------------------
     def update(self, scheduler_output) -> None:
@@ -166,7 +166,7 @@ class InputBatch:
         self.step_rows = rows
         # New tokens that stop inside the prompt (next_token_id given) sample nothing.
         self.sampled = [i for i, s in enumerate(scheduled) if s.next_token_id is None]
-        self.host = self.hosts[1] if self.host is self.hosts[0] else self.hosts[0]
+        self.host = self.hosts[self.turn]
         return self._fill(rows, query_lens, computed, token_ids, pad_to)
 
     def _fill(self, rows: np.ndarray, query_lens: np.ndarray, computed: np.ndarray,
@@ -220,27 +220,37 @@ class InputBatch:
 
     def _fill_pending(self, index: np.ndarray, rows: np.ndarray) -> None:
         """Tokens sampled by the step before, not yet known on the host (async
-        scheduling): each is its row's last sampled token, copied on the device."""
+        scheduling): each is copied on the device from that step's sampled tokens."""
+        if self.last_sampled is None:
+            raise RuntimeError("pending tokens, but the step before sampled nothing")
+        tokens, sampled_rows = self.last_sampled
+        position = np.full(self.max_num_seqs, -1, dtype=np.int64)
+        position[sampled_rows] = np.arange(len(sampled_rows))
+        source = position[rows]
+        if (source < 0).any():
+            raise RuntimeError("a pending token of a sequence that did not sample in the "
+                               "step before")
         n = len(index)
         self.host.pending_index.numpy()[:n] = index
-        self.host.pending_rows.numpy()[:n] = rows
+        self.host.pending_source.numpy()[:n] = source
         g = self.gpu
-        for name in ("pending_index", "pending_rows"):
+        for name in ("pending_index", "pending_source"):
             getattr(g, name)[:n].copy_(getattr(self.host, name)[:n], non_blocking=True)
-        g.input_ids[g.pending_index[:n]] = self.last_tokens[g.pending_rows[:n]]
+        g.input_ids[g.pending_index[:n]] = tokens[g.pending_source[:n]]
 
-    def keep_sampled(self, tokens: torch.Tensor) -> torch.Tensor:
-        """The step's sampled tokens: kept on the device as their rows' last tokens (the
-        next step may read them before the host does), and copied back to the host
-        without waiting. Returns the host copy, valid once the device gets there."""
-        n = len(tokens)
-        self.host.sampled_rows.numpy()[:n] = self.step_rows[self.sampled]
-        rows = self.gpu.sampled_rows[:n]
-        rows.copy_(self.host.sampled_rows[:n], non_blocking=True)
-        self.last_tokens[rows] = tokens
-        host = self.host.sampled_tokens[:n]
+    def tokens_to_host(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The step's sampled tokens copied back to the host without waiting: valid once
+        the device gets there."""
+        host = self.host.sampled_tokens[:len(tokens)]
         host.copy_(tokens, non_blocking=True)
         return host
+
+    def commit_step(self, tokens: torch.Tensor | None) -> None:
+        """The step was launched: the next one is built in the other set of host buffers,
+        and takes its pending tokens from this one's sampled `tokens` (left on the device;
+        None: it sampled nothing). A step that failed to launch is not committed."""
+        self.last_sampled = None if tokens is None else (tokens, self.step_rows[self.sampled])
+        self.turn = 1 - self.turn
 
     def step_sampling_rows(self, scheduled: list) -> list[SamplingRow]:
         """How to sample each scheduled sequence, in order."""
