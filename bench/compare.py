@@ -586,7 +586,8 @@ def cpu_name() -> str:
 def prepare_hf_folder(model: str, package: str, dtype: str, seed: int, folder: Path) -> None:
     """Save a stage's dummy weights (and a transformers config) as a Hugging Face folder.
 
-    Our parameter names are Hugging Face's, so transformers loads the file as it is."""
+    The tensors go by the checkpoint's names (`checkpoint_layout` from M4 on, where q/k/v
+    and gate/up are merged layers; before it, the parameters' names are those names)."""
     import torch
     from safetensors.torch import save_file
     from transformers import AutoConfig
@@ -595,8 +596,10 @@ def prepare_hf_folder(model: str, package: str, dtype: str, seed: int, folder: P
     name = model[len("dummy:"):]
     mc = loader.load_model_config(model)
     net = loader.load_model(model, mc, getattr(torch, dtype), torch.device("cpu"), seed=seed)
-    # named_parameters lists a tied lm_head once, under the embedding's name
-    tensors = {n: p.detach().contiguous() for n, p in net.named_parameters()}
+    # either lists a tied lm_head once, under the embedding's name
+    layout = getattr(loader, "checkpoint_layout", None)
+    named = layout(net).items() if layout else net.named_parameters()
+    tensors = {n: p.detach().contiguous() for n, p in named}
     save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
     del net, tensors
     hf = dict(loader.DUMMY_CONFIGS[name])

@@ -35,13 +35,13 @@ from .eval_ppl import provenance
 from .gptq_solver import gptq_quantize, output_error, rtn_quantize
 from .model_executor.layers.quantization.gptq import (GPTQConfig, GPTQLinear, dequantize,
                                                       pack_layer)
-from .model_executor.model_loader import (DUMMY_CONFIGS, DUMMY_PREFIX, load_model,
-                                          load_model_config, resolve_model_path)
+from .model_executor.model_loader import (DUMMY_CONFIGS, DUMMY_PREFIX, checkpoint_layout,
+                                          load_model, load_model_config, resolve_model_path)
 from .tokenizer import get_tokenizer
 
-# The linears of a decoder layer, in groups that share one input (and one Hessian).
-SHARED_INPUT = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-                ("self_attn.o_proj",), ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",))
+# The linears of a decoder layer, each with its own input (and Hessian); q/k/v and gate/up
+# are merged layers (M4), whose parts are quantized one by one from the one Hessian.
+LINEARS = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
 SEQS_PER_PASS = 8  # calibration sequences run through a layer at once
 _ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
                   "qwen3": "Qwen3ForCausalLM"}
@@ -91,8 +91,8 @@ def run_layer(layer, states: list, passes: list[Pass]) -> list:
 
 
 def collect_hessians(layer, states: list, passes: list[Pass]) -> dict[str, torch.Tensor]:
-    """One forward pass with hooks: H = 2 X Xᵀ / n of the input of each SHARED_INPUT group
-    (keyed by the group's first linear), summed pass by pass."""
+    """One forward pass with hooks: H = 2 X Xᵀ / n of the input of each of LINEARS,
+    summed pass by pass."""
     sums, handles = {}, []
 
     def hook(name):
@@ -102,8 +102,8 @@ def collect_hessians(layer, states: list, passes: list[Pass]) -> dict[str, torch
             sums[name] = (total + x.t() @ x, n + x.shape[0])
         return accumulate
 
-    for group in SHARED_INPUT:
-        handles.append(layer.get_submodule(group[0]).register_forward_hook(hook(group[0])))
+    for name in LINEARS:
+        handles.append(layer.get_submodule(name).register_forward_hook(hook(name)))
     try:
         run_layer(layer, states, passes)
     finally:
@@ -112,18 +112,29 @@ def collect_hessians(layer, states: list, passes: list[Pass]) -> dict[str, torch
     return {name: 2 * total / n for name, (total, n) in sums.items()}
 
 
+def linear_parts(layer, name: str) -> dict[str, torch.Tensor]:
+    """The checkpoint's linears in the layer's linear `name`: {its name: its weight rows},
+    the parts of a merged layer (self_attn.q_proj, ...) or the layer itself."""
+    linear = layer.get_submodule(name)
+    shards = getattr(linear, "shards", None)
+    if shards is None:
+        return {name: linear.weight.data}
+    parent = name.rpartition(".")[0]
+    return {f"{parent}.{part}": linear.weight.data[linear.shard_rows(part)] for part in shards}
+
+
 # --- quantizing the model ------------------------------------------------------------------
 
 def quantize_layer(layer, hessians: dict, config: GPTQConfig, method: str) -> tuple:
     """Quantize the layer's linears in place (their weights become the dequantized ones).
     Returns ({linear name: checkpoint tensors}, {linear name: relative output error}, and
-    for GPTQ {linear name: RTN's error on the same inputs}, for comparison)."""
+    for GPTQ {linear name: RTN's error on the same inputs}, for comparison), by the
+    checkpoint's names (q_proj, k_proj, ...)."""
     tensors, errors, rtn_errors = {}, {}, {}
-    for group in SHARED_INPUT:
-        h = hessians[group[0]].cpu()  # the solver runs on the CPU: one weight at a time
-        for name in group:
-            linear = layer.get_submodule(name)
-            w = linear.weight.data.float().cpu()
+    for group in LINEARS:
+        h = hessians[group].cpu()  # the solver runs on the CPU: one weight at a time
+        for name, weight in linear_parts(layer, group).items():
+            w = weight.float().cpu()
             q = gptq_quantize(w, h, config) if method == "gptq" else rtn_quantize(w, config)
             packed = pack_layer(q.codes, q.scales, q.zeros, q.g_idx, config.bits)
             stored = dequantize(packed["qweight"], packed["qzeros"], packed["scales"].float(),
@@ -131,7 +142,7 @@ def quantize_layer(layer, hessians: dict, config: GPTQConfig, method: str) -> tu
             errors[name] = output_error(w, stored, h)
             if method == "gptq":
                 rtn_errors[name] = output_error(w, rtn_quantize(w, config).dequantize(), h)
-            linear.weight.data.copy_(stored)
+            weight.copy_(stored)
             tensors[name] = packed
     return tensors, errors, rtn_errors
 
@@ -188,11 +199,11 @@ def checkpoint_tensors(net, quantized: dict, dtype: torch.dtype) -> dict[str, to
     """Everything `model.safetensors` holds: the packed linears (and their biases) and
     every other parameter in `dtype` (a tied lm_head is the embeddings: listed once)."""
     out = {}
-    for name, param in net.named_parameters():  # shared parameters come once
+    for name, tensor in checkpoint_layout(net).items():  # shared parameters come once
         module = name.rsplit(".", 1)[0]
         if module in quantized and name.endswith(".weight"):
             continue
-        out[name] = param.detach().to("cpu", dtype).contiguous()
+        out[name] = tensor.detach().to("cpu", dtype).contiguous()
     for module, packed in quantized.items():
         out.update({f"{module}.{key}": t.cpu().contiguous() for key, t in packed.items()})
     return out

@@ -175,6 +175,9 @@ def print_weights(sizes: dict) -> None:
         line += (f"; {sizes['gptq_layers']} GPTQ layers ({sizes['gptq_layout']}) take "
                  f"{sizes['quantized'] / 2**20:.1f} MiB, {sizes['quantized'] / sizes['dense']:.2f}"
                  f" x their {sizes['dense'] / 2**20:.1f} MiB unquantized")
+    if sizes.get("gptq_merged_kept_apart"):
+        line += (f"; {sizes['gptq_merged_kept_apart']} merged q/k/v or gate/up layers kept "
+                 "in parts (their g_idx differ in the checkpoint)")
     print(line)
 
 

@@ -1,5 +1,5 @@
-"""M4's small fused Triton kernels (RMSNorm, add + RMSNorm, silu-and-mul, rotary) against
-their torch references.
+"""M4's small fused Triton kernels (RMSNorm, add + RMSNorm, silu-and-mul, rotary, rotary
+with the KV-cache write) against their torch references.
 
 On the CPU they run under the Triton interpreter (TRITON_INTERPRET=1, set here before
 the kernels are defined) in fp32 (and fp16) on tiny shapes: hidden sizes that are and
@@ -185,6 +185,75 @@ def test_rotary_matches_the_models_torch_rotary():
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
+def _cache_case(num_tokens, heads, kv_heads, head_dim, seed, dtype=torch.float32,
+                device=CPU_DEVICE, num_blocks=6, block_size=4):
+    """q, k, v as views of one projection; caches with old contents; unsorted slots with
+    padding (-1) among them."""
+    qkv, q, k = _qkv_views(num_tokens, heads, kv_heads, head_dim, seed=seed, dtype=dtype,
+                           device=device)
+    q_size, kv_size = heads * head_dim, kv_heads * head_dim
+    v = qkv[:, q_size + kv_size:].view(num_tokens, kv_heads, head_dim)
+    caches = [_randn(num_blocks, block_size, kv_heads, head_dim, seed=seed + 1, dtype=dtype,
+                     device=device) for _ in range(2)]
+    g = torch.Generator().manual_seed(seed + 2)
+    slots = torch.randperm(num_blocks * block_size, generator=g)[:num_tokens]
+    slots[::3] = -1
+    return qkv, q, k, v, caches, slots.to(device=device, dtype=torch.int32)
+
+
+@pytest.mark.parametrize("head_dim", [40, 64, 80])
+def test_rotary_and_cache_write_matches_the_reference(head_dim):
+    """One kernel: q rotated (returned), k rotated into its slot, v copied into its slot,
+    padding tokens (slot -1) written nowhere, every other cache row left as it was."""
+    qkv, q, k, v, (k_cache, v_cache), slots = _cache_case(7, 4, 2, head_dim, seed=30)
+    before = qkv.clone()
+    cos, sin = _rope_tables(head_dim)
+    positions = torch.tensor([7, 0, 63, 3, 3, 12, 40], device=q.device)
+    want_k, want_v = k_cache.clone(), v_cache.clone()
+    want_q = rotary.rotary_and_write_kv_ref(q, k, v, positions, cos, sin, want_k, want_v,
+                                            slots)
+    got_q = rotary.rotary_and_write_kv(q, k, v, positions, cos, sin, k_cache, v_cache, slots)
+    torch.testing.assert_close(got_q, want_q, **FP32)
+    torch.testing.assert_close(k_cache, want_k, **FP32)
+    assert torch.equal(v_cache, want_v)  # copied as it is
+    assert torch.equal(qkv, before)
+    # the reference itself: written rows hold the rotated k, the others are untouched
+    rows = want_k.view(-1, 2, head_dim)
+    _, k_rot = rotary.apply_rotary_ref(q, k, positions, cos, sin)
+    real = (slots >= 0).nonzero().flatten()
+    torch.testing.assert_close(rows[slots[real].long()], k_rot[real], **FP32)
+    untouched = torch.ones(rows.shape[0], dtype=torch.bool)
+    untouched[slots[real].long()] = False
+    assert torch.equal(rows[untouched], k_cache.view(-1, 2, head_dim)[untouched])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("head_dim", [40, 64])
+def test_rotary_and_cache_write_with_qwen3_qk_norm(dtype, head_dim):
+    """With the per-head q/k RMSNorm fused in: the same as the model's norm modules, then
+    the rotation, then the write (fp16: the reference's roundings, nearly bit for bit)."""
+    _, q, k, v, (k_cache, v_cache), slots = _cache_case(6, 4, 2, head_dim, seed=33,
+                                                        dtype=dtype)
+    cos, sin = _rope_tables(head_dim)
+    positions = torch.tensor([1, 0, 63, 9, 30, 2], device=q.device)
+    norms = (_norm_weight(head_dim, seed=34, dtype=dtype), _norm_weight(head_dim, seed=35,
+                                                                        dtype=dtype), 1e-6)
+    want_k, want_v = k_cache.clone(), v_cache.clone()
+    want_q = rotary.rotary_and_write_kv_ref(q, k, v, positions, cos, sin, want_k, want_v,
+                                            slots, norms)
+    got_q = rotary.rotary_and_write_kv(q, k, v, positions, cos, sin, k_cache, v_cache, slots,
+                                       norms)
+    tol = FP32 if dtype == torch.float32 else LOW_PRECISION[dtype]
+    torch.testing.assert_close(got_q, want_q, **tol)
+    torch.testing.assert_close(k_cache, want_k, **tol)
+    if dtype != torch.float32:
+        _assert_mostly_bit_exact(got_q, want_q, 0.97)
+    # the norm is really applied: without it the result differs
+    plain = rotary.rotary_and_write_kv_ref(q, k, v, positions, cos, sin, k_cache.clone(),
+                                           v_cache.clone(), slots)
+    assert not torch.allclose(plain, want_q, **tol)
+
+
 # -- GPU: compiled kernels, bf16 and fp16, real shapes -------------------------------------
 GPU_DTYPES = [torch.bfloat16, torch.float16]
 
@@ -239,3 +308,27 @@ def test_gpu_silu_and_mul(dtype, num_tokens):
     got, want = activation.silu_and_mul(gate, up), activation.silu_and_mul_ref(gate, up)
     torch.testing.assert_close(got, want, **LOW_PRECISION[dtype])
     _assert_mostly_bit_exact(got, want, 0.95)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("num_tokens", [1, 7, 300])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_gpu_rotary_and_cache_write_with_qk_norm(dtype, num_tokens, head_dim):
+    _, q, k, v, (k_cache, v_cache), slots = _cache_case(
+        num_tokens, 14, 2, head_dim, seed=31, dtype=dtype, device="cuda", num_blocks=40,
+        block_size=16)
+    cos, sin = _rope_tables(head_dim, max_position=4096, theta=1e6, device="cuda")
+    g = torch.Generator().manual_seed(32)
+    positions = torch.randint(0, 4096, (num_tokens,), generator=g).to("cuda")
+    want_k, want_v = k_cache.clone(), v_cache.clone()
+    norms = (_norm_weight(head_dim, dtype=dtype, device="cuda"),
+             _norm_weight(head_dim, seed=36, dtype=dtype, device="cuda"), 1e-6)
+    want_q = rotary.rotary_and_write_kv_ref(q, k, v, positions, cos, sin, want_k, want_v,
+                                            slots, norms)
+    got_q = rotary.rotary_and_write_kv(q, k, v, positions, cos, sin, k_cache, v_cache, slots,
+                                       norms)
+    tol = LOW_PRECISION[dtype]
+    torch.testing.assert_close(got_q, want_q, **tol)
+    torch.testing.assert_close(k_cache, want_k, **tol)
+    assert torch.equal(v_cache, want_v)

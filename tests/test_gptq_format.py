@@ -135,23 +135,26 @@ def test_asking_for_gptq_on_a_full_precision_checkpoint_says_how_to_make_one(sta
 
 # --- a hand-made checkpoint through the engine ------------------------------------------
 
-# name -> (bits, group_size, sym, act_order)
+# name -> (bits, group_size, sym, act_order); act_order "shared": the linears that read
+# one input (q/k/v, gate/up) share its order, as GPTQ tools write it (one Hessian); True:
+# each linear its own order, which keeps the engine's merged layers in parts (GPTQParts).
 LAYOUTS = {
     "4bit-g32-sym": (4, 32, True, False),
     "4bit-channel-asym": (4, -1, False, False),
     "8bit-g32-asym": (8, 32, False, False),
-    "4bit-g32-act-order": (4, 32, True, True),
+    "4bit-g32-act-order": (4, 32, True, "shared"),
+    "4bit-g32-act-order-own": (4, 32, True, True),
 }
+# The linears a GPTQ checkpoint quantizes, by transformers' names (lm_head is not).
+HF_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def quantize_by_hand(g, weight: torch.Tensor, bits: int, group_size: int, sym: bool,
-                     act_order: bool, gen: torch.Generator) -> dict[str, torch.Tensor]:
-    """Round to nearest on a grid per group; with act_order the groups are random sets of
-    input rows (as act-order leaves them), named by g_idx."""
+                     order: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Round to nearest on a grid per group; the groups are the input rows in `order`
+    (act-order: a random one), named by g_idx."""
     out_features, in_features = weight.shape
     rows = in_features if group_size == -1 else group_size
-    order = torch.randperm(in_features, generator=gen) if act_order \
-        else torch.arange(in_features)
     g_idx = torch.empty(in_features, dtype=torch.int64)
     g_idx[order] = torch.arange(in_features) // rows
     codes = torch.empty_like(weight)
@@ -177,12 +180,15 @@ def make_gptq_checkpoint(g, hf_model, folder, layout: str, seed: int = 0):
     (what transformers then runs as the reference)."""
     bits, group_size, sym, act_order = LAYOUTS[layout]
     gen = torch.Generator().manual_seed(seed)
-    tensors = {}
+    tensors, orders = {}, {}
     for name, module in hf_model.named_modules():
-        if name.rsplit(".", 1)[-1] not in g.QUANTIZED_LINEARS:
+        if name.rsplit(".", 1)[-1] not in HF_LINEARS:
             continue
-        packed = quantize_by_hand(g, module.weight.data.float(), bits, group_size, sym,
-                                  act_order, gen)
+        n = module.in_features
+        order = torch.randperm(n, generator=gen) if act_order else torch.arange(n)
+        if act_order == "shared":  # one order per (block, input size): q/k/v, gate/up
+            order = orders.setdefault((name.rsplit(".", 1)[0], n), order)
+        packed = quantize_by_hand(g, module.weight.data.float(), bits, group_size, sym, order)
         tensors.update({f"{name}.{key}": value for key, value in packed.items()})
         with torch.no_grad():
             module.weight.copy_(g.dequantize(packed["qweight"], packed["qzeros"],
@@ -191,13 +197,14 @@ def make_gptq_checkpoint(g, hf_model, folder, layout: str, seed: int = 0):
         if module.bias is not None:
             tensors[f"{name}.bias"] = module.bias.data.clone()
     for name, tensor in hf_model.state_dict().items():
-        if name.rsplit(".", 2)[-2] not in g.QUANTIZED_LINEARS:
+        if name.rsplit(".", 2)[-2] not in HF_LINEARS:
             tensors[name] = tensor.clone()
     folder.mkdir()
     save_file(tensors, str(folder / "model.safetensors"))
     config = hf_model.config.to_dict()
     config["quantization_config"] = g.GPTQConfig(bits=bits, group_size=group_size,
-                                                 desc_act=act_order, sym=sym).to_dict()
+                                                 desc_act=bool(act_order),
+                                                 sym=sym).to_dict()
     (folder / "config.json").write_text(json.dumps(config))
 
 
@@ -223,9 +230,18 @@ def test_a_gptq_checkpoint_matches_transformers_on_its_dequantized_weights(
     make_gptq_checkpoint(g, hf_model, folder, layout)
     llm = make_llm(stage, folder)
     assert llm.config.quantization == "gptq"  # found in config.json by itself
-    layers = [m for m in llm.engine.model_runner.model.modules() if isinstance(m, g.GPTQLinear)]
-    assert len(layers) == 7 * hf_model.config.num_hidden_layers
-    assert (layers[0].input_perm is not None) == LAYOUTS[layout][3]
+    model = llm.engine.model_runner.model
+    layers = [m for m in model.modules() if isinstance(m, g.GPTQLinear)]
+    act_order = LAYOUTS[layout][3]
+    assert (layers[0].input_perm is not None) == bool(act_order)
+    # q/k/v and gate/up are one GPTQ layer each when they share g_idx, else kept in parts
+    parts = [m for m in model.modules() if isinstance(m, g.GPTQParts)]
+    per_layer = dict(merged=2, apart=0, linears=4) if act_order is not True \
+        else dict(merged=0, apart=2, linears=7)  # o_proj, down_proj, and 3 + 2 parts
+    num_layers = hf_model.config.num_hidden_layers
+    assert len(parts) == per_layer["apart"] * num_layers
+    assert len(layers) == per_layer["linears"] * num_layers
+    assert sum(m.shards is not None for m in layers) == per_layer["merged"] * num_layers
     expected = [hf_greedy(hf_model, ids, NUM_TOKENS) for ids in PROMPTS]
     assert greedy(stage, llm) == expected
 
@@ -275,9 +291,9 @@ def test_unquantized_parts_stay_in_the_model_dtype(stage, tmp_path):
     assert model.model.embed_tokens.weight.dtype == torch.float16
     assert model.lm_head.weight.dtype == torch.float16
     assert model.model.norm.weight.dtype == torch.float16
-    q_proj = model.model.layers[0].self_attn.q_proj
-    assert isinstance(q_proj, g.GPTQLinear) and q_proj.qweight.dtype == torch.int32
-    assert q_proj.scales.dtype == torch.float16 and q_proj.bias.dtype == torch.float16
+    qkv_proj = model.model.layers[0].self_attn.qkv_proj  # q/k/v merged, as one GPTQ layer
+    assert isinstance(qkv_proj, g.GPTQLinear) and qkv_proj.qweight.dtype == torch.int32
+    assert qkv_proj.scales.dtype == torch.float16 and qkv_proj.bias.dtype == torch.float16
 
 
 @pytest.mark.parametrize("stage", STAGES)
@@ -287,11 +303,11 @@ def test_a_dummy_model_asked_for_gptq_gets_its_weights_rounded(stage):
     full = m.LLM(model="dummy:tiny-qwen2", device="cpu").engine.model_runner.model
     quant = m.LLM(model="dummy:tiny-qwen2", device="cpu",
                   quantization="gptq").engine.model_runner.model
-    q_proj = quant.model.layers[1].self_attn.q_proj
-    assert isinstance(q_proj, g.GPTQLinear)
-    assert (q_proj.config.bits, q_proj.config.group_size) == (4, 64)
-    w = full.model.layers[1].self_attn.q_proj.weight
-    step = q_proj.scales[q_proj.g_idx.long()].t()
-    assert ((q_proj.weight - w).abs() <= step / 2 + 1e-4).all()
-    assert torch.equal(q_proj.bias, full.model.layers[1].self_attn.q_proj.bias)
+    qkv_proj = quant.model.layers[1].self_attn.qkv_proj
+    assert isinstance(qkv_proj, g.GPTQLinear)
+    assert (qkv_proj.config.bits, qkv_proj.config.group_size) == (4, 64)
+    w = full.model.layers[1].self_attn.qkv_proj.weight
+    step = qkv_proj.scales[qkv_proj.g_idx.long()].t()
+    assert ((qkv_proj.weight - w).abs() <= step / 2 + 1e-4).all()
+    assert torch.equal(qkv_proj.bias, full.model.layers[1].self_attn.qkv_proj.bias)
     assert torch.equal(quant.model.embed_tokens.weight, full.model.embed_tokens.weight)

@@ -47,6 +47,12 @@ def problem(correlated: bool, out=32, inn=128, n=1024, seed=0):
     return w, 2 * x @ x.t() / n, x
 
 
+def checkpoint_layout(stage, model) -> dict:
+    """The model's tensors by the checkpoint's names (q/k/v and gate/up are merged layers
+    in the engine: their parts are slices of them)."""
+    return load_stage(f"{stage}.model_executor.model_loader").checkpoint_layout(model)
+
+
 def config(stage, **kw):
     return gptq_format(stage).GPTQConfig(**{**dict(bits=4, group_size=32), **kw})
 
@@ -247,7 +253,7 @@ def test_cli_writes_a_checkpoint_the_engine_runs(stage, run, tmp_path):
     tensors = read_folder(out)
     fp = m.LLM(model, device="cpu")
     fp_model = model_runner(fp).model
-    fp_params = dict(fp_model.named_parameters())
+    fp_params = checkpoint_layout(stage, fp_model)  # by the checkpoint's names
     log = json.loads((out / "quantize_log.json").read_text())
     assert len(log["layers"]) == fp_model.config.num_hidden_layers
     # where it came from: the command that runs it again, the commit, machine, versions
@@ -260,7 +266,7 @@ def test_cli_writes_a_checkpoint_the_engine_runs(stage, run, tmp_path):
     for i, layer in enumerate(fp_model.model.layers):
         for name in LINEARS:
             check_layer(g, qc, tensors, f"model.layers.{i}.{name}",
-                        layer.get_submodule(name).weight.data, method)
+                        fp_params[f"model.layers.{i}.{name}.weight"], method)
             assert 0 < log["layers"][i]["errors"][name] < 0.05
     for name, param in fp_params.items():  # everything else as it was
         if not name.endswith(tuple(f"{lin}.weight" for lin in LINEARS)):
@@ -290,12 +296,14 @@ def check_engine_runs_the_folder(m, fp, out, tensors, qc):
     checkpoint's dequantized weights, and generates."""
     g = load_stage(f"{type(fp).__module__.split('.')[0]}.model_executor.layers."
                    "quantization.gptq")
+    stage = type(fp).__module__.split(".")[0]
     with torch.no_grad():
-        for name, module in model_runner(fp).model.named_modules():
-            if name.endswith(LINEARS):
+        for name, weight in checkpoint_layout(stage, model_runner(fp).model).items():
+            name = name.removesuffix(".weight")
+            if name.endswith(LINEARS):  # the part of a merged layer's weight, in place
                 t = {k: tensors[f"{name}.{k}"] for k in ("qweight", "qzeros", "scales", "g_idx")}
-                module.weight.copy_(g.dequantize(t["qweight"], t["qzeros"], t["scales"].float(),
-                                                 t["g_idx"], qc.bits).t())
+                weight.copy_(g.dequantize(t["qweight"], t["qzeros"], t["scales"].float(),
+                                          t["g_idx"], qc.bits).t())
     with pytest.warns(UserWarning, match="no tokenizer files"):
         quantized = m.LLM(str(out), device="cpu")
     prompt = [5, 77, 300, 12, 9, 401]

@@ -1,9 +1,9 @@
 """HF parity on CUDA in bf16 (marked `gpu`; skipped without a GPU).
 
 Introduced in M1 (issue 2). Every stage that generates runs a dummy model (real shapes,
-random weights) in bf16 on the GPU. transformers gets the very same weights (our state
-dict loads into its model as it is: the parameter names match) and runs twice: in bf16,
-the peer, and in fp32, the reference.
+random weights) in bf16 on the GPU. transformers gets the very same weights (by the
+checkpoint's names: the state dict, or from M4 `checkpoint_layout`, whose merged q/k/v
+and gate/up give their parts) and runs twice: in bf16, the peer, and in fp32.
 
 bf16 is not bit-identical across implementations, and random weights give flat
 next-token distributions where near-ties are common, so greedy paths of two correct
@@ -47,7 +47,11 @@ def build_models(stage: str, dummy: str, device: str):
     hf_logging.set_verbosity_error()
     llm = load_stage(stage).LLM(f"dummy:{dummy}", device=device, dtype="bfloat16")
     loader = importlib.import_module(f"{stage}.model_executor.model_loader")
-    state = model_runner(llm).model.state_dict()
+    model = model_runner(llm).model
+    layout = getattr(loader, "checkpoint_layout", None)  # M4 on: merged q/k/v and gate/up
+    state = dict(layout(model)) if layout else model.state_dict()
+    if "lm_head.weight" not in state:  # tied: listed once, under the embeddings
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
     peers = []
     for dtype in (torch.bfloat16, torch.float32):
         config = AutoConfig.for_model(**loader.DUMMY_CONFIGS[dummy])

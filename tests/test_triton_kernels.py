@@ -10,7 +10,8 @@ The tests marked `gpu` (skipped without CUDA, and when TRITON_INTERPRET=1 is for
 run the compiled kernels in bf16 and fp16 against the fp32 reference on the same
 inputs: decode batches of 1, 7, 64 and 256, lengths on both sides of block boundaries,
 GQA groups 1, 2, 4, 7, 8, head_dim 40, 48, 64, 80, 128, padding rows (seq_len 0) and
-forced split counts, a mixed step, and the cache write with padding slots:
+forced split counts, and a mixed step (the cache write, fused with the rotary
+embedding, is tested in test_fused_ops.py):
 `TRITON_INTERPRET=0 python3 -m pytest -q -m gpu tests/test_triton_kernels.py` (under a
 minute on an H100, most of it compiling).
 """
@@ -64,19 +65,6 @@ def test_unified_attention_matches_the_reference(heads, kv_heads, head_dim, bloc
     want = ops.paged_attention_ref(q.cpu(), kc.cpu(), vc.cpu(), starts.cpu(), seq_lens.cpu(),
                                    tables.cpu(), scale)
     torch.testing.assert_close(got.cpu(), want, atol=2e-4, rtol=2e-4)
-
-
-def test_write_kv_cache_matches_the_reference():
-    g = torch.Generator().manual_seed(1)
-    k = torch.randn(6, 2, 40, generator=g).to(DEVICE)
-    v = torch.randn(6, 2, 40, generator=g).to(DEVICE)
-    slots = torch.tensor([3, 17, 0, -1, 31, 8], device=DEVICE)  # -1: padding, written nowhere
-    caches = [torch.zeros(2, 16, 2, 40, device=DEVICE) for _ in range(4)]
-    ops.write_kv_cache(k, v, caches[0], caches[1], slots)
-    ops.write_kv_cache_ref(k, v, caches[2], caches[3], slots)
-    assert torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
-    assert caches[0].abs().sum() > 0
-    assert (caches[0].view(-1, 2, 40).abs().sum(dim=(1, 2)) > 0).sum() == 5
 
 
 @pytest.mark.parametrize("heads, kv_heads, head_dim, block_size, num_splits", [
@@ -226,31 +214,3 @@ def test_gpu_unified_attention_mixed_batch(dtype, heads, kv_heads, head_dim, blo
                                    torch.cuda.get_device_properties(0).multi_processor_count)
     got = ops.unified_attention(q, kc, vc, starts, seq_lens, tables, scale, splits)
     _assert_close(got, _reference(*inputs, scale), dtype)
-
-
-
-@pytest.mark.gpu
-@compiled
-@pytest.mark.parametrize("dtype, kv_heads, head_dim", [(BF16, 2, 64), (FP16, 8, 128),
-                                                       (BF16, 2, 40)],
-                         ids=lambda v: str(v).removeprefix("torch."))
-def test_gpu_write_kv_cache(dtype, kv_heads, head_dim):
-    """Every real token lands in its slot bit for bit; slot -1 writes nothing; k and v may
-    be strided views (slices of one qkv projection, as the model hands them over)."""
-    g = torch.Generator().manual_seed(5)
-    num_tokens, block_size, num_blocks = 37, 16, 8
-    qkv = torch.randn(num_tokens, (4 + 2) * kv_heads * head_dim, generator=g).to(DEVICE, dtype)
-    width = kv_heads * head_dim
-    k = qkv[:, 4 * width:5 * width].view(num_tokens, kv_heads, head_dim)
-    v = qkv[:, 5 * width:].view(num_tokens, kv_heads, head_dim)
-    slots = torch.randperm(num_blocks * block_size, generator=g)[:num_tokens]
-    slots[[0, 5, 36]] = -1
-    slots = slots.to(DEVICE)
-    shape = (num_blocks, block_size, kv_heads, head_dim)
-    caches = [torch.full(shape, 7.0, device=DEVICE, dtype=dtype) for _ in range(4)]
-    ops.write_kv_cache(k, v, caches[0], caches[1], slots)
-    ops.write_kv_cache_ref(k, v, caches[2], caches[3], slots)
-    assert torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
-    untouched = (caches[0].view(-1, width) == 7.0).all(dim=1)
-    assert untouched.sum().item() == num_blocks * block_size - (num_tokens - 3)
-

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Async scheduling on a GPU, in one device call (about 9 minutes on an H100 or H200):
-#   tests     the gpu-marked async tests (outputs equal the synchronous engine's on CUDA)
+#   tests     the gpu-marked tests of async scheduling, the fused and attention kernels, the
+#             GPTQ kernels, and bf16 parity with transformers for M4 and M7
 #   check     tools/gpu_async_check.py: parity (fp32) and tokens/s off and on, M4-M7
 #   latency   dummy:qwen2.5-0.5b, 128 in / 128 out, 3 repeats: m3, m4 and m7 off and on, hf
 #   nano      nano-vllm's workload (dummy:qwen3-0.6b, 256 prompts): m4 and m7 off and on
@@ -23,7 +24,9 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 for part in $parts; do
   echo "== $part $(date -u +%H:%M:%S)"
   case $part in
-    tests) python3 -m pytest -q -m gpu tests/test_async_scheduling.py -p no:cacheprovider;;
+    tests) python3 -m pytest -q -m gpu tests/test_async_scheduling.py tests/test_fused_ops.py \
+        tests/test_triton_kernels.py tests/test_gptq_kernels.py tests/test_gpu.py \
+        -k "not bf16_cuda_parity or m4_flash_attn or m7_gptq" -p no:cacheprovider;;
     check) python3 tools/gpu_async_check.py \
         --stages m4_flash_attn,m5_chunked_prefill,m6_prefix_cache,m7_gptq \
         --out "$RESULTS/async-check-${gpu:-gpu}-$day.json";;

@@ -4,9 +4,10 @@ There is no hub: `model` is "default" (SmolLM2-135M-Instruct, see `default_model
 the path of a local Hugging Face folder (config.json, one or more `*.safetensors`,
 tokenizer files), or "dummy:NAME" for real shapes with random weights drawn from a seed
 (vLLM's `load_format="dummy"`). A checkpoint must match the model tensor for tensor: an
-unknown name or a wrong shape is refused, not skipped.
+unknown name or a wrong shape is refused, not skipped. A merged layer's parts (q/k/v,
+gate/up) are filled from their own tensors (`checkpoint_layout`).
 
-Introduced in M0.
+Introduced in M0; changed in M4 (merged layers).
 """
 
 import json
@@ -107,22 +108,49 @@ def load_model(model: str, model_config: ModelConfig, dtype: torch.dtype,
     return net.eval()
 
 
+def checkpoint_layout(net: nn.Module) -> dict[str, torch.Tensor]:
+    """Each tensor a checkpoint holds for `net`, by name: the parameter (or, for a part of
+    a merged layer, the slice of it) that the tensor fills. Shared parameters come once."""
+    layout, seen, merged = {}, set(), []
+    for prefix, module in net.named_modules():
+        if any(prefix.startswith(m + ".") for m in merged):
+            continue  # inside a merged layer: its parts were listed with it
+        shards = getattr(module, "shards", None)
+        if shards is not None:  # q_proj.weight, q_proj.bias, k_proj.weight, ...
+            merged.append(prefix)
+            parent = prefix.rpartition(".")[0]
+            for shard in shards:
+                layout.update({_join(parent, f"{shard}.{name}"): t
+                               for name, t in module.shard_tensors(shard).items()})
+            continue
+        for name, param in module.named_parameters(recurse=False):
+            if id(param) not in seen:
+                seen.add(id(param))
+                layout[_join(prefix, name)] = param
+    return layout
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
 def _fill_random(net: nn.Module, seed: int) -> None:
-    """Norm weights 1, everything else N(0, 0.02), drawn on the CPU so devices agree."""
+    """Norm weights 1, everything else N(0, 0.02), drawn on the CPU so devices agree (one
+    draw per checkpoint tensor, in order: a merged layer gets its parts' draws)."""
     gen = torch.Generator().manual_seed(seed)
-    for name, param in net.named_parameters():
+    for name, target in checkpoint_layout(net).items():
         with torch.no_grad():
             if name.endswith("norm.weight"):
-                param.fill_(1.0)
+                target.fill_(1.0)
             else:
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.02)
+                target.copy_(torch.randn(target.shape, generator=gen) * 0.02)
 
 
 def _load_safetensors(net: nn.Module, path: Path) -> None:
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise ValueError(f"model: no *.safetensors files in {path}")
-    params = dict(net.named_parameters())  # a tied lm_head.weight is not listed
+    params = checkpoint_layout(net)  # a tied lm_head.weight is not listed
     loaded, unexpected, wrong_shape, tied_head = set(), [], [], None
     try:
         for file in files:

@@ -1,9 +1,9 @@
-"""Triton kernels over the paged KV cache: the cache write, and one step's attention.
+"""Triton kernels over the paged KV cache: one step's attention.
 
 K/V stay where they lie: position p of a sequence is row p % block_size of block
-`block_table[p // block_size]`. `write_kv_cache` writes each new token's K/V to its slot
-(-1: nowhere); `paged_attention` (FlashAttention-2 style: query tiles, online softmax,
-causal by position) takes the sequences with several new tokens, `paged_decode_attention`
+`block_table[p // block_size]` (the step's own K/V are put there by `ops/rotary.py`).
+`paged_attention` (FlashAttention-2 style: query tiles, online softmax, causal by
+position) takes the sequences with several new tokens, `paged_decode_attention`
 (flash-decoding: keys split, merged by log-sum-exp) those with one, and
 `unified_attention` runs both on any mix. Each kernel finds its sequences on the device,
 so a grid depends only on the step's size and one CUDA graph fits every mix. Each has a
@@ -17,40 +17,6 @@ import triton
 import triton.language as tl
 
 from . import precision_of
-
-
-# -- the cache write ------------------------------------------------------------------
-@triton.jit
-def _write_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
-                     row_stride, cache_row_stride, width, BLOCK: tl.constexpr):
-    token = tl.program_id(0)
-    slot = tl.load(slot_ptr + token)
-    cols = tl.arange(0, BLOCK)
-    mask = cols < tl.where(slot >= 0, width, 0)  # slot -1: a padding token, written nowhere
-    k = tl.load(k_ptr + token * row_stride + cols, mask=mask)
-    v = tl.load(v_ptr + token * row_stride + cols, mask=mask)
-    tl.store(k_cache_ptr + slot * cache_row_stride + cols, k, mask=mask)
-    tl.store(v_cache_ptr + slot * cache_row_stride + cols, v, mask=mask)
-
-
-def write_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                   v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """k, v: [T, kv_heads, d]; caches: [num_blocks, block_size, kv_heads, d]."""
-    num_tokens = k.shape[0]
-    if num_tokens == 0:
-        return
-    width = k.shape[1] * k.shape[2]
-    k, v = k.reshape(num_tokens, width), v.reshape(num_tokens, width)
-    _write_kv_kernel[(num_tokens,)](k, v, k_cache, v_cache, slot_mapping,
-                                    k.stride(0), width, width,
-                                    BLOCK=triton.next_power_of_2(width))
-
-
-def write_kv_cache_ref(k, v, k_cache, v_cache, slot_mapping) -> None:
-    """The same in plain torch: one row per slot."""
-    real = slot_mapping >= 0
-    k_cache.view(-1, *k.shape[1:]).index_copy_(0, slot_mapping[real], k[real])
-    v_cache.view(-1, *v.shape[1:]).index_copy_(0, slot_mapping[real], v[real])
 
 
 # -- attention ------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from ..attention.backends.torch_ref import build_metadata as build_attn_metadata
 from ..attention.layer import set_attention_backend
 from ..attention.metadata import AttentionMetadata
 from ..config import EngineConfig, ModelConfig
-from ..model_executor.layers.quantization.gptq import GPTQLinear, weight_bytes
+from ..model_executor.layers.quantization.gptq import GPTQLinear, GPTQParts, weight_bytes
 from ..model_executor.layers.sampler import (Sampler, SamplingRow, reads_history,
                                                token_logprobs)
 from ..model_executor.model_loader import load_model
@@ -239,8 +239,10 @@ class ModelRunner:
                       "num_sizes": len(g.token_sizes), "capture_seconds": g.capture_seconds,
                       "memory_bytes": g.memory_bytes}}
         layers = [m for m in self.model.modules() if isinstance(m, GPTQLinear)]
+        apart = [m for m in self.model.modules() if isinstance(m, GPTQParts)]
         info["weights"] = dict(weight_bytes(self.model), gptq_layers=len(layers),
-                               gptq_layout=layers[0].extra_repr() if layers else None)
+                               gptq_layout=layers[0].extra_repr() if layers else None,
+                               gptq_merged_kept_apart=len(apart))
         return info
 
     def kv_cache_bytes_per_token(self) -> int:

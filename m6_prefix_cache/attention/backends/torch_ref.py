@@ -5,10 +5,11 @@ and attend to its keys `[0, seq_len)`, each no later than the query. The keys an
 are gathered (copied) out of the cache through the block table into a padded batch, and
 one `scaled_dot_product_attention` call runs over it with a mask for the future and the
 padding: all the decodes share one call, each prompt has its own. `build_metadata` makes
-the gather indices and masks once per step. `write_kv_cache` puts the new keys and
-values in their slots. Every attention kernel is tested against this backend.
+the gather indices and masks once per step. `rotate_and_write_kv` norms and rotates q
+and k (the model's modules) and puts the new keys and values in their slots. Every
+attention kernel is tested against this backend.
 
-Introduced in M2; changed in M4 (the backend writes the cache).
+Introduced in M2; changed in M4 (the backend norms and rotates q, k and writes the cache).
 """
 
 from dataclasses import dataclass, fields
@@ -69,6 +70,17 @@ class TorchRefAttention:
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
         self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
         self.head_dim, self.scale = head_dim, scale
+
+    def rotate_and_write_kv(self, rotary, qk_norm, positions: torch.Tensor, q: torch.Tensor,
+                            k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                            v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> torch.Tensor:
+        """q and k normed (Qwen3's norms, if given) and rotated by the model's modules, k
+        and v written: returns the rotated q."""
+        if qk_norm is not None:
+            q, k = qk_norm[0](q), qk_norm[1](k)
+        q, k = rotary(positions, q, k)
+        self.write_kv_cache(k, v, k_cache, v_cache, slot_mapping)
+        return q
 
     def write_kv_cache(self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                        v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:

@@ -2,7 +2,8 @@
 
 The cos/sin tables are computed once for every position up to the model's limit; a
 forward pass just indexes them by each token's position. On CUDA one Triton kernel
-rotates q and k together (`ops/rotary.py`).
+rotates q and k together (`ops/rotary.py`); the flash backend takes the tables to rotate
+and write the KV cache in one kernel.
 
 Introduced in M0; changed in M4 (one fused Triton kernel).
 """
@@ -55,10 +56,15 @@ class RotaryEmbedding(nn.Module):
         angles = torch.cat((freqs, freqs), dim=-1)  # [max_position, head_dim]
         self.cos, self.sin = angles.cos().to(device), angles.sin().to(device)
 
+    def tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The float32 (cos, sin) tables, [max_position, head_dim], on `device`."""
+        if self.cos is None or self.cos.device != device:
+            self._build_tables(device)
+        return self.cos, self.sin
+
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
         """q: [T, heads, head_dim], k: [T, kv_heads, head_dim], positions: [T]."""
-        if self.cos is None or self.cos.device != positions.device:
-            self._build_tables(positions.device)
+        self.tables(positions.device)
         if q.is_cuda:
             return apply_rotary(q, k, positions, self.cos, self.sin)
         cos = self.cos[positions].unsqueeze(1).to(q.dtype)

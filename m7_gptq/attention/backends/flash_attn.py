@@ -1,21 +1,21 @@
 """The flash attention backend: Triton kernels that read the KV cache's blocks in place.
 
 Unlike the torch reference (`torch_ref.py`), which copies each sequence's keys out of
-their blocks and builds gather indices on the host, the kernels in `ops/paged_attention.py`
-take the common metadata as it is (in the worker's persistent buffers) and follow the
-block tables themselves. Every step goes through `unified_attention`: flash-decoding for
-the sequences with one new token, the varlen kernel for the others; a step of decodes
-only (known on the host) runs the decode kernel alone. The split count depends only on
-the number of sequences, so a CUDA graph captured for a step's size fits every mix.
-Without CUDA the kernels run under Triton's interpreter (`ops/__init__.py`).
+their blocks, the kernels in `ops/paged_attention.py` take the common metadata as it is
+(in the worker's persistent buffers) and follow the block tables themselves:
+flash-decoding for the sequences with one new token, the varlen kernel for the others
+(`unified_attention`; a step of decodes only runs the decode kernel alone). The split
+count depends only on the number of sequences, so a CUDA graph captured for a step's
+size fits every mix. Before attending, one kernel (`ops/rotary.py`) norms (Qwen3) and
+rotates q and k and writes k and v into the cache. Off CUDA: Triton's interpreter.
 
 Introduced in M4.
 """
 
 import torch
 
-from ...ops.paged_attention import (decode_num_splits, paged_decode_attention,
-                                    unified_attention, write_kv_cache)
+from ...ops.paged_attention import decode_num_splits, paged_decode_attention, unified_attention
+from ...ops.rotary import rotary_and_write_kv
 from ..metadata import AttentionMetadata
 
 
@@ -32,9 +32,16 @@ class FlashAttention:
         self.head_dim, self.scale = head_dim, scale
         self.num_sms: int | None = None  # read from the device on first use
 
-    def write_kv_cache(self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                       v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-        write_kv_cache(k, v, k_cache, v_cache, slot_mapping)
+    def rotate_and_write_kv(self, rotary, qk_norm, positions: torch.Tensor, q: torch.Tensor,
+                            k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                            v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> torch.Tensor:
+        """One kernel: q (normed and) rotated, returned; k (normed and) rotated and v
+        written to their slots."""
+        cos, sin = rotary.tables(q.device)
+        norms = None if qk_norm is None else (qk_norm[0].weight, qk_norm[1].weight,
+                                              qk_norm[0].eps)
+        return rotary_and_write_kv(q, k, v, positions, cos, sin, k_cache, v_cache,
+                                   slot_mapping, norms)
 
     def forward(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                 md: AttentionMetadata) -> torch.Tensor:

@@ -1,15 +1,14 @@
 """The Llama family in plain PyTorch: Llama, Qwen2 (q/k/v bias), Qwen3 (q/k RMSNorm).
 
-Module and parameter names match Hugging Face checkpoints, so a `model.safetensors`
-state dict loads as it is. Llama and Qwen3 may also put biases on q/k/v/o
-(`attention_bias`), Llama on the MLP (`mlp_bias`). Activations are flat,
-`[num_tokens, hidden]`, the way vLLM lays them out. A forward pass takes the KV cache (a
-(K, V) pair per layer) and the step's attention metadata. On CUDA the small operations
-run as fused Triton kernels (`ops/`): each RMSNorm takes the residual add before it, so
-a decoder layer passes its residual on, and SwiGLU is one kernel.
+Names match Hugging Face checkpoints, except q/k/v and gate/up: one GEMM each
+(`MergedLinear`, filled from the checkpoint's separate tensors). Llama and Qwen3 may put
+biases on q/k/v/o (`attention_bias`), Llama on the MLP (`mlp_bias`). Activations are
+flat, `[num_tokens, hidden]`. A forward pass takes the KV cache (a (K, V) pair per layer)
+and the step's attention metadata. On CUDA the small operations are fused Triton kernels
+(`ops/`): each RMSNorm takes the residual add before it, so a layer passes its residual
+on; the attention layer norms (Qwen3) and rotates q, k and writes the cache in one.
 
-Introduced in M0; changed in M1 (the KV cache), M4 (fused kernels, the residual passed
-on).
+Introduced in M0; changed in M1 (the KV cache), M4 (merged projections, fused kernels).
 """
 
 import torch
@@ -20,6 +19,7 @@ from ...attention.layer import Attention, AttentionMetadata
 from ...config import ModelConfig
 from ...ops.activation import silu_and_mul
 from ..layers.layernorm import RMSNorm
+from ..layers.linear import MergedLinear
 from ..layers.rotary_embedding import RotaryEmbedding
 
 
@@ -29,41 +29,38 @@ class LlamaAttention(nn.Module):
         h, d = config.hidden_size, config.head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = (
             config.num_attention_heads, config.num_key_value_heads, d)
-        bias = config.attention_bias
-        self.q_proj = nn.Linear(h, self.num_heads * d, bias=bias)
-        self.k_proj = nn.Linear(h, self.num_kv_heads * d, bias=bias)
-        self.v_proj = nn.Linear(h, self.num_kv_heads * d, bias=bias)
+        self.qkv_sizes = [self.num_heads * d, self.num_kv_heads * d, self.num_kv_heads * d]
+        self.qkv_proj = MergedLinear(h, dict(zip(("q_proj", "k_proj", "v_proj"), self.qkv_sizes)),
+                                     bias=config.attention_bias)
         self.o_proj = nn.Linear(self.num_heads * d, h, bias=config.o_proj_bias)
-        if config.qk_norm:
+        qk_norm = None
+        if config.qk_norm:  # applied by the attention layer, fused with the rotation
             self.q_norm = RMSNorm(d, config.rms_norm_eps)
             self.k_norm = RMSNorm(d, config.rms_norm_eps)
-        self.qk_norm = config.qk_norm
-        self.rotary = rotary
-        self.attn = Attention(self.num_heads, self.num_kv_heads, d, scale=d ** -0.5)
+            qk_norm = (self.q_norm, self.k_norm)
+        self.attn = Attention(self.num_heads, self.num_kv_heads, d, d ** -0.5, rotary, qk_norm)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, kv_cache,
                 attn_metadata: AttentionMetadata) -> torch.Tensor:
         n = x.shape[0]
-        q = self.q_proj(x).view(n, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(n, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(n, self.num_kv_heads, self.head_dim)
-        if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(positions, q, k)
-        return self.o_proj(self.attn(q, k, v, kv_cache, attn_metadata))
+        q, k, v = self.qkv_proj(x).split(self.qkv_sizes, dim=-1)
+        q = q.view(n, self.num_heads, self.head_dim)
+        k = k.view(n, self.num_kv_heads, self.head_dim)
+        v = v.view(n, self.num_kv_heads, self.head_dim)
+        return self.o_proj(self.attn(positions, q, k, v, kv_cache, attn_metadata))
 
 
 class LlamaMLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x))."""
+    """SwiGLU: down(silu(gate(x)) * up(x)), gate and up as one GEMM."""
 
     def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
+        self.gate_up_proj = MergedLinear(
+            hidden_size, {"gate_proj": intermediate_size, "up_proj": intermediate_size}, bias)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_proj(x), self.up_proj(x)
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         return self.down_proj(silu_and_mul(gate, up) if x.is_cuda else F.silu(gate) * up)
 
 

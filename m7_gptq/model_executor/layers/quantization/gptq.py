@@ -1,13 +1,13 @@
-"""GPTQ weights: the checkpoint format, the quantization grid, and the layer that runs
-them.
+"""GPTQ weights: the checkpoint format, the quantization grid, the layers that run them.
 
 A quantized linear layer is stored as AutoGPTQ wrote it and GPTQModel and vLLM read it
 (format v1): `qweight` (the codes, packed along the input dimension), `qzeros` (each
 group's zero point minus one, packed along the output dimension), `scales`, and `g_idx`
 (each input row's group); W[o, i] ~ (q[i, o] - z[g, o]) * s[g, o] with g = g_idx[i].
-`GPTQLinear` holds them in place of an `nn.Linear`, puts its rows in group order once
-after loading, and runs the Triton kernels of `ops/gptq_gemm.py` on CUDA, or a plain
-matmul on the dequantized weight on the CPU.
+`GPTQLinear` holds them in place of an `nn.Linear` (a merged q/k/v or gate/up: its parts'
+columns side by side, when they share g_idx; else `GPTQParts`), puts its rows in group
+order after loading, and runs the Triton kernels of `ops/gptq_gemm.py` on CUDA, or a
+plain matmul on the dequantized weight on the CPU.
 
 Introduced in M7.
 """
@@ -26,8 +26,8 @@ from ....ops.gptq_pack import dequantize, pack, unpack  # noqa: F401 (the format
 
 SUPPORTED_BITS = (4, 8)
 # The linear layers of a decoder layer that a GPTQ checkpoint quantizes (lm_head is not).
-QUANTIZED_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                     "down_proj")
+# q/k/v and gate/up are merged layers (M4): one GPTQ layer each, its parts side by side.
+QUANTIZED_LINEARS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 
 
 @dataclass(frozen=True)
@@ -178,8 +178,15 @@ class GPTQLinear(nn.Module):
     """A linear layer whose weight is GPTQ-quantized: y = x W^T + b."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool,
-                 config: GPTQConfig, dtype: torch.dtype) -> None:
+                 config: GPTQConfig, dtype: torch.dtype,
+                 shards: dict[str, int] | None = None) -> None:
         super().__init__()
+        if shards is not None and (sum(shards.values()) != out_features
+                                   or any(n % config.pack_factor for n in shards.values())):
+            raise ValueError(f"quantization: the parts {shards} of a merged layer must add up "
+                             f"to {out_features} columns, each a multiple of "
+                             f"{config.pack_factor}")
+        self.shards = shards  # a merged layer's parts (checkpoint names: output columns)
         rows = config.rows_per_group(in_features)
         pf = config.pack_factor
         if rows % 16:  # the kernels' smallest tile of K (tl.dot's)
@@ -200,6 +207,22 @@ class GPTQLinear(nn.Module):
         # Set by prepare(): what the kernels and the CPU path read.
         self.input_perm: torch.Tensor | None = None  # act-order: x[:, perm] matches rows
         self.weight: torch.Tensor | None = None  # CPU only: the dequantized [out, in]
+
+    def shard_tensors(self, shard: str) -> dict[str, torch.Tensor]:
+        """What the checkpoint's tensors of part `shard` fill: its columns of the codes,
+        zeros (packed along the columns), scales and bias; g_idx is the parts' shared one."""
+        start = 0
+        for name, columns in self.shards.items():
+            if name == shard:
+                break
+            start += columns
+        cols, pf = slice(start, start + columns), self.config.pack_factor
+        tensors = dict(qweight=self.qweight[:, cols], scales=self.scales[:, cols],
+                       qzeros=self.qzeros[:, start // pf:(start + columns) // pf],
+                       g_idx=self.g_idx)
+        if self.bias is not None:
+            tensors["bias"] = self.bias[cols]
+        return tensors
 
     def extra_repr(self) -> str:
         c = self.config
@@ -243,28 +266,60 @@ class GPTQLinear(nn.Module):
         return y.reshape(*x.shape[:-1], self.out_features)
 
 
-def quantize_linear_layers(model: nn.Module, config: GPTQConfig,
-                           round_weights: bool = False) -> list[str]:
+class GPTQParts(nn.Module):
+    """A merged layer whose parts have g_idx of their own in the checkpoint (act-order
+    permutations that differ): each part its own GPTQLinear, the results side by side."""
+
+    def __init__(self, parts: dict[str, GPTQLinear]) -> None:
+        super().__init__()
+        self.parts = nn.ModuleDict(parts)
+        self.shards = {name: part.out_features for name, part in parts.items()}
+
+    def shard_tensors(self, shard: str) -> dict[str, torch.Tensor]:
+        return dict(self.parts[shard].named_parameters())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([part(x) for part in self.parts.values()], dim=-1)
+
+
+def _parts_share_g_idx(parent: str, shards: dict, g_idx: dict | None) -> bool:
+    """Whether the checkpoint's g_idx of a merged layer's parts are one (no checkpoint:
+    they are, a dummy model's being rounded in order)."""
+    if g_idx is None:
+        return True
+    first, *rest = (g_idx.get(f"{parent}.{shard}.g_idx") for shard in shards)
+    return all(first is not None and t is not None and torch.equal(first, t) for t in rest)
+
+
+def quantize_linear_layers(model: nn.Module, config: GPTQConfig, round_weights: bool = False,
+                           g_idx: dict[str, torch.Tensor] | None = None) -> list[str]:
     """Swap each quantized linear layer of `model` (see QUANTIZED_LINEARS) for a GPTQLinear
     of the same shape, dtype and device. Empty, ready for a checkpoint's tensors; or, with
     `round_weights`, holding the layer's own weights rounded to the grid (`rtn_layer`: how
-    a dummy model gets quantized weights). lm_head and the embeddings stay as they are.
-    Returns the names of the swapped layers."""
+    a dummy model gets quantized weights). A merged layer stays one GPTQLinear when its
+    parts share the checkpoint's `g_idx` ({name: tensor}), else it becomes GPTQParts.
+    lm_head and the embeddings stay as they are. Returns the names of the swapped layers."""
     swapped = []
     for name, module in list(model.named_modules()):
         if not (isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in QUANTIZED_LINEARS):
             continue
-        weight = module.weight
+        weight, shards = module.weight, getattr(module, "shards", None)
+        parent_name, _, child = name.rpartition(".")
+        bias = module.bias is not None
         with torch.device(weight.device):
-            layer = GPTQLinear(module.in_features, module.out_features,
-                               module.bias is not None, config, weight.dtype)
+            if shards is None or _parts_share_g_idx(parent_name, shards, g_idx):
+                layer = GPTQLinear(module.in_features, module.out_features, bias, config,
+                                   weight.dtype, shards)
+            else:
+                layer = GPTQParts({part: GPTQLinear(module.in_features, columns, bias,
+                                                    config, weight.dtype)
+                                   for part, columns in shards.items()})
         if round_weights:
             with torch.no_grad():
                 for key, tensor in rtn_layer(weight.data, config).items():
                     getattr(layer, key).copy_(tensor)
                 if module.bias is not None:
                     layer.bias.copy_(module.bias)
-        parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, layer)
         swapped.append(name)
     return swapped
