@@ -9,6 +9,7 @@ each sequence and each query head alone, softmax(q k^T * scale) v over the keys 
 before the query's position, with the query head mapped to its kv head (GQA).
 """
 
+import inspect
 import math
 
 import pytest
@@ -36,12 +37,22 @@ def naive_attention(q, keys, values, first_position, scale, group):
     return torch.stack(rows)
 
 
+class NoRotation(torch.nn.Module):
+    """A rotary module that rotates nothing (angle 0 at every position): from M4 on the
+    layer rotates q and k itself, and this test is about attention alone."""
+
+    def forward(self, positions, q, k):
+        return q, k
+
+
 def run_layer(stage, num_heads, num_kv_heads, head_dim, block_size, batch, seed=0):
     """(layer output, reference output, caches after the step, slots of the new tokens)."""
     gen = torch.Generator().manual_seed(seed)
     scale = 1 / math.sqrt(head_dim)
-    layer = load_stage(f"{stage}.attention.layer").Attention(num_heads, num_kv_heads,
-                                                             head_dim, scale)
+    Attention = load_stage(f"{stage}.attention.layer").Attention
+    rotates = "rotary" in inspect.signature(Attention).parameters  # M4 on: the layer rotates
+    layer = Attention(num_heads, num_kv_heads, head_dim, scale,
+                      *([NoRotation()] if rotates else []))
     prepare_inputs = load_stage(f"{stage}.worker.input_batch").prepare_inputs
     num_blocks = sum(-(-(c + n) // block_size) for c, n in batch) + 3
     shape = (num_blocks, block_size, num_kv_heads, head_dim)
@@ -68,7 +79,8 @@ def run_layer(stage, num_heads, num_kv_heads, head_dim, block_size, batch, seed=
     inputs = prepare_inputs(new_ids, starts, tables, block_size, torch.device("cpu"))
     group = num_heads // num_kv_heads
     build_metadata = load_stage(f"{stage}.attention.backends.torch_ref").build_metadata
-    out = layer(torch.cat(qs), torch.cat(ks), torch.cat(vs), (k_cache, v_cache),
+    out = layer(*([inputs.positions] if rotates else []),
+                torch.cat(qs), torch.cat(ks), torch.cat(vs), (k_cache, v_cache),
                 build_metadata(inputs.attn_metadata, block_size, group))
     ref = torch.cat([naive_attention(q, k, v, c, scale, group)
                      for q, k, v, (c, _) in zip(qs, full_keys, full_values, batch)])
