@@ -2,7 +2,7 @@
 
 Prints each reply and a TTFT / TPOT / tokens-per-second table (--stream: the replies as
 they are generated). --model takes a GPTQ checkpoint (a folder written by
-`m7_gptq.quantize`, or any of the Llama family in format v1), and a line shows what the
+`m7_gptq.quantize`, or any of the Llama family in format v1 or v2), and a line shows what the
 weights take; --quantization gptq rounds a dummy model's weights to 4 bits. Also the
 prefix cache, token budget, batch, attention and scheduling options of the stages before.
 

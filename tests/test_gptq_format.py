@@ -15,7 +15,7 @@ import warnings
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from transformers.utils import logging as hf_logging
 
 from conftest import hf_greedy, load_stage, make_tiny_hf_model, stages_with
@@ -113,7 +113,7 @@ def test_round_to_nearest_lands_within_half_a_step(stage, sym):
 @pytest.mark.parametrize("stage", STAGES)
 @pytest.mark.parametrize("cfg, message", [
     (dict(bits=3), "bits"), (dict(bits=2), "bits"), (dict(group_size=0), "group_size"),
-    (dict(quant_method="awq"), "quant_method"), (dict(checkpoint_format="gptq_v2"),
+    (dict(quant_method="awq"), "quant_method"), (dict(checkpoint_format="marlin"),
                                                  "checkpoint_format"),
     (dict(lm_head=True), "lm_head"), (dict(desc_act="yes"), "desc_act"),
 ])
@@ -175,9 +175,14 @@ def save_hf(tmp_path, model_type: str):
     return folder, hf_model
 
 
-def make_gptq_checkpoint(g, hf_model, folder, layout: str, seed: int = 0):
+def make_gptq_checkpoint(g, hf_model, folder, layout: str, seed: int = 0,
+                         fmt: str = "gptq", label: str | None = None,
+                         zero_biases: bool = False):
     """Write a GPTQ folder from `hf_model`; put the dequantized weights into `hf_model`
-    (what transformers then runs as the reference)."""
+    (what transformers then runs as the reference). `fmt` "gptq_v2" stores the zero
+    points as they are (v1: minus one); `label` is the format the config claims (`fmt`
+    unless given); `zero_biases` saves an all-zero bias for each linear without one (as
+    old GPTQ tools did)."""
     bits, group_size, sym, act_order = LAYOUTS[layout]
     gen = torch.Generator().manual_seed(seed)
     tensors, orders = {}, {}
@@ -189,13 +194,17 @@ def make_gptq_checkpoint(g, hf_model, folder, layout: str, seed: int = 0):
         if act_order == "shared":  # one order per (block, input size): q/k/v, gate/up
             order = orders.setdefault((name.rsplit(".", 1)[0], n), order)
         packed = quantize_by_hand(g, module.weight.data.float(), bits, group_size, sym, order)
-        tensors.update({f"{name}.{key}": value for key, value in packed.items()})
         with torch.no_grad():
             module.weight.copy_(g.dequantize(packed["qweight"], packed["qzeros"],
                                              packed["scales"].float(), packed["g_idx"],
                                              bits).t())
+        if fmt == "gptq_v2":  # the zero points themselves, not minus one
+            packed["qzeros"] = g.pack(g.unpack(packed["qzeros"], bits, dim=1) + 1, bits, dim=1)
+        tensors.update({f"{name}.{key}": value for key, value in packed.items()})
         if module.bias is not None:
             tensors[f"{name}.bias"] = module.bias.data.clone()
+        elif zero_biases:
+            tensors[f"{name}.bias"] = torch.zeros(module.out_features)
     for name, tensor in hf_model.state_dict().items():
         if name.rsplit(".", 2)[-2] not in HF_LINEARS:
             tensors[name] = tensor.clone()
@@ -203,8 +212,8 @@ def make_gptq_checkpoint(g, hf_model, folder, layout: str, seed: int = 0):
     save_file(tensors, str(folder / "model.safetensors"))
     config = hf_model.config.to_dict()
     config["quantization_config"] = g.GPTQConfig(bits=bits, group_size=group_size,
-                                                 desc_act=bool(act_order),
-                                                 sym=sym).to_dict()
+                                                 desc_act=bool(act_order), sym=sym,
+                                                 checkpoint_format=label or fmt).to_dict()
     (folder / "config.json").write_text(json.dumps(config))
 
 
@@ -244,6 +253,67 @@ def test_a_gptq_checkpoint_matches_transformers_on_its_dequantized_weights(
     assert sum(m.shards is not None for m in layers) == per_layer["merged"] * num_layers
     expected = [hf_greedy(hf_model, ids, NUM_TOKENS) for ids in PROMPTS]
     assert greedy(stage, llm) == expected
+
+
+@pytest.mark.parametrize("stage", STAGES)
+@pytest.mark.parametrize("layout", ["4bit-g32-sym", "4bit-channel-asym", "8bit-g32-asym"])
+def test_a_gptq_v2_checkpoint_matches_transformers(stage, layout, tmp_path):
+    """checkpoint_format gptq_v2 stores the zero points as they are: read so, the same
+    tokens as transformers on the dequantized weights."""
+    g = gptq_module(stage)
+    hf_model = make_tiny_hf_model("qwen2", seed=11)
+    make_gptq_checkpoint(g, hf_model, tmp_path / "gptq", layout, fmt="gptq_v2")
+    llm = make_llm(stage, tmp_path / "gptq")
+    assert llm.config.quantization == "gptq"
+    assert greedy(stage, llm) == [hf_greedy(hf_model, ids, NUM_TOKENS) for ids in PROMPTS]
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_a_v2_checkpoint_labelled_v1_is_refused(stage, tmp_path):
+    """Symmetric zeros stored as they are (8) under a v1 label would read as 9: every
+    weight one step off. Refused, naming the likely cause."""
+    g = gptq_module(stage)
+    hf_model = make_tiny_hf_model("llama", seed=11)
+    make_gptq_checkpoint(g, hf_model, tmp_path / "gptq", "4bit-g32-sym", fmt="gptq_v2",
+                         label="gptq")
+    with pytest.raises(ValueError, match="looks like a 'gptq_v2' checkpoint labelled v1"):
+        make_llm(stage, tmp_path / "gptq")
+    make_gptq_checkpoint(g, hf_model, tmp_path / "v1", "4bit-g32-sym")  # a true v1 loads
+    assert greedy(stage, make_llm(stage, tmp_path / "v1"))
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_all_zero_biases_of_old_checkpoints_load_as_no_bias(stage, tmp_path):
+    g = gptq_module(stage)
+    hf_model = make_tiny_hf_model("llama", seed=11)  # no biases
+    folder = tmp_path / "gptq"
+    make_gptq_checkpoint(g, hf_model, folder, "4bit-g32-sym", zero_biases=True)
+    assert greedy(stage, make_llm(stage, folder)) == [hf_greedy(hf_model, ids, NUM_TOKENS)
+                                                      for ids in PROMPTS]
+    name = "model.layers.0.self_attn.q_proj.bias"  # a bias that is not zero: refused
+    tensors = load_file(folder / "model.safetensors")
+    tensors[name] = tensors[name] + 0.5
+    save_file(tensors, str(folder / "model.safetensors"))
+    with pytest.raises(ValueError, match=f"does not use.*{name}"):
+        make_llm(stage, folder)
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_gptq_tensors_are_buffers(stage):
+    """Not parameters (nothing to train): `.to()` moves and casts them like the model's
+    own tensors, and `state_dict()` holds the checkpoint's tensors (not the CPU path's
+    dequantized copy)."""
+    g = gptq_module(stage)
+    config = g.GPTQConfig(group_size=32)
+    layer = g.GPTQLinear(64, 32, True, config, torch.float32)
+    assert list(layer.parameters()) == []
+    assert set(layer.state_dict()) == {"qweight", "qzeros", "scales", "g_idx", "bias"}
+    for key, tensor in g.rtn_layer(torch.randn(32, 64), config).items():
+        getattr(layer, key).copy_(tensor)
+    layer.prepare()
+    assert layer.weight is not None and "weight" not in layer.state_dict()
+    half = layer.to(torch.float16)
+    assert half.scales.dtype == torch.float16 and half.qweight.dtype == torch.int32
 
 
 @pytest.mark.parametrize("stage", STAGES)

@@ -132,6 +132,28 @@ def test_kernel_matches_the_reference(stage, path, m, k, n, bits, group_size):
 
 
 @pytest.mark.parametrize("stage", STAGES)
+@pytest.mark.parametrize("path", ["gemv", "decode", "prefill", "dequant"])
+def test_v2_zero_points_are_read_as_stored(stage, path):
+    """zero_offset=0 (format gptq_v2): the stored zero points are z itself, 0 included
+    (which v1 cannot store); every path agrees with the reference and with W written out."""
+    ops, gptq = _modules(stage)
+    m = 1 if path == "gemv" else 3
+    k, n, bits, group_size = 128, 64, 4, 32
+    x, qweight, scales, _, (codes, _) = _random_layer(gptq, k, n, bits, group_size, m=m,
+                                                      seed=7)
+    zeros = torch.randint(0, 2 ** bits, (k // group_size, n),
+                          generator=torch.Generator().manual_seed(8))
+    zeros[0, :8] = 0  # a group with no negative weights
+    qzeros = gptq.pack(zeros, bits, dim=1).to(qweight.device)
+    want = x.cpu() @ _dense_weight((codes, zeros.float()), scales, group_size)
+    _assert_close_fp32(ops.gptq_matmul_ref(x, qweight, scales, qzeros, group_size, bits,
+                                           zero_offset=0), want)
+    got = ops.gptq_matmul(x, qweight, scales, qzeros, group_size, bits, zero_offset=0,
+                          **CONFIGS[path])
+    _assert_close_fp32(got, want)
+
+
+@pytest.mark.parametrize("stage", STAGES)
 def test_default_launch_picks_the_path_by_rows(stage):
     ops, gptq = _modules(stage)
     assert ops.default_config(1)["path"] == "gemv"

@@ -141,11 +141,17 @@ def checkpoint_layout(net: nn.Module) -> dict[str, torch.Tensor]:
                 layout.update({_join(parent, f"{shard}.{name}"): t
                                for name, t in module.shard_tensors(shard).items()})
             continue
-        for name, param in module.named_parameters(recurse=False):
+        for name, param in _own_tensors(module).items():
             if id(param) not in seen:
                 seen.add(id(param))
                 layout[_join(prefix, name)] = param
     return layout
+
+
+def _own_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    """A module's own parameters and saved buffers (a GPTQ layer keeps its tensors as
+    buffers), not its children's."""
+    return {n: t for n, t in module.state_dict(keep_vars=True).items() if "." not in n}
 
 
 def _join(prefix: str, name: str) -> str:
@@ -191,9 +197,9 @@ def _load_safetensors(net: nn.Module, path: Path) -> None:
                     if name not in params:
                         if name == "lm_head.weight":  # tied: checked against the embeddings
                             tied_head = f.get_tensor(name)
-                        else:
-                            unexpected.append(name)
-                        continue
+                        elif not (name.endswith(".bias") and not f.get_tensor(name).any()):
+                            unexpected.append(name)  # (an all-zero bias is no bias: old
+                        continue                     # GPTQ checkpoints save them)
                     tensor, param = f.get_tensor(name), params[name]
                     if tensor.shape != param.shape:  # copy_ would broadcast some of them
                         wrong_shape.append(f"{name} {tuple(tensor.shape)} (expected "

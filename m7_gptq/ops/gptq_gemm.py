@@ -85,7 +85,8 @@ def _unpacked_codes(qweight_ptr, k0, cols, col_ok, N, BITS: tl.constexpr,
 @triton.jit
 def _dequantized_tile(qweight_ptr, scales_ptr, qzeros_ptr, k0, cols, col_ok, N,
                       BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, BLOCK_K: tl.constexpr,
-                      BLOCK_N: tl.constexpr, WORDS_ONCE: tl.constexpr):
+                      BLOCK_N: tl.constexpr, WORDS_ONCE: tl.constexpr,
+                      ZERO_OFFSET: tl.constexpr):
     """Rows [k0, k0 + BLOCK_K) x columns `cols` of W in fp32: (q - z) * scale with each
     row's group's zero points and scales. The tile lies inside one group (BLOCK_K <=
     GROUP_SIZE), or covers whole groups (BLOCK_K a multiple of GROUP_SIZE): then it is
@@ -101,7 +102,7 @@ def _dequantized_tile(qweight_ptr, scales_ptr, qzeros_ptr, k0, cols, col_ok, N,
                     other=0.0).to(tl.float32)
     zero_words = tl.load(qzeros_ptr + groups[:, None] * (N // PER_WORD)
                          + (cols // PER_WORD)[None, :], mask=col_ok[None, :], other=0)
-    zero = ((zero_words >> ((cols % PER_WORD) * BITS)[None, :]) & MASK) + 1  # stored z - 1
+    zero = ((zero_words >> ((cols % PER_WORD) * BITS)[None, :]) & MASK) + ZERO_OFFSET
     if GROUPS == 1:
         return (codes - zero).to(tl.float32) * scale
     codes = tl.reshape(codes, [GROUPS, BLOCK_K // GROUPS, BLOCK_N])
@@ -114,7 +115,8 @@ def _gptq_gemm_kernel(x_ptr, qweight_ptr, scales_ptr, qzeros_ptr, bias_ptr, out_
                       M, N, K, k_per_split, x_row_stride, split_stride, HAS_BIAS: tl.constexpr,
                       BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr,
                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                      WORDS_ONCE: tl.constexpr, PRECISION: tl.constexpr):
+                      WORDS_ONCE: tl.constexpr, PRECISION: tl.constexpr,
+                      ZERO_OFFSET: tl.constexpr):
     """Program (n, m, s): output tile (m, n) summed over rows [s, s + 1) * k_per_split
     of K (the last split stops at K), stored at out + s * split_stride (the fp32 partial
     sums when K is split, the output itself in x's dtype when not). K and k_per_split
@@ -131,7 +133,7 @@ def _gptq_gemm_kernel(x_ptr, qweight_ptr, scales_ptr, qzeros_ptr, bias_ptr, out_
         x = tl.load(x_ptr + rows[:, None] * x_row_stride + k[None, :],
                     mask=row_ok[:, None], other=0.0)
         w = _dequantized_tile(qweight_ptr, scales_ptr, qzeros_ptr, k0, cols, col_ok, N,
-                              BITS, GROUP_SIZE, BLOCK_K, BLOCK_N, WORDS_ONCE)
+                              BITS, GROUP_SIZE, BLOCK_K, BLOCK_N, WORDS_ONCE, ZERO_OFFSET)
         acc += tl.dot(x, w.to(x.dtype), input_precision=PRECISION)
     if HAS_BIAS:  # only when K is not split (else the kernel adding the splits adds it)
         acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
@@ -160,7 +162,7 @@ def _gptq_gemv_kernel(x_ptr, qweight_ptr, scales_ptr, qzeros_ptr, bias_ptr, out_
                       BITS: tl.constexpr,
                       GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
                       WORD_ROWS: tl.constexpr, NUM_SPLITS: tl.constexpr,
-                      LAST_ADDS: tl.constexpr):
+                      LAST_ADDS: tl.constexpr, ZERO_OFFSET: tl.constexpr):
     """One row of x (M = 1) times the packed weight, without tensor cores: program
     (n, s) reads WORD_ROWS rows of words x BLOCK_N columns per step (all in one group),
     takes each word's PER_WORD codes apart with a shift and a mask, and multiplies them
@@ -185,7 +187,7 @@ def _gptq_gemv_kernel(x_ptr, qweight_ptr, scales_ptr, qzeros_ptr, bias_ptr, out_
         group = k0 // GROUP_SIZE
         scale = tl.load(scales_ptr + group * N + cols, mask=col_ok, other=0.0).to(tl.float32)
         zero = ((tl.load(qzeros_ptr + group * (N // PER_WORD) + cols // PER_WORD,
-                         mask=col_ok, other=0) >> zero_shift) & MASK) + 1
+                         mask=col_ok, other=0) >> zero_shift) & MASK) + ZERO_OFFSET
         for j in tl.static_range(PER_WORD):  # code j of every word: rows k0 + PER_WORD*r + j
             x = tl.load(x_ptr + k0 + word_rows * PER_WORD + j).to(tl.float32)
             codes = (words >> (j * BITS)) & MASK
@@ -213,7 +215,8 @@ def _gptq_gemv_kernel(x_ptr, qweight_ptr, scales_ptr, qzeros_ptr, bias_ptr, out_
 
 @triton.jit
 def _dequantize_kernel(qweight_ptr, scales_ptr, qzeros_ptr, w_ptr, N,
-                       BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr):
+                       BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+                       ZERO_OFFSET: tl.constexpr):
     """Program (word row r, n): the PER_WORD rows of W held in word row r, columns of
     tile n, written out dequantized in w's dtype (for large M: then a dense matmul)."""
     PER_WORD: tl.constexpr = 32 // BITS
@@ -225,7 +228,7 @@ def _dequantize_kernel(qweight_ptr, scales_ptr, qzeros_ptr, w_ptr, N,
     group = (r * PER_WORD) // GROUP_SIZE
     scale = tl.load(scales_ptr + group * N + cols, mask=col_ok, other=0.0).to(tl.float32)
     zero = ((tl.load(qzeros_ptr + group * (N // PER_WORD) + cols // PER_WORD, mask=col_ok,
-                     other=0) >> ((cols % PER_WORD) * BITS)) & MASK) + 1
+                     other=0) >> ((cols % PER_WORD) * BITS)) & MASK) + ZERO_OFFSET
     for j in tl.static_range(PER_WORD):
         w = (((words >> (j * BITS)) & MASK) - zero).to(tl.float32) * scale
         tl.store(w_ptr + (r * PER_WORD + j) * N + cols, w.to(w_ptr.dtype.element_ty),
@@ -369,11 +372,13 @@ def _check(x, qweight, scales, qzeros, group_size, bits) -> None:
 
 def gptq_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                 qzeros: torch.Tensor, group_size: int, bits: int,
-                bias: torch.Tensor | None = None, **config) -> torch.Tensor:
+                bias: torch.Tensor | None = None, zero_offset: int = 1,
+                **config) -> torch.Tensor:
     """x [M, K] (bf16/fp16/fp32, contiguous rows) @ the GPTQ weight [K, N] -> [M, N] in
     x's dtype. qweight: int32 [K * bits / 32, N]; scales: [K / group_size, N] in x's
-    dtype; qzeros: int32 [K / group_size, N * bits / 32], zero points minus one; bias:
-    None or [N], added in the kernel's last step (one launch less than `y + bias`).
+    dtype; qzeros: int32 [K / group_size, N * bits / 32], zero points minus
+    `zero_offset` (1: format v1; 0: v2); bias: None or [N], added in the kernel's last
+    step (one launch less than `y + bias`).
     `config` overrides the path's launch settings (block_m, block_n, block_k, num_warps,
     num_stages, fill, words_once; see `launch_plan`), for tests and tuning."""
     _check(x, qweight, scales, qzeros, group_size, bits)
@@ -385,7 +390,8 @@ def gptq_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
         return torch.empty((m, n), dtype=x.dtype, device=x.device)
     plan = _cached_plan(m, n, k, group_size, num_sms(x.device), bits, tuple(config.items()))
     if plan["path"] == "dequant":
-        weight = dequantize_weight(qweight, scales, qzeros, group_size, bits, plan)
+        weight = dequantize_weight(qweight, scales, qzeros, group_size, bits, plan,
+                                   zero_offset)
         return torch.matmul(x, weight) if bias is None else torch.addmm(bias, x, weight)
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     splits = plan["splits"]
@@ -399,7 +405,8 @@ def gptq_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
             HAS_BIAS=bias is not None and (splits == 1 or last_adds), BITS=bits,
             GROUP_SIZE=group_size, BLOCK_N=plan["block_n"],
             WORD_ROWS=plan["block_k"] * bits // 32, NUM_SPLITS=splits, LAST_ADDS=last_adds,
-            num_warps=plan["num_warps"], num_stages=plan["num_stages"])
+            ZERO_OFFSET=zero_offset, num_warps=plan["num_warps"],
+            num_stages=plan["num_stages"])
         if last_adds:
             return out
     else:
@@ -409,8 +416,8 @@ def gptq_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
             HAS_BIAS=bias is not None and splits == 1, BITS=bits, GROUP_SIZE=group_size,
             BLOCK_M=plan["block_m"],
             BLOCK_N=plan["block_n"], BLOCK_K=plan["block_k"], WORDS_ONCE=plan["words_once"],
-            PRECISION=precision_of(x.dtype), num_warps=plan["num_warps"],
-            num_stages=plan["num_stages"])
+            PRECISION=precision_of(x.dtype), ZERO_OFFSET=zero_offset,
+            num_warps=plan["num_warps"], num_stages=plan["num_stages"])
     if splits > 1:
         _sum_splits_kernel[(triton.cdiv(m * n, SUM_BLOCK),)](
             partial, x if bias is None else bias, out, m * n, n, splits,
@@ -419,7 +426,8 @@ def gptq_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
 
 
 def dequantize_weight(qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor,
-                      group_size: int, bits: int, plan: dict | None = None) -> torch.Tensor:
+                      group_size: int, bits: int, plan: dict | None = None,
+                      zero_offset: int = 1) -> torch.Tensor:
     """The weight [K, N] written out in the scales' dtype, by a kernel."""
     k, n = qweight.shape[0] * 32 // bits, qweight.shape[1]
     plan = plan or launch_plan(k, n, k, group_size, num_sms(qweight.device), bits,
@@ -427,16 +435,16 @@ def dequantize_weight(qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch
     w = torch.empty((k, n), dtype=scales.dtype, device=qweight.device)
     _dequantize_kernel[plan["grid"]](qweight, scales, qzeros, w, n, BITS=bits,
                                      GROUP_SIZE=group_size, BLOCK_N=plan["block_n"],
-                                     num_warps=plan["num_warps"])
+                                     ZERO_OFFSET=zero_offset, num_warps=plan["num_warps"])
     return w
 
 
 def gptq_matmul_ref(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                     qzeros: torch.Tensor, group_size: int, bits: int,
-                    bias: torch.Tensor | None = None) -> torch.Tensor:
-    """The same in plain torch: unpack the codes and zero points (+1), dequantize W
-    [K, N] in fp32, x @ W (+ bias) in fp32, rounded to x's dtype."""
+                    bias: torch.Tensor | None = None, zero_offset: int = 1) -> torch.Tensor:
+    """The same in plain torch: unpack the codes and zero points (+ zero_offset),
+    dequantize W [K, N] in fp32, x @ W (+ bias) in fp32, rounded to x's dtype."""
     groups = torch.arange(qweight.shape[0] * 32 // bits, device=qweight.device) // group_size
-    weight = dequantize(qweight, qzeros, scales.float(), groups, bits)
+    weight = dequantize(qweight, qzeros, scales.float(), groups, bits, zero_offset)
     y = x.float() @ weight
     return (y if bias is None else y + bias.float()).to(x.dtype)

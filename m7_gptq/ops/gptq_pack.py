@@ -3,8 +3,9 @@
 `pack` / `unpack`: integer codes <-> int32 words, 32 / bits codes per word along a
 dimension, the first in the lowest bits (qweight packs along the input dim, qzeros
 along the output dim). `dequantize`: the weight a checkpoint stands for, (q - z) * s
-with z the stored zero plus one (format v1), row i in group g_idx[i]: the one torch
-reference the kernels and the CPU path are checked against.
+with z the stored zero plus `zero_offset` (1 in format v1, which stores z - 1; 0 in
+v2), row i in group g_idx[i]: the one torch reference the kernels and the CPU path are
+checked against.
 
 Introduced in M7.
 """
@@ -42,10 +43,11 @@ def unpack(packed: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
 
 
 def dequantize(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
-               g_idx: torch.Tensor, bits: int) -> torch.Tensor:
+               g_idx: torch.Tensor, bits: int, zero_offset: int = 1) -> torch.Tensor:
     """The checkpoint's weight, `[in, out]` in the scales' dtype: (q - z) * s, where z is
-    the stored zero plus one (format v1), row i using group g_idx[i]."""
+    the stored zero plus `zero_offset` (1: format v1; 0: v2), row i using group
+    g_idx[i]."""
     codes = unpack(qweight, bits, dim=0)
-    zeros = unpack(qzeros, bits, dim=1) + 1
+    zeros = unpack(qzeros, bits, dim=1) + zero_offset
     g = g_idx.long()
     return ((codes - zeros[g]).to(scales.dtype) * scales[g])

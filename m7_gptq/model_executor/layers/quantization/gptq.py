@@ -1,13 +1,13 @@
 """GPTQ weights: the checkpoint format, the quantization grid, the layers that run them.
 
-A quantized linear layer is stored as AutoGPTQ wrote it and GPTQModel and vLLM read it
-(format v1): `qweight` (the codes, packed along the input dimension), `qzeros` (each
-group's zero point minus one, packed along the output dimension), `scales`, and `g_idx`
-(each input row's group); W[o, i] ~ (q[i, o] - z[g, o]) * s[g, o] with g = g_idx[i].
-`GPTQLinear` holds them in place of an `nn.Linear` (a merged q/k/v or gate/up: its parts'
-columns side by side, when they share g_idx; else `GPTQParts`), puts its rows in group
-order after loading, and runs the Triton kernels of `ops/gptq_gemm.py` on CUDA, or a
-plain matmul on the dequantized weight on the CPU.
+A layer is stored as AutoGPTQ wrote it (format v1; v2 keeps z as it is): `qweight` (the
+codes, packed along the input dimension), `qzeros` (each group's zero point minus one,
+packed along the output dimension), `scales`, `g_idx` (each input row's group);
+W[o, i] ~ (q[i, o] - z[g, o]) * s[g, o] with g = g_idx[i]. `GPTQLinear` holds them as
+buffers in place of an `nn.Linear` (a merged q/k/v or gate/up: its parts' columns side
+by side, when they share g_idx; else `GPTQParts`), puts its rows in group order after
+loading, and runs the Triton kernels of `ops/gptq_gemm.py` on CUDA, or a plain matmul on
+the dequantized weight on the CPU.
 
 Introduced in M7.
 """
@@ -25,6 +25,7 @@ from torch import nn
 from ....ops.gptq_pack import dequantize, pack, unpack  # noqa: F401 (the format's layout)
 
 SUPPORTED_BITS = (4, 8)
+CHECKPOINT_FORMATS = ("gptq", "gptq_v2")
 # The linear layers of a decoder layer that a GPTQ checkpoint quantizes (lm_head is not).
 # q/k/v and gate/up are merged layers (M4): one GPTQ layer each, its parts side by side.
 QUANTIZED_LINEARS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
@@ -39,6 +40,7 @@ class GPTQConfig:
     desc_act: bool = False  # act-order: columns quantized by decreasing Hessian diagonal
     sym: bool = True  # symmetric: every zero point is 2^(bits - 1)
     damp_percent: float = 0.01  # the quantizer's dampening (recorded, not used to load)
+    checkpoint_format: str = "gptq"  # how zeros are stored: "gptq" (v1) z - 1, "gptq_v2" z
 
     def __post_init__(self) -> None:
         if self.bits not in SUPPORTED_BITS:
@@ -52,6 +54,12 @@ class GPTQConfig:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"quantization_config.{name}: must be true or false, got "
                                  f"{getattr(self, name)!r}")
+        if self.checkpoint_format not in CHECKPOINT_FORMATS:
+            raise ValueError(f"quantization_config.checkpoint_format: "
+                             f"{self.checkpoint_format!r} is not supported; this engine loads "
+                             f"{' and '.join(CHECKPOINT_FORMATS)} ('gptq' is v1: zeros stored "
+                             "minus one, as AutoGPTQ wrote them; 'gptq_v2' stores them as they "
+                             "are)")
 
     @property
     def pack_factor(self) -> int:
@@ -61,6 +69,11 @@ class GPTQConfig:
     @property
     def max_code(self) -> int:
         return 2 ** self.bits - 1
+
+    @property
+    def zero_offset(self) -> int:
+        """What to add to a stored zero point to get z: 1 in v1, 0 in v2."""
+        return 1 if self.checkpoint_format == "gptq" else 0
 
     def rows_per_group(self, in_features: int) -> int:
         return in_features if self.group_size == -1 else self.group_size
@@ -73,23 +86,19 @@ class GPTQConfig:
         if method != "gptq":
             raise ValueError(f"quantization_config.quant_method: {method!r} is not "
                              "supported; this engine loads GPTQ checkpoints only")
-        fmt = cfg.get("checkpoint_format", "gptq")
-        if fmt != "gptq":
-            raise ValueError(f"quantization_config.checkpoint_format: {fmt!r} is not "
-                             "supported; this engine loads format v1 ('gptq', zeros stored "
-                             "minus one), the one AutoGPTQ wrote")
         if cfg.get("lm_head", False):
             raise ValueError("quantization_config.lm_head: a quantized lm_head is not "
                              "supported; this engine keeps lm_head in the model dtype")
         return cls(bits=cfg.get("bits", 4), group_size=cfg.get("group_size", 128),
                    desc_act=cfg.get("desc_act", False), sym=cfg.get("sym", True),
-                   damp_percent=cfg.get("damp_percent", 0.01))
+                   damp_percent=cfg.get("damp_percent", 0.01),
+                   checkpoint_format=cfg.get("checkpoint_format", "gptq"))
 
     def to_dict(self) -> dict:
         """`quantize_config.json`, and `quantization_config` in config.json."""
         return dict(quant_method="gptq", bits=self.bits, group_size=self.group_size,
                     desc_act=self.desc_act, sym=self.sym, damp_percent=self.damp_percent,
-                    checkpoint_format="gptq", lm_head=False)
+                    checkpoint_format=self.checkpoint_format, lm_head=False)
 
 
 def read_quantization_config(folder: Path, hf_config: dict) -> GPTQConfig | None:
@@ -170,10 +179,6 @@ def rtn_layer(weight: torch.Tensor, config: GPTQConfig) -> dict[str, torch.Tenso
 
 # --- the layer ----------------------------------------------------------------------------
 
-def _frozen(shape, dtype) -> nn.Parameter:
-    return nn.Parameter(torch.empty(shape, dtype=dtype), requires_grad=False)
-
-
 class GPTQLinear(nn.Module):
     """A linear layer whose weight is GPTQ-quantized: y = x W^T + b."""
 
@@ -199,14 +204,17 @@ class GPTQLinear(nn.Module):
                 f"sizes must be multiples of {pf}, the input size a multiple of the group)")
         self.in_features, self.out_features, self.config = in_features, out_features, config
         groups = in_features // rows
-        self.qweight = _frozen((in_features // pf, out_features), torch.int32)
-        self.qzeros = _frozen((groups, out_features // pf), torch.int32)
-        self.scales = _frozen((groups, out_features), dtype)
-        self.g_idx = _frozen((in_features,), torch.int32)
-        self.bias = _frozen((out_features,), dtype) if bias else None
-        # Set by prepare(): what the kernels and the CPU path read.
-        self.input_perm: torch.Tensor | None = None  # act-order: x[:, perm] matches rows
-        self.weight: torch.Tensor | None = None  # CPU only: the dequantized [out, in]
+        # The checkpoint's tensors, as buffers (not trained: .to() and state_dict() carry them)
+        self.register_buffer("qweight", torch.empty(in_features // pf, out_features,
+                                                    dtype=torch.int32))
+        self.register_buffer("qzeros", torch.empty(groups, out_features // pf,
+                                                   dtype=torch.int32))
+        self.register_buffer("scales", torch.empty(groups, out_features, dtype=dtype))
+        self.register_buffer("g_idx", torch.empty(in_features, dtype=torch.int32))
+        self.register_buffer("bias", torch.empty(out_features, dtype=dtype) if bias else None)
+        # Set by prepare(), what the kernels and the CPU path read; not saved.
+        self.register_buffer("input_perm", None, persistent=False)  # act-order: x[:, perm]
+        self.register_buffer("weight", None, persistent=False)  # CPU: dequantized [out, in]
 
     def shard_tensors(self, shard: str) -> dict[str, torch.Tensor]:
         """What the checkpoint's tensors of part `shard` fill: its columns of the codes,
@@ -245,12 +253,26 @@ class GPTQLinear(nn.Module):
             self.qweight.data = pack(codes.cpu(), bits, dim=0).to(self.qweight.device)
             self.g_idx.data = in_order.to(torch.int32)
             self.input_perm = perm
+        self._check_zeros_match_the_format()
         if self.scales.device.type == "cpu":
             self.weight = dequantize(self.qweight, self.qzeros, self.scales, self.g_idx,
-                                     bits).t().contiguous()
+                                     bits, self.config.zero_offset).t().contiguous()
         else:  # the kernels' scratch counters, made now rather than in a graph capture
             from ....ops.gptq_gemm import split_counters
             split_counters(self.scales.device)
+
+    def _check_zeros_match_the_format(self) -> None:
+        """A symmetric layer's zero points are all 2^(bits - 1): v1 stores them minus one.
+        Stored as they are under a v1 label, they are a v2 checkpoint mislabelled, whose
+        every weight would come out one step off: refused."""
+        c = self.config
+        stored = unpack(self.qzeros, c.bits, dim=1)
+        if c.sym and c.checkpoint_format == "gptq" and bool((stored == 2 ** (c.bits - 1)).all()):
+            raise ValueError(
+                f"quantization_config.checkpoint_format: 'gptq' (v1) stores a symmetric "
+                f"zero point minus one ({2 ** (c.bits - 1) - 1}), but every stored zero here "
+                f"is {2 ** (c.bits - 1)}: this looks like a 'gptq_v2' checkpoint labelled v1 "
+                "(set checkpoint_format to 'gptq_v2' in its quantization config if it is)")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_perm is not None:
@@ -262,8 +284,13 @@ class GPTQLinear(nn.Module):
         from ....ops.gptq_gemm import gptq_matmul  # the kernels, on CUDA
         y = gptq_matmul(x.reshape(-1, self.in_features), self.qweight, self.scales,
                         self.qzeros, self.config.rows_per_group(self.in_features),
-                        self.config.bits, self.bias)
+                        self.config.bits, self.bias, self.config.zero_offset)
         return y.reshape(*x.shape[:-1], self.out_features)
+
+
+def checkpoint_tensors(layer: GPTQLinear) -> dict[str, torch.Tensor]:
+    """The layer's tensors that a checkpoint holds (its saved buffers), by name."""
+    return dict(layer.state_dict(keep_vars=True))
 
 
 class GPTQParts(nn.Module):
@@ -276,7 +303,7 @@ class GPTQParts(nn.Module):
         self.shards = {name: part.out_features for name, part in parts.items()}
 
     def shard_tensors(self, shard: str) -> dict[str, torch.Tensor]:
-        return dict(self.parts[shard].named_parameters())
+        return checkpoint_tensors(self.parts[shard])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([part(x) for part in self.parts.values()], dim=-1)
@@ -347,11 +374,8 @@ def weight_bytes(model: nn.Module) -> dict[str, int]:
     for layer in model.modules():
         if isinstance(layer, GPTQLinear):
             kept = [layer.qweight, layer.qzeros, layer.scales, layer.g_idx]
-            if layer.input_perm is not None:  # not a parameter: not in `total` yet
+            if layer.input_perm is not None:
                 kept.append(layer.input_perm)
-                total += layer.input_perm.numel() * layer.input_perm.element_size()
             quantized += sum(t.numel() * t.element_size() for t in kept)
             dense += layer.in_features * layer.out_features * layer.scales.element_size()
-            if layer.weight is not None:  # the CPU's dequantized copy
-                total += layer.weight.numel() * layer.weight.element_size()
     return dict(quantized=quantized, dense=dense, total=total)
