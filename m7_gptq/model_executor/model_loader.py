@@ -182,6 +182,12 @@ def _tensors_ending(path: Path, suffix: str) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def _is_zero_bias(f, name: str) -> bool:
+    """An all-zero bias that the model has no place for is no bias (old GPTQ tools saved
+    one for every quantized layer)."""
+    return name.endswith(".bias") and not f.get_tensor(name).any()
+
+
 def _load_safetensors(net: nn.Module, path: Path) -> None:
     files = sorted(path.glob("*.safetensors"))
     if not files:
@@ -197,9 +203,9 @@ def _load_safetensors(net: nn.Module, path: Path) -> None:
                     if name not in params:
                         if name == "lm_head.weight":  # tied: checked against the embeddings
                             tied_head = f.get_tensor(name)
-                        elif not (name.endswith(".bias") and not f.get_tensor(name).any()):
-                            unexpected.append(name)  # (an all-zero bias is no bias: old
-                        continue                     # GPTQ checkpoints save them)
+                        elif not _is_zero_bias(f, name):
+                            unexpected.append(name)
+                        continue
                     tensor, param = f.get_tensor(name), params[name]
                     if tensor.shape != param.shape:  # copy_ would broadcast some of them
                         wrong_shape.append(f"{name} {tuple(tensor.shape)} (expected "
