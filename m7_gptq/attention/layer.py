@@ -3,9 +3,8 @@
 The new tokens of all scheduled sequences come flat, `[num_tokens, heads, d]`. The layer
 has the backend norm q and k per head (Qwen3), rotate them by their positions (RoPE),
 write each token's key and value into the cache slot the slot mapping gives it, then
-attend, reading every
-sequence's keys through its block table. The model runner picks the backend
-(`set_attention_backend`): `flash`, the Triton kernels, or `torch`, the reference.
+attend, reading every sequence's keys through its block table. The model runner picks
+the backend (`set_attention_backend`): `flash`, the Triton kernels, or `torch`.
 
 Introduced in M0; changed in M1 (the KV cache), M2 (a batch of sequences, a backend), M4
 (a choice of backends, each rotating and writing the cache its own way).

@@ -29,8 +29,9 @@ class LlamaAttention(nn.Module):
         h, d = config.hidden_size, config.head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = (
             config.num_attention_heads, config.num_key_value_heads, d)
-        self.qkv_sizes = [self.num_heads * d, self.num_kv_heads * d, self.num_kv_heads * d]
-        self.qkv_proj = MergedLinear(h, dict(zip(("q_proj", "k_proj", "v_proj"), self.qkv_sizes)),
+        q_size, kv_size = self.num_heads * d, self.num_kv_heads * d
+        self.qkv_sizes = [q_size, kv_size, kv_size]
+        self.qkv_proj = MergedLinear(h, {"q_proj": q_size, "k_proj": kv_size, "v_proj": kv_size},
                                      bias=config.attention_bias)
         self.o_proj = nn.Linear(self.num_heads * d, h, bias=config.o_proj_bias)
         qk_norm = None
