@@ -20,7 +20,7 @@ from .rms_norm import rms_norm_ref
 
 
 @triton.jit
-def _rms_normed(x1, x2, w_ptr, cols, mask, half, eps, dtype):
+def _rms_normed(x1, x2, w_ptr, cols, mask, half, eps, dtype: tl.constexpr):
     """Qwen3's q/k norm of one head given as its halves (float32, zeros where masked),
     with the reference's roundings: normalised and rounded, times the weight, rounded."""
     inv_rms = tl.rsqrt((tl.sum(x1 * x1, axis=0) + tl.sum(x2 * x2, axis=0)) / (2 * half) + eps)
