@@ -63,8 +63,12 @@ def build_app(loop: EngineLoop, served_model: str, sampling_params_class) -> Fas
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
         parsed = parse_chat(await _json(request), served_model, fields)
-        text = tokenizer.apply_chat_template(parsed.messages, add_generation_prompt=True,
-                                             tokenize=False)
+        try:
+            text = tokenizer.apply_chat_template(parsed.messages, add_generation_prompt=True,
+                                                 tokenize=False)
+        except (ValueError, TypeError) as exc:  # e.g. a tokenizer without a chat template
+            raise ApiError(400, f"messages: the model's chat template cannot take them: "
+                                f"{exc}", "messages") from None
         prompt = tokenizer.encode(text, add_special_tokens=False)
         return await _answer(parsed, prompt, "chatcmpl", "chat.completion")
 
