@@ -200,3 +200,24 @@ def test_tied_lm_head_must_equal_the_embeddings(stage, tied_qwen2, tmp_path):
                               lambda t: t.update({"lm_head.weight": embed + 1.0}))
     with pytest.raises(ValueError, match="lm_head.weight.*tie_word_embeddings"):
         make_llm(stage, other)
+
+
+def _dummy_checkpoint(stage: str, model: str) -> dict:
+    """A stage's dummy weights by the checkpoint's names (from M4, where q/k/v and gate/up
+    are merged layers, through `checkpoint_layout`)."""
+    loader = load_stage(f"{stage}.model_executor.model_loader")
+    mc = loader.load_model_config(model)
+    net = loader.load_model(model, mc, torch.float32, torch.device("cpu"), seed=0)
+    layout = getattr(loader, "checkpoint_layout", None)
+    named = layout(net).items() if layout else net.named_parameters()
+    return {name: tensor.detach().clone() for name, tensor in named}
+
+
+@pytest.mark.parametrize("model", ["dummy:tiny-llama", "dummy:tiny-qwen2", "dummy:tiny-qwen3"])
+@pytest.mark.parametrize("stage", stages_with("flash_attn"))
+def test_merged_layers_keep_the_dummy_weights_of_m3(stage, model):
+    """M4 merges q/k/v and gate/up, yet draws a dummy model's weights per checkpoint
+    tensor in M3's order: the same model, tensor for tensor, so stages compare alike."""
+    want, got = _dummy_checkpoint("m3_paged_kv", model), _dummy_checkpoint(stage, model)
+    assert list(got) == list(want)
+    assert all(torch.equal(got[name], want[name]) for name in want)
