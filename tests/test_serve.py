@@ -239,8 +239,9 @@ def test_a_stage_without_a_setting_refuses_it_by_name():
 
 def _stream_and_maybe_leave(port: int, index: int, leave: bool, results: list) -> None:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
-    body = {"model": MODEL, "prompt": f"client {index}", "max_tokens": 40, "stream": True,
-            "temperature": 0, "ignore_eos": True}
+    # one that leaves asks for far more tokens than it reads: only an abort ends it soon
+    body = {"model": MODEL, "prompt": f"client {index}", "max_tokens": 1000 if leave else 40,
+            "stream": True, "temperature": 0, "ignore_eos": True}
     conn.request("POST", "/v1/completions", json.dumps(body),
                  {"Content-Type": "application/json"})
     response = conn.getresponse()
@@ -264,15 +265,27 @@ def _stream_and_maybe_leave(port: int, index: int, leave: bool, results: list) -
 def test_clients_that_leave_mid_stream_free_everything(server, llm):
     num_clients = 64
     results = [None] * num_clients
+    engine = server.loop.engine
+    aborted, abort = [], engine.abort_request
+
+    def recorded_abort(request_id):  # what the engine thread asks of the engine
+        aborted.append(request_id)
+        abort(request_id)
+
+    engine.abort_request = recorded_abort
     threads = [threading.Thread(target=_stream_and_maybe_leave,
                                 args=(server.port, i, i % 5 == 0, results))
                for i in range(num_clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=300)
-    assert all(r is not None for r in results)
-    assert server.idle(), "requests were left in the engine"
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=300)
+        assert all(r is not None for r in results)
+        assert server.idle(), "requests were left in the engine"
+    finally:
+        del engine.abort_request  # the method again
+    assert len(aborted) == len(set(aborted)) == len(range(0, num_clients, 5))
     stats = server.loop.engine.kv_cache_stats()
     assert stats["reserved_token_slots"] == 0, stats  # every KV block free
     for i, text in enumerate(results):  # the others got their whole answer

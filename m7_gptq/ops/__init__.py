@@ -1,8 +1,8 @@
 """Triton kernels, each beside the torch reference it is tested against.
 
-`paged_attention.py`: the KV cache write, FlashAttention-2 style attention over the
-paged cache, and flash-decoding. `rms_norm.py`, `activation.py`, `rotary.py`: a layer's
-small per-token operations, each fused into one kernel. `gptq_gemm.py`: matmuls with
+`paged_attention.py`: FlashAttention-2 style attention over the paged cache, and
+flash-decoding. `rms_norm.py`, `activation.py`, `rotary.py` (with the KV cache write): a
+layer's small per-token operations, each fused into one kernel. `gptq_gemm.py`: matmuls with
 GPTQ 4- or 8-bit weights, dequantized in registers; `gptq_pack.py`: the bit layout they
 read.
 
