@@ -48,8 +48,10 @@ def output_error(weight: torch.Tensor, quantized: torch.Tensor, hessian: torch.T
 
 def inverse_hessian_factor(hessian: torch.Tensor) -> torch.Tensor:
     """U, the upper Cholesky factor of H⁻¹ (H⁻¹ = Uᵀ U), for a positive definite H."""
+    # exercise m7.1 begin
     lower = torch.linalg.cholesky(hessian)
     return torch.linalg.cholesky(torch.cholesky_inverse(lower), upper=True)
+    # exercise m7.1 end
 
 
 def quantize_column(block: torch.Tensor, j: int, u_row: torch.Tensor, scale: torch.Tensor,
@@ -57,11 +59,13 @@ def quantize_column(block: torch.Tensor, j: int, u_row: torch.Tensor, scale: tor
     """Round column j of `block` ([out, cols]) to its grid and spread the error over the
     block's later columns (OBS; `u_row`: U's row for this column, over the block's
     columns). Returns (codes, the scaled error (w - q) / U_jj)."""
+    # exercise m7.1 begin
     w = block[:, j]
     codes = to_codes(w[:, None], scale, zero, bits)[:, 0]
     err = (w - from_codes(codes[:, None], scale, zero)[:, 0]) / u_row[j]
     block[:, j + 1:] -= err[:, None] * u_row[None, j + 1:]
     return codes, err
+    # exercise m7.1 end
 
 
 def prepare_hessian(weight: torch.Tensor, hessian: torch.Tensor,

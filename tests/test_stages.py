@@ -54,10 +54,10 @@ def test_cli_newest_and_milestones():
 
 def test_pyproject_packages_every_registered_stage():
     """Each registered stage (present or planned: one that lands needs no edit), bench and
-    serve (the server over the stages)."""
+    serve (the server over the stages) and exercises."""
     config = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
     include = config["tool"]["setuptools"]["packages"]["find"]["include"]
-    expected = [f"{s.package}*" for s in stages.ALL_STAGES] + ["bench*", "serve*"]
+    expected = [f"{s.package}*" for s in stages.ALL_STAGES] + ["bench*", "serve*", "exercises*"]
     assert include == expected, (f"pyproject.toml [tool.setuptools.packages.find] include "
                                  f"should be {expected}")
 

@@ -104,7 +104,7 @@ FIGURE_TAG = "figure:"  # a notebook cell tagged figure:NAME is a figure of the 
 
 _MARKER = re.compile(r"<!--\s*(stage-diff|stage-tree|stage-map|stage-tests|bench-table|"
                      r"bench-all|notebook-figure|profile-table|kernel-table|itl-cdf|memory-table|"
-                     r"step-timeline|ppl-table|quant-error|gptq-kernel-table)"
+                     r"step-timeline|ppl-table|quant-error|gptq-kernel-table|exercises)"
                      r"\s*:?\s*(.*?)\s*-->")
 _HTML_SLOT = "FOLOVLLM-HTML-{}"  # a paragraph the rendered HTML replaces (on_page_content)
 
@@ -171,6 +171,8 @@ def on_page_markdown(markdown, page, config, files):
                 return _ppl_table(_options(args, where, allowed=("file",)), where)
             if kind == "quant-error":
                 return _quant_error(_files_option(args, where), page, where)
+            if kind == "exercises":
+                return _exercises(args, where)
             if kind == "gptq-kernel-table":
                 return _gptq_kernel_table(_options(args, where, allowed=("file",)), where)
             return _bench_all(page)
@@ -209,6 +211,34 @@ def on_post_build(config):
                           + "\nKeep generated code and data out of the index "
                           "(data-search-exclude), or bare numbers (the search plugin's "
                           "separator in mkdocs.yml).")
+
+
+def _exercises(args: str, where: str) -> str:
+    """`<!-- exercises: m3 -->`: a stage's exercises, each with why it matters, what to
+    write and the commands; `<!-- exercises: all -->`: one table of every exercise."""
+    from exercises import catalog  # the repository root is on sys.path (above)
+
+    (name,) = _words(args, 1, where)
+    if name == "all":
+        rows = ["| exercise | stage | what you build | difficulty |", "|---|---|---|---|"]
+        pages = {s.short: s.package for s in ALL_STAGES}
+        for ex in catalog.all_exercises():
+            page = pages[ex.stage_short]
+            rows.append(f"| `{ex.id}` | [{ex.stage_short.upper()}]({page}.md#exercises) "
+                        f"| {ex.title} | {ex.difficulty} |")
+        return "\n".join(rows) + "\n"
+    exercises = catalog.find(name)
+    out = [f"`python -m exercises start {name}` copies this stage into the workspace "
+           f"(`workspace/`, ignored by git) with the code below taken out; write it back, "
+           f"and `python -m exercises check {name}.1` runs that exercise's checks on your "
+           f"code (`check {name}`: all of them). `python -m exercises solution {name}.1` "
+           f"shows the reference. The [exercises page](exercises.md) lists every stage's.",
+           ""]
+    for ex in exercises:
+        writes = ", ".join(f"`{w}`" for w in ex.writes)
+        out += [f"- **{ex.id} · {ex.title}** ({ex.difficulty}). {ex.why} Write {writes}; "
+                f"check with `{ex.check_command}`.", ""]
+    return "\n".join(out)
 
 
 def _words(args: str, n: int, where: str) -> list[str]:

@@ -36,6 +36,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))  # for exercises.regions, run as a script too
+from exercises.regions import is_marker  # noqa: E402
 _SKIP_DIRS = {"__pycache__", ".ipynb_checkpoints", ".pytest_cache"}
 _SKIP_SUFFIXES = {".pyc", ".pyo", ".so"}
 _SKIP_FILES = {"LESSON"}  # top-level only: the manifest, not code
@@ -66,7 +68,10 @@ def stage_files(stage: str, root: Path = REPO_ROOT) -> list[str]:
 
 
 def _read_lines(path: Path) -> list[str]:
-    return path.read_text(encoding="utf-8").splitlines()
+    """A file's lines, without the exercise markers (`# exercise mN.K begin`/`end`: they
+    mark code for `python -m exercises`, not a change of the stage)."""
+    return [line for line in path.read_text(encoding="utf-8").splitlines()
+            if not is_marker(line)]
 
 
 def stage_diff(old: str, new: str, root: Path = REPO_ROOT, context: int = 3) -> list[FileDiff]:

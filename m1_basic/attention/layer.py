@@ -31,6 +31,7 @@ class Attention(nn.Module):
                 kv_cache: tuple[torch.Tensor, torch.Tensor],
                 attn_metadata: AttentionMetadata) -> torch.Tensor:
         """q: [T, heads, d]; k, v: [T, kv_heads, d]; cache: [max_len, kv_heads, d] each."""
+        # exercise m1.1 begin
         num_new = q.shape[0]
         start = attn_metadata.start_pos
         end = start + num_new
@@ -46,3 +47,4 @@ class Attention(nn.Module):
             attn_mask=mask, scale=self.scale, enable_gqa=True,
         )
         return out.transpose(0, 1).reshape(num_new, -1)
+        # exercise m1.1 end

@@ -36,6 +36,7 @@ def prepare_inputs(new_token_ids: list[list[int]], num_computed_tokens: list[int
                    block_ids: list[list[int]], block_size: int,
                    device: torch.device) -> ModelInputs:
     """One flat batch from each sequence's new tokens, start position and block ids."""
+    # exercise m2.2 begin
     token_ids, positions, slots, query_start_loc, seq_lens = [], [], [], [0], []
     for ids, start, blocks in zip(new_token_ids, num_computed_tokens, block_ids):
         end = start + len(ids)
@@ -56,6 +57,7 @@ def prepare_inputs(new_token_ids: list[list[int]], num_computed_tokens: list[int
         slot_mapping=tensor(slots), max_query_len=max(len(ids) for ids in new_token_ids),
         max_seq_len=max(seq_lens))
     return ModelInputs(tensor(token_ids), tensor(positions), metadata, starts[1:] - 1)
+    # exercise m2.2 end
 
 
 def keep_history(row: SamplingRow, end: int) -> None:

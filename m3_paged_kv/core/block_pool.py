@@ -35,6 +35,7 @@ class BlockPool:
 
     def allocate(self, n: int) -> list[KVBlock]:
         """Take n free blocks (the caller checks num_free_blocks first)."""
+        # exercise m3.1 begin
         if n > len(self.free_block_queue):
             raise RuntimeError(f"cannot allocate {n} blocks: {self.num_free_blocks} are free")
         blocks = [self.free_block_queue.popleft() for _ in range(n)]
@@ -43,12 +44,15 @@ class BlockPool:
                 raise RuntimeError(f"block {block.block_id} is in the free queue but held")
             block.ref_count = 1
         return blocks
+        # exercise m3.1 end
 
     def free(self, blocks: list[KVBlock]) -> None:
         """Give blocks back; one that no one holds any more returns to the free queue."""
+        # exercise m3.1 begin
         for block in blocks:
             if block.ref_count <= 0:
                 raise RuntimeError(f"block {block.block_id} is freed twice")
             block.ref_count -= 1
             if block.ref_count == 0:
                 self.free_block_queue.append(block)
+        # exercise m3.1 end

@@ -29,17 +29,21 @@ class KVCacheManager:
 
     def num_blocks_needed(self, seq: Sequence, num_new_tokens: int) -> int:
         """Blocks `seq` lacks to hold its computed tokens plus `num_new_tokens` more."""
+        # exercise m3.2 begin
         num_tokens = seq.num_computed_tokens + num_new_tokens
         return max(0, cdiv(num_tokens, self.block_size) - len(seq.kv_blocks))
+        # exercise m3.2 end
 
     def allocate_slots(self, seq: Sequence, num_new_tokens: int) -> bool:
         """Make room for `num_new_tokens` more tokens of `seq`; False if the pool is short."""
+        # exercise m3.2 begin
         needed = self.num_blocks_needed(seq, num_new_tokens)
         if needed > self.block_pool.num_free_blocks:
             return False
         if needed:
             seq.kv_blocks.extend(self.block_pool.allocate(needed))
         return True
+        # exercise m3.2 end
 
     def free(self, seq: Sequence) -> None:
         """The sequence finished, was aborted or preempted: its blocks go back."""

@@ -41,6 +41,7 @@ def _online_softmax_step(q, k, v, running_max, running_sum, acc, visible, qk_sca
                          PRECISION: tl.constexpr):
     """Fold one tile of keys into the running max, sum and output of a tile of queries:
     scores are rescaled by exp(old max - new max) whenever the max grows."""
+    # exercise m4.1 begin
     scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # log2 units
     scores = tl.where(visible, scores, float("-inf"))
     new_max = tl.maximum(running_max, tl.max(scores, 1))
@@ -51,6 +52,7 @@ def _online_softmax_step(q, k, v, running_max, running_sum, acc, visible, qk_sca
     running_sum = running_sum * correction + tl.sum(p, 1)
     acc = acc * correction[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
     return new_max, running_sum, acc
+    # exercise m4.1 end
 
 
 @triton.jit
@@ -65,6 +67,7 @@ def _first_tile(query_start_ptr, seq, BLOCK_M: tl.constexpr):
 @triton.jit
 def _sequence_of_program(query_start_ptr, num_seqs, program, BLOCK_M: tl.constexpr):
     """The last sequence whose first tile is at or before `program` (binary search)."""
+    # exercise m4.3 begin
     low = tl.zeros((), dtype=tl.int32)  # _first_tile(low) <= program < _first_tile(high)
     high = low + num_seqs
     while high - low > 1:
@@ -74,6 +77,7 @@ def _sequence_of_program(query_start_ptr, num_seqs, program, BLOCK_M: tl.constex
         else:
             high = mid
     return low
+    # exercise m4.3 end
 
 
 @triton.jit
@@ -258,8 +262,10 @@ def _paged_decode_kernel(
         tl.store(out_ptr + q_start * q_row_stride + heads[:, None] * q_head_stride + dims[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
     else:  # and its log-sum-exp (base 2; -inf when it saw no key), for the merge
+        # exercise m4.2 begin
         lse = tl.where(running_sum == 0.0, float("-inf"),
                        running_max + tl.log2(tl.where(running_sum == 0.0, 1.0, running_sum)))
+        # exercise m4.2 end
         part = (seq * num_heads + heads) * num_splits + split
         tl.store(part_out_ptr + part[:, None] * HEAD_DIM + dims[None, :], out,
                  mask=row_ok[:, None] & dim_ok[None, :])
@@ -279,6 +285,7 @@ def _merge_splits_kernel(part_out_ptr, part_lse_ptr, out_ptr, query_start_ptr, n
     splits = tl.arange(0, SPLITS_PAD)
     split_ok = splits < tl.where(is_decode, num_splits, 0)
     dims = tl.arange(0, HEAD_DIM)
+    # exercise m4.2 begin
     lse = tl.load(part_lse_ptr + part + splits, mask=split_ok, other=float("-inf"))
     top = tl.max(lse, 0)
     weights = tl.exp2(lse - tl.where(top == float("-inf"), 0.0, top))  # 0 for empty splits
@@ -288,6 +295,7 @@ def _merge_splits_kernel(part_out_ptr, part_lse_ptr, out_ptr, query_start_ptr, n
     out = tl.sum(weights[:, None] * parts, 0) / tl.where(total == 0.0, 1.0, total)
     tl.store(out_ptr + q_start * out_row_stride + head * out_head_stride + dims,
              out.to(out_ptr.dtype.element_ty), mask=dims < tl.where(is_decode, head_dim, 0))
+    # exercise m4.2 end
 
 
 def decode_num_splits(num_seqs: int, num_kv_heads: int, num_sms: int = 132,

@@ -25,10 +25,12 @@ def graph_token_sizes(max_num_tokens: int, max_batch_size: int) -> list[int]:
     """The step sizes (tokens) to capture, up to max_num_tokens (at most
     LARGEST_GRAPH_TOKENS; larger steps run eager, where launches matter less), and
     max_batch_size itself: the largest step of decodes only is padded to no more."""
+    # exercise m4.4 begin
     largest = min(max_num_tokens, LARGEST_GRAPH_TOKENS)
     steps = [1, 2, 4, 8] + list(range(16, 257, 16)) + list(range(320, 513, 64)) \
         + list(range(768, LARGEST_GRAPH_TOKENS + 1, 256)) + [max_batch_size]
     return sorted({s for s in steps if s < largest} | {largest})
+    # exercise m4.4 end
 
 
 class StepGraphs:
@@ -77,4 +79,6 @@ class StepGraphs:
 
 def padded_size(sizes: list[int], num_tokens: int) -> int | None:
     """The smallest of `sizes` that holds num_tokens (None: none does)."""
+    # exercise m4.4 begin
     return next((size for size in sorted(sizes) if size >= num_tokens), None)
+    # exercise m4.4 end

@@ -30,10 +30,12 @@ def hash_block(parent_hash: bytes, block_tokens: bytes, extra_keys: tuple = ()) 
     name would go here). Equal hashes mean equal prefixes: the chain covers every token
     before the block, and sha256 makes a collision unthinkable (Python's `hash` would
     not: it is 64 bits and easy to collide on purpose)."""
+    # exercise m6.1 begin
     data = parent_hash + block_tokens
     if extra_keys:
         data += repr(extra_keys).encode()
     return hashlib.sha256(data).digest()
+    # exercise m6.1 end
 
 
 @dataclass(eq=False)
@@ -65,6 +67,7 @@ class BlockPool:
     def allocate(self, n: int) -> list[KVBlock]:
         """Take n free blocks, least recently used first (the caller checks
         num_free_blocks first); a cached one among them is evicted: its hash forgotten."""
+        # exercise m6.2 begin
         if n > len(self.free_blocks):
             raise RuntimeError(f"cannot allocate {n} blocks: {self.num_free_blocks} are free")
         blocks = [self.free_blocks.popitem(last=False)[1] for _ in range(n)]
@@ -74,17 +77,20 @@ class BlockPool:
             self._uncache(block)
             block.ref_count = 1
         return blocks
+        # exercise m6.2 end
 
     def free(self, blocks: list[KVBlock]) -> None:
         """Give blocks back; one that no one holds any more joins the back of the free
         queue, keeping its hash. Give a sequence's blocks last block first: its
         tail is then evicted before its prefix, which more requests share."""
+        # exercise m6.2 begin
         for block in blocks:
             if block.ref_count <= 0:
                 raise RuntimeError(f"block {block.block_id} is freed twice")
             block.ref_count -= 1
             if block.ref_count == 0:
                 self.free_blocks[block.block_id] = block
+        # exercise m6.2 end
 
     # -- the prefix cache -------------------------------------------------------------------
     def cached_block(self, block_hash: bytes) -> KVBlock | None:
@@ -93,18 +99,22 @@ class BlockPool:
     def touch(self, blocks: list[KVBlock]) -> None:
         """Hold blocks someone else filled (a new request's prefix hit, or a sample's
         fork): one more ref each; a free one leaves the queue."""
+        # exercise m6.2 begin
         for block in blocks:
             if block.ref_count == 0:
                 del self.free_blocks[block.block_id]
             block.ref_count += 1
+        # exercise m6.2 end
 
     def cache(self, block: KVBlock, block_hash: bytes) -> None:
         """Name a block just filled by its hash, so later requests can hit it. If another
         block holds the same tokens already (two requests computed them at once), that
         one stays the cached copy and this block is left unnamed."""
+        # exercise m6.4 begin
         if block_hash not in self.cached_blocks:
             block.block_hash = block_hash
             self.cached_blocks[block_hash] = block
+        # exercise m6.4 end
 
     def uncache(self, blocks: list[KVBlock]) -> None:
         """Forget what these blocks hold (their contents cannot be trusted)."""

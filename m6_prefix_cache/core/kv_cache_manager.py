@@ -48,6 +48,7 @@ class KVCacheManager:
         """The hashes of `seq`'s first num_blocks full blocks: the chain kept on the
         sequence (its tokens never change, so neither do their hashes), extended first
         by the blocks it lacks, their tokens encoded at once."""
+        # exercise m6.1 begin
         hashes, step = seq.block_hashes, 8 * self.block_size  # bytes per block
         data = token_bytes(seq.token_ids[len(hashes) * self.block_size:
                                          num_blocks * self.block_size])
@@ -56,11 +57,13 @@ class KVCacheManager:
             parent = hash_block(parent, data[start:start + step])
             hashes.append(parent)
         return hashes[:num_blocks]
+        # exercise m6.1 end
 
     def cached_prefix(self, seq: Sequence) -> list[KVBlock]:
         """The cached blocks that hold the longest prefix of `seq`'s tokens, leaving at
         least its last token to compute ([] with the cache off, or for a sequence that
         must compute its whole prompt)."""
+        # exercise m6.3 begin
         if not self.enable_prefix_caching or not seq.reads_prefix_cache:
             return []
         hits = []
@@ -70,6 +73,7 @@ class KVCacheManager:
                 break
             hits.append(block)
         return hits
+        # exercise m6.3 end
 
     def record_lookup(self, seq: Sequence, num_cached_tokens: int) -> None:
         """Count a prompt's lookup (its first admission's: not a recomputation's)."""
@@ -84,11 +88,13 @@ class KVCacheManager:
         admitted later in the same step can already share them: every layer writes the
         whole step's keys and values before its attention reads any."""
         # A token still on the device (async scheduling) is hashed once it is known.
+        # exercise m6.4 begin
         full = min(num_tokens, len(seq.token_ids)) // self.block_size
         hashes = self.block_hashes(seq, full)
         for i in range(seq.num_hashed_blocks, full):
             self.block_pool.cache(seq.kv_blocks[i], hashes[i])
         seq.num_hashed_blocks = full
+        # exercise m6.4 end
 
     def forget_uncomputed(self, seq: Sequence) -> None:
         """A step failed: the blocks it was to fill for `seq` hold nothing trustworthy."""
@@ -109,9 +115,11 @@ class KVCacheManager:
             num_tokens = seq.num_computed_tokens + num_new_tokens
             new = max(0, cdiv(num_tokens, self.block_size) - len(seq.kv_blocks))
             return new + self._must_copy_last_block(seq)
+        # exercise m6.3 begin
         num_tokens = len(cached) * self.block_size + num_new_tokens  # a waiting one: from 0
         revived = sum(block.ref_count == 0 for block in cached)
         return max(0, cdiv(num_tokens, self.block_size) - len(cached)) + revived
+        # exercise m6.3 end
 
     def allocate_slots(self, seq: Sequence, num_new_tokens: int,
                        cached: list[KVBlock] = ()) -> bool:
@@ -148,18 +156,22 @@ class KVCacheManager:
         """A sequence that starts on a partly filled block it did not fill (a fork) is
         about to write into it: if anyone else may read that block (another holder, or
         the cache), the sequence writes into a copy of it instead."""
+        # exercise m6.5 begin
         if seq.num_computed_tokens != seq.num_cached_tokens \
                 or seq.num_computed_tokens % self.block_size == 0:
             return False  # its next token goes into a block of its own
         last = seq.kv_blocks[-1]
         return last.ref_count > 1 or last.block_hash is not None
+        # exercise m6.5 end
 
     def _copy_last_block(self, seq: Sequence) -> None:
+        # exercise m6.5 begin
         shared = seq.kv_blocks[-1]
         (copy,) = self.block_pool.allocate(1)
         self._copies.append((shared.block_id, copy.block_id))
         self.block_pool.free([shared])
         seq.kv_blocks[-1] = copy
+        # exercise m6.5 end
 
     def free(self, seq: Sequence) -> None:
         """The sequence finished, was aborted or preempted: its blocks go back, last block

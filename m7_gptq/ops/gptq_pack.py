@@ -18,6 +18,7 @@ import torch
 def pack(codes: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
     """Pack integer codes in [0, 2^bits) along `dim`: 32 / bits consecutive codes per
     int32, the first in the lowest bits. `dim`'s size must be a multiple of 32 / bits."""
+    # exercise m7.2 begin
     per_word = 32 // bits
     codes = codes.movedim(dim, -1).to(torch.int64)
     if codes.shape[-1] % per_word:
@@ -30,16 +31,19 @@ def pack(codes: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
     packed = (words << shifts).sum(-1)  # the fields do not overlap: sum == bitwise or
     packed = torch.where(packed >= 2 ** 31, packed - 2 ** 32, packed)  # as a signed int32
     return packed.to(torch.int32).movedim(-1, dim).contiguous()
+    # exercise m7.2 end
 
 
 def unpack(packed: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
     """The inverse of `pack`: int32 words -> int32 codes, 32 / bits times longer on `dim`."""
+    # exercise m7.2 begin
     per_word = 32 // bits
     words = packed.movedim(dim, -1).to(torch.int64) & 0xFFFFFFFF
     shifts = torch.arange(per_word, dtype=torch.int64, device=packed.device) * bits
     codes = (words.unsqueeze(-1) >> shifts) & (2 ** bits - 1)
     codes = codes.reshape(*words.shape[:-1], -1)
     return codes.to(torch.int32).movedim(-1, dim).contiguous()
+    # exercise m7.2 end
 
 
 def dequantize(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
@@ -47,7 +51,9 @@ def dequantize(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor
     """The checkpoint's weight, `[in, out]` in the scales' dtype: (q - z) * s, where z is
     the stored zero plus `zero_offset` (1: format v1; 0: v2), row i using group
     g_idx[i]."""
+    # exercise m7.4 begin
     codes = unpack(qweight, bits, dim=0)
     zeros = unpack(qzeros, bits, dim=1) + zero_offset
     g = g_idx.long()
     return ((codes - zeros[g]).to(scales.dtype) * scales[g])
+    # exercise m7.4 end

@@ -30,6 +30,7 @@ class SamplingRow:
 
 
 def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    # exercise m1.3 begin
     for i, row in enumerate(rows):
         p = row.params
         if p.repetition_penalty != 1.0:
@@ -43,6 +44,7 @@ def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tens
             counts = torch.zeros_like(logits[i]).scatter_add_(0, out, torch.ones_like(out, dtype=logits.dtype))
             logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0)
     return logits
+    # exercise m1.3 end
 
 
 def apply_min_tokens(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
@@ -54,14 +56,17 @@ def apply_min_tokens(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Ten
 
 def top_k_mask(logits: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
     """Keep each row's top_k largest logits (top_k[i] <= 0 keeps all)."""
+    # exercise m1.4 begin
     vocab = logits.shape[-1]
     k = torch.where(top_k > 0, top_k, vocab).clamp(max=vocab)
     kth = logits.sort(dim=-1, descending=True).values.gather(-1, (k - 1).unsqueeze(-1))
     return logits.masked_fill(logits < kth, float("-inf"))
+    # exercise m1.4 end
 
 
 def top_p_mask(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     """Keep the smallest set of most likely tokens whose probability reaches top_p."""
+    # exercise m1.2 begin
     sorted_logits, order = logits.sort(dim=-1, descending=True)
     probs = sorted_logits.softmax(dim=-1)
     mass_before = probs.cumsum(dim=-1) - probs  # probability of the tokens ranked above
@@ -69,13 +74,16 @@ def top_p_mask(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     drop_sorted[:, 0] = False  # the most likely token always stays
     drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
     return logits.masked_fill(drop, float("-inf"))
+    # exercise m1.2 end
 
 
 def min_p_mask(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
     """Drop tokens whose probability is below min_p times the most likely one's."""
+    # exercise m1.4 begin
     probs = logits.softmax(dim=-1)
     threshold = min_p.unsqueeze(-1) * probs.max(dim=-1, keepdim=True).values
     return logits.masked_fill(probs < threshold, float("-inf"))
+    # exercise m1.4 end
 
 
 def token_logprobs(logits: torch.Tensor, token_ids: torch.Tensor,

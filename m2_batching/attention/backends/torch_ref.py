@@ -51,6 +51,7 @@ def build_metadata(md: AttentionMetadata, block_size: int, group: int) -> TorchR
 
 def _call(md: AttentionMetadata, seqs: list[int], rows: list[int], num_queries: int,
           max_len: int, block_size: int, group: int) -> AttentionCall:
+    # exercise m2.4 begin
     device = md.seq_lens.device
     index = torch.tensor(seqs, device=device)
     seq_lens = md.seq_lens[index].unsqueeze(1)  # [B, 1]
@@ -63,6 +64,7 @@ def _call(md: AttentionMetadata, seqs: list[int], rows: list[int], num_queries: 
             & (key_positions < seq_lens).unsqueeze(1))  # [B, Q, L]
     mask = mask.repeat_interleave(group, dim=1).unsqueeze(1)  # a row per (query, head)
     return AttentionCall(torch.tensor(rows, device=device), key_slots, mask)
+    # exercise m2.4 end
 
 
 class TorchRefAttention:

@@ -66,6 +66,7 @@ class Scheduler:
     # -- one decision ----------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
         """Admit waiting sequences as a prefill batch if any fit; else decode all running."""
+        # exercise m2.1 begin
         cfg = self.config
         admitted: list[Sequence] = []
         num_tokens = 0
@@ -84,6 +85,7 @@ class Scheduler:
             self.running.extend(admitted)
         else:
             admitted = list(self.running)
+        # exercise m2.1 end
         # They go with the next step that runs (an empty step never reaches the worker).
         finished, self.finished_seq_names = (self.finished_seq_names, []) if admitted \
             else ([], self.finished_seq_names)
@@ -109,6 +111,7 @@ class Scheduler:
         """The step ran: its tokens' K/V are in the cache, and each sequence sampled a
         token. Append them, apply the stop rules, let the finished ones go. Returns the
         sequences that advanced, for the engine's outputs."""
+        # exercise m2.3 begin
         advanced = []
         for seq, scheduled, token, prompt_logprobs, logprobs in zip(
                 out.seqs, out.scheduled, runner_output.sampled_token_ids,
@@ -121,6 +124,7 @@ class Scheduler:
             if seq.status.is_finished:
                 self._finish(seq)
         return advanced
+        # exercise m2.3 end
 
     def abort(self, seq: Sequence) -> None:
         """Drop a waiting or running sequence: it finishes now, and frees its slot."""
@@ -130,12 +134,14 @@ class Scheduler:
 
     def _finish(self, seq: Sequence) -> None:
         """A sequence finished or was aborted: it leaves its queue and frees its slot."""
+        # exercise m2.3 begin
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
         self.free_slot(seq)
         self.finished_seq_names.append(seq.name)
+        # exercise m2.3 end
 
     def _record_usage(self, out: SchedulerOutput) -> None:
         # After this step a scheduled sequence holds all its tokens but the one it samples.

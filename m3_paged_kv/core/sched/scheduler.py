@@ -100,6 +100,7 @@ class Scheduler:
     def _schedule_running(self) -> list[Sequence]:
         """Every running sequence, oldest first, gets room for its new token; if the pool
         is empty, the newest running sequence is preempted to free its blocks."""
+        # exercise m3.4 begin
         kv = self.kv_cache_manager
         scheduled: list[Sequence] = []
         while self.running:
@@ -115,6 +116,7 @@ class Scheduler:
                 scheduled.append(seq)
         self.running.extend(scheduled)
         return scheduled
+        # exercise m3.4 end
 
     def _scheduled(self, seq: Sequence) -> ScheduledSequence:
         start = seq.num_computed_tokens

@@ -90,6 +90,7 @@ class Scheduler:
         cfg, kv = self.config, self.kv_cache_manager
         budget = cfg.max_num_batched_tokens
         chosen: list[tuple[Sequence, int]] = []
+        # exercise m5.2 begin
         preempted = False
         for seq in list(self.running):  # oldest first
             if budget == 0:
@@ -112,6 +113,8 @@ class Scheduler:
                 budget -= num_new
         if preempted:
             return chosen  # the pool is short: no new prompt now
+        # exercise m5.2 end
+        # exercise m5.3 begin
         promised = self._blocks_promised() if self.waiting else 0  # only for admissions
         while self.waiting and budget > 0 and len(self.running) < cfg.max_batch_size:
             seq = self.waiting[0]
@@ -124,12 +127,15 @@ class Scheduler:
             chosen.append((seq, num_new))
             budget -= num_new
         return chosen
+        # exercise m5.3 end
 
     def _blocks_promised(self) -> int:
         """Blocks the running sequences still need for the rest of their prompts (and a
         decode for its next token): room that admitting a new prompt must not take."""
+        # exercise m5.4 begin
         kv = self.kv_cache_manager
         return sum(kv.num_blocks_needed(seq, num_new_tokens(seq)) for seq in self.running)
+        # exercise m5.4 end
 
     def _admit(self, seq: Sequence, num_new: int, others_running: bool,
                promised: int = 0) -> bool:
@@ -141,9 +147,11 @@ class Scheduler:
         kv = self.kv_cache_manager
         if seq.num_pending_tokens:
             return False  # preempted while its last token is on the device: wait for it
+        # exercise m5.4 begin
         whole = kv.num_blocks_needed(seq, num_new_tokens(seq))
         if others_running and kv.num_free_blocks - promised - whole < self.watermark_blocks:
             return False  # keep room for the running ones (alone, it may take all)
+        # exercise m5.4 end
         if not kv.allocate_slots(seq, num_new):
             return False
         self.waiting.popleft()
@@ -153,8 +161,10 @@ class Scheduler:
     def _chunk(self, seq: Sequence, budget: int) -> int:
         """How many of `seq`'s uncomputed tokens run now: all of them, or as many as the
         budget left (and `max_chunk_size`) allows."""
+        # exercise m5.1 begin
         cap = self.config.max_chunk_size or budget
         return min(num_new_tokens(seq), budget, cap)
+        # exercise m5.1 end
 
     def _schedule_prefills_first(self) -> list[tuple[Sequence, int]]:
         """M4's policy: admit waiting sequences' whole prompts as a prefill step if any
@@ -212,7 +222,9 @@ class Scheduler:
         is_new = start == 0
         seen = 0 if is_new else cdiv(start, self.kv_cache_manager.block_size)
         new = self._new_sequence_data(seq) if is_new else None
+        # exercise m5.1 begin
         next_token_id = seq.token_ids[end] if end < len(seq.token_ids) else None
+        # exercise m5.1 end
         # A token still on the device goes as a placeholder: the worker has it.
         token_ids = seq.token_ids + [PENDING_TOKEN] * seq.num_pending_tokens
         return ScheduledSequence(seq.name, token_ids[start:end], start,

@@ -119,6 +119,7 @@ def fit_grid(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch
     largest code standing for (2^bits - 2) steps). Symmetric: z = 2^(bits - 1) and the
     grid runs from -max|w| to (2^(bits-1) - 1) / 2^(bits-1) of +max|w| (the top code is
     one short, as in AutoGPTQ)."""
+    # exercise m7.3 begin
     max_code = 2 ** bits - 1
     lo = w.min(dim=1).values.clamp(max=0)
     hi = w.max(dim=1).values.clamp(min=0)
@@ -132,16 +133,21 @@ def fit_grid(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch
     else:
         zero = torch.round(-lo / scale).clamp(1, max_code)
     return scale, zero
+    # exercise m7.3 end
 
 
 def to_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
              bits: int) -> torch.Tensor:
     """Round `w` ([rows, n]) to its grid (scale, zero per row): integer codes (as floats)."""
+    # exercise m7.3 begin
     return torch.clamp(torch.round(w / scale[:, None]) + zero[:, None], 0, 2 ** bits - 1)
+    # exercise m7.3 end
 
 
 def from_codes(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    # exercise m7.3 begin
     return (codes - zero[:, None]) * scale[:, None]
+    # exercise m7.3 end
 
 
 def pack_layer(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,

@@ -1,0 +1,1 @@
+"""Each stage's exercises, one module per stage (`mN.py` holds `EXERCISES`)."""
