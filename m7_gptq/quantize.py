@@ -3,7 +3,7 @@
 The model runs on calibration text (`calibration.py`) one decoder layer at a time: hooks
 sum each linear's input products into its Hessian, each linear is quantized from it
 (`gptq_solver.py`; RTN just rounds), and the layer's output with the quantized weights
-is the next layer's input. The folder is a standard GPTQ checkpoint (format v1) with the
+is the next layer's input (--true-sequential: each linear's, inside a layer too). The folder is a standard GPTQ checkpoint (format v1) with the
 tokenizer files and `quantize_log.json` (provenance, settings, each linear's relative
 output error).
 
@@ -90,9 +90,10 @@ def run_layer(layer, states: list, passes: list[Pass]) -> list:
             for (x, residual), p in zip(states, passes)]
 
 
-def collect_hessians(layer, states: list, passes: list[Pass]) -> dict[str, torch.Tensor]:
-    """One forward pass with hooks: H = 2 X Xᵀ / n of the input of each of LINEARS,
-    summed pass by pass."""
+def collect_hessians(layer, states: list, passes: list[Pass],
+                     names: tuple[str, ...] = LINEARS) -> dict[str, torch.Tensor]:
+    """One forward pass with hooks: H = 2 X Xᵀ / n of the input of each linear in
+    `names`, summed pass by pass."""
     sums, handles = {}, []
 
     def hook(name):
@@ -102,7 +103,7 @@ def collect_hessians(layer, states: list, passes: list[Pass]) -> dict[str, torch
             sums[name] = (total + x.t() @ x, n + x.shape[0])
         return accumulate
 
-    for name in LINEARS:
+    for name in names:
         handles.append(layer.get_submodule(name).register_forward_hook(hook(name)))
     try:
         run_layer(layer, states, passes)
@@ -126,12 +127,13 @@ def linear_parts(layer, name: str) -> dict[str, torch.Tensor]:
 # --- quantizing the model ------------------------------------------------------------------
 
 def quantize_layer(layer, hessians: dict, config: GPTQConfig, method: str) -> tuple:
-    """Quantize the layer's linears in place (their weights become the dequantized ones).
+    """Quantize the linears named in `hessians` in place (their weights become the
+    dequantized ones).
     Returns ({linear name: checkpoint tensors}, {linear name: relative output error}, and
     for GPTQ {linear name: RTN's error on the same inputs}, for comparison), by the
     checkpoint's names (q_proj, k_proj, ...)."""
     tensors, errors, rtn_errors = {}, {}, {}
-    for group in LINEARS:
+    for group in hessians:
         h = hessians[group].cpu()  # the solver runs on the CPU: one weight at a time
         for name, weight in linear_parts(layer, group).items():
             w = weight.float().cpu()
@@ -147,9 +149,24 @@ def quantize_layer(layer, hessians: dict, config: GPTQConfig, method: str) -> tu
     return tensors, errors, rtn_errors
 
 
+def quantize_layer_linears(layer, states: list, passes: list[Pass], config: GPTQConfig,
+                           method: str, true_sequential: bool) -> tuple[dict, dict, dict]:
+    """Quantize a decoder layer's linears (`quantize_layer`'s results): all from one pass
+    of the unquantized layer, or with `true_sequential` one linear at a time, each one's
+    Hessian from a pass in which the linears before it are already quantized."""
+    tensors, errors, rtn_errors = {}, {}, {}
+    for names in ([(name,) for name in LINEARS] if true_sequential else [LINEARS]):
+        hessians = collect_hessians(layer, states, passes, names)
+        for total, part in zip((tensors, errors, rtn_errors),
+                               quantize_layer(layer, hessians, config, method)):
+            total.update(part)
+    return tensors, errors, rtn_errors
+
+
 @torch.inference_mode()
 def quantize_model(net, windows: list[list[int]], config: GPTQConfig, method: str,
-                   device: torch.device, progress: bool = True) -> tuple[dict, list[dict]]:
+                   device: torch.device, progress: bool = True,
+                   true_sequential: bool = False) -> tuple[dict, list[dict]]:
     """Quantize every decoder layer of `net` in order. Returns the checkpoint tensors of
     the quantized linears (by full name) and a log entry per layer."""
     mc = net.config
@@ -162,8 +179,8 @@ def quantize_model(net, windows: list[list[int]], config: GPTQConfig, method: st
                disable=not progress)
     for i, layer in enumerate(bar):
         start = time.perf_counter()
-        hessians = collect_hessians(layer, states, passes)
-        packed, errors, rtn_errors = quantize_layer(layer, hessians, config, method)
+        packed, errors, rtn_errors = quantize_layer_linears(
+            layer, states, passes, config, method, true_sequential and method == "gptq")
         states = run_layer(layer, states, passes)
         tensors.update({f"model.layers.{i}.{name}": t for name, t in packed.items()})
         seconds = time.perf_counter() - start
@@ -249,6 +266,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sym", action=argparse.BooleanOptionalAction, default=True,
                    help="symmetric grid (zero point 2^(bits-1)); --no-sym: asymmetric")
     p.add_argument("--asym", dest="sym", action="store_false", help="same as --no-sym")
+    p.add_argument("--true-sequential", action="store_true",
+                   help="GPTQ: quantize a layer's linears one after the other, each from "
+                        "inputs that the ones before it already quantized")
     p.add_argument("--damp-percent", type=float, default=0.01,
                    help="dampening added to H's diagonal, as a fraction of its mean")
     p.add_argument("--num-samples", type=int, default=128, help="calibration sequences")
@@ -325,12 +345,14 @@ def _quantize(args) -> int:
     net = load_model(args.model, mc, torch.float32, device)
     start = time.perf_counter()
     quantized, layers = quantize_model(net, windows, config, args.method, device,
-                                       progress=not args.no_progress)
+                                       progress=not args.no_progress,
+                                       true_sequential=args.true_sequential)
     seconds = time.perf_counter() - start
     dtype = checkpoint_dtype(path)
     log = dict(origin, model=args.model, method=args.method,
                quantization_config=config.to_dict(),
                num_samples=args.num_samples, seq_len=args.seq_len,
+               true_sequential=args.true_sequential,
                calibration=args.calibration_file or "stdlib:calibration",
                seconds=round(seconds, 2), device=str(device), layers=layers)
     write_folder(out, checkpoint_tensors(net, quantized, dtype), hf_config, config, path,

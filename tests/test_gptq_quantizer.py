@@ -338,6 +338,30 @@ def test_gptq_log_compares_with_rtn_on_the_same_inputs(stage, tmp_path):
 
 
 @pytest.mark.parametrize("stage", STAGES)
+def test_true_sequential_quantizes_each_linear_from_the_quantized_ones_before(stage, tmp_path):
+    """--true-sequential: q/k/v see the same inputs either way (nothing before them in the
+    layer); each later linear's Hessian comes from a pass in which the linears before it
+    are already quantized, so its codes differ from the one-pass quantization's; the log
+    says which was used, and the engine runs the checkpoint."""
+    common = ["--model", "dummy:tiny-llama", "--num-samples", "8", "--seq-len", "64"]
+    assert quantize(stage, *common, "--out", str(tmp_path / "one")) == 0
+    assert quantize(stage, *common, "--true-sequential", "--out", str(tmp_path / "seq")) == 0
+    one, seq = read_folder(tmp_path / "one"), read_folder(tmp_path / "seq")
+    layer0 = "model.layers.0."
+    for name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
+        assert torch.equal(one[f"{layer0}{name}.qweight"], seq[f"{layer0}{name}.qweight"])
+    for name in ("self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj"):
+        assert not torch.equal(one[f"{layer0}{name}.qweight"], seq[f"{layer0}{name}.qweight"])
+    logs = [json.loads((tmp_path / d / "quantize_log.json").read_text()) for d in ("one", "seq")]
+    assert [log["true_sequential"] for log in logs] == [False, True]
+    assert "--true-sequential" in logs[1]["command"]
+    with pytest.warns(UserWarning, match="no tokenizer files"):
+        llm = load_stage(stage).LLM(str(tmp_path / "seq"), device="cpu")
+    params = load_stage(f"{stage}.sampling_params").SamplingParams(temperature=0, max_tokens=4)
+    assert len(llm.generate([[1, 2, 3]], params, use_tqdm=False)[0].outputs[0].token_ids) == 4
+
+
+@pytest.mark.parametrize("stage", STAGES)
 @pytest.mark.parametrize("args, message", [
     (["--group-size", "48"], "group"),  # 64-wide layers
     (["--seq-len", "100000"], "max_position_embeddings"),
