@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .catalog import REPO, Exercise
-from .workspace import overlay
+from .workspace import overlay, stage_package
 
 CHECKS = REPO / "exercises" / "checks"
 SHOWN_FAILURES = 2  # failures shown in full (all with --verbose)
@@ -72,6 +72,12 @@ def run_checks(exercises: list[Exercise], workspace: Path | None) -> list[Result
                                                 "is there a loop that never ends?"})
                     for ex in exercises]
         outcomes = json.loads(report.read_text()) if report.is_file() else []
+    # Errors name the files the learner wrote, not the built package they were copied to.
+    where = {str(root / name): str((workspace or REPO) / stage_package(ex.stage_short))
+             for ex, name in zip(exercises, packages.values())}
+    for outcome in outcomes:
+        for built, mine in where.items():
+            outcome["error"] = outcome["error"].replace(built, mine)
     return collect(exercises, outcomes, proc.stdout + proc.stderr)
 
 

@@ -157,6 +157,11 @@ def test_cli_start_check_solution(tmp_path):
     wrong = cli("check", "m3.3", workspace_dir=ws)
     assert wrong.returncode == 1 and " failed (" in wrong.stdout
     assert "test_slot_of_every_position" in wrong.stdout and "E   assert 28 ==" in wrong.stdout
+    # code that does not even compile: the error names the learner's file, not a copy
+    path.write_text(regions.splice(text, "m3.3", ["    return block_ids[position\n"]))
+    broken = cli("check", "m3.3", workspace_dir=ws)
+    assert broken.returncode == 1 and "SyntaxError" in broken.stdout
+    assert f'File "{path}", line' in broken.stdout and "folovllm-check" not in broken.stdout
     refused = cli("solution", "m3.3", workspace_dir=ws, stdin="")
     assert refused.returncode == 2 and "--yes" in refused.stderr
     shown = cli("solution", "m3.3", "--yes", "--apply", workspace_dir=ws)
