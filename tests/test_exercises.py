@@ -46,8 +46,8 @@ def test_each_exercise_has_its_regions_in_its_own_stage_only(short):
                 assert region.exercise_id.split(".")[0] == other.short, (
                     f"{path}: a region of {region.exercise_id} outside its stage")
     for ex in catalog.stage_exercises(short):
-        found = {p.relative_to(workspace.stage_package(short) and
-                               REPO_ROOT / workspace.stage_package(short)).as_posix()
+        stage_dir = REPO_ROOT / workspace.stage_package(short)
+        found = {p.relative_to(stage_dir).as_posix()
                  for p in workspace.region_files(short, REPO_ROOT)[ex.id]}
         assert found == set(ex.files), f"{ex.id}: writes names {ex.files}, regions are in {found}"
 
