@@ -7,7 +7,8 @@
 #   nano      nano-vllm's workload (dummy:qwen3-0.6b, 256 prompts): m4 and m7 off and on
 #   profile   (not in the default list: a second call) tools/profile_step.py, m4 and m7 off
 #             and on, batches 1, 64, 256: wall, steady (back to back), CPU and GPU ms
-# Files go to $RESULTS, then into $OUT/async-results.tar after each part.
+# Files go to $RESULTS (the tests' junit XML too), then into $OUT/async-results.tar after
+# each part, with the log so far: a call cut short keeps the parts it finished.
 #   FOLOVLLM_GIT_COMMIT=<sha> FOLOVLLM_GIT_DIRTY=0 bash tools/gpu_bench_async.sh [parts...]
 set -u
 RESULTS=${RESULTS:-/tmp/async-results}
@@ -26,7 +27,8 @@ for part in $parts; do
   case $part in
     tests) python3 -m pytest -q -m gpu tests/test_async_scheduling.py tests/test_fused_ops.py \
         tests/test_triton_kernels.py tests/test_gptq_kernels.py tests/test_gpu.py \
-        -k "not bf16_cuda_parity or m4_flash_attn or m7_gptq" -p no:cacheprovider;;
+        -k "not bf16_cuda_parity or m4_flash_attn or m7_gptq" -p no:cacheprovider -rfE \
+        --junitxml "$RESULTS/gpu-tests-${gpu:-gpu}-$day.xml";;
     check) python3 tools/gpu_async_check.py \
         --stages m4_flash_attn,m5_chunked_prefill,m6_prefix_cache,m7_gptq \
         --out "$RESULTS/async-check-${gpu:-gpu}-$day.json";;
@@ -41,7 +43,7 @@ for part in $parts; do
     *) echo "unknown part $part: choose from tests check latency nano profile";;
   esac
   tar -C "$RESULTS" -cf "$OUT/async-results.tar" .
-done 2>&1 | grep -v Warn
+done 2>&1 | grep --line-buffered -v Warn
 echo "== end $(date -u +%H:%M:%S)"
 } 2>&1 | tee "$RESULTS/gpu-bench-async-${gpu:-gpu}-$day.log"
 tar -C "$RESULTS" -cf "$OUT/async-results.tar" .
