@@ -12,7 +12,7 @@ import os
 import shutil
 from pathlib import Path
 
-from bench.stages import ALL_STAGES
+from bench import stages
 
 from . import regions
 from .catalog import REPO, Exercise, stage_exercises
@@ -26,10 +26,7 @@ def workspace_dir() -> Path:
 
 
 def stage_package(short: str) -> str:
-    for stage in ALL_STAGES:
-        if stage.short == short:
-            return stage.package
-    raise LookupError(f"no stage {short!r}")
+    return stages.get(short).package
 
 
 def python_files(folder: Path) -> list[Path]:
