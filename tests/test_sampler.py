@@ -82,6 +82,16 @@ def test_top_p_mask(stage):
 
 
 @pytest.mark.parametrize("stage", GENERATE_STAGES)
+def test_top_p_of_one_keeps_tokens_whose_mass_rounds_away(stage):
+    mod = sampler_module(stage)
+    # float32 cumulative sums reach 1.0 before the least likely tokens (here about 1e-9
+    # each): top_p = 1 must still keep them, top_p just below 1 may drop them
+    logits = torch.tensor([[0.0, -21.0, -21.0, -21.0, 2.0]] * 2)
+    masked = mod.top_p_mask(logits.clone(), torch.tensor([1.0, 0.999]))
+    assert_mask(logits, masked, [[0, 1, 2, 3, 4], [0, 4]])
+
+
+@pytest.mark.parametrize("stage", GENERATE_STAGES)
 def test_min_p_mask(stage):
     mod = sampler_module(stage)
     probs = torch.tensor([0.1, 0.4, 0.2, 0.3])

@@ -94,7 +94,8 @@ def top_p_mask(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     sorted_logits, order = logits.sort(dim=-1, descending=True)
     probs = sorted_logits.softmax(dim=-1)
     mass_before = probs.cumsum(dim=-1) - probs  # probability of the tokens ranked above
-    drop_sorted = mass_before >= top_p.unsqueeze(-1)
+    # top_p = 1 keeps every token: the summed mass can round to 1 before the last ones
+    drop_sorted = (mass_before >= top_p.unsqueeze(-1)) & (top_p < 1).unsqueeze(-1)
     drop_sorted[:, 0] = False  # the most likely token always stays
     drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
     return logits.masked_fill(drop, float("-inf"))
