@@ -8,7 +8,7 @@ A request may have n sequences, its samples (`SamplingParams(n=...)`).
 
 Introduced in M0; changed in M1 (generation state), M2 (a KV cache slot; the sampling
 parameters travel with the sequence), M3 (KV blocks, not a slot), M4 (tokens pending on
-the device), M6 (block hashes, cached tokens; n samples).
+the device; a status flag cheap to read), M6 (block hashes, cached tokens; n samples).
 """
 
 import enum
@@ -26,9 +26,10 @@ class SequenceStatus(enum.Enum):
     FINISHED_LENGTH_CAPPED = "length"  # max_tokens or max_model_len reached
     FINISHED_ABORTED = "abort"
 
-    @property
-    def is_finished(self) -> bool:
-        return self.name.startswith("FINISHED")
+    def __init__(self, value: str) -> None:
+        # A plain attribute, not a property: it is read several times per sequence per
+        # step, and at batch 256 those reads add up on the host.
+        self.is_finished = value in ("stop", "length", "abort")
 
 
 @dataclass

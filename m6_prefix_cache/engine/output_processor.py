@@ -53,7 +53,7 @@ def completion(seq: Sequence, request: Request) -> CompletionOutput:
     finished = seq.status.is_finished
     return CompletionOutput(
         index=seq.index, text=visible_text(seq, request.sampling_params),
-        token_ids=list(seq.output_token_ids),
+        token_ids=seq.output_token_ids,  # a new list: later tokens do not change it
         finish_reason=seq.status.value if finished else None, stop_reason=seq.stop_reason,
         logprobs=None if request.sampling_params.logprobs is None else list(seq.output_logprobs))
 

@@ -339,10 +339,11 @@ class ModelRunner:
             if self.device.type == "cuda":
                 ready = torch.cuda.Event()
                 ready.record()
-            for j, (i, row, wants) in enumerate(zip(sampled, rows, wants_logprobs)):
-                if wants:
-                    logprobs[i] = token_logprobs(raw_logits[j:j + 1], new_tokens[j:j + 1],
-                                                 row.params.logprobs)[0]
+            if raw_logits is not None:  # a row asks for log-probabilities
+                for j, (i, row, wants) in enumerate(zip(sampled, rows, wants_logprobs)):
+                    if wants:
+                        logprobs[i] = token_logprobs(raw_logits[j:j + 1], new_tokens[j:j + 1],
+                                                     row.params.logprobs)[0]
         return LaunchedStep(sampled, rows, host_tokens, ready, logprobs,
                             self._prompt_logprobs(hidden, inputs, scheduled,
                                                   sampling_rows)), new_tokens
@@ -358,10 +359,13 @@ class ModelRunner:
                                            initial=0))  # on the host: no copy back
         for i, (s, row) in enumerate(zip(scheduled, sampling_rows)):
             num_top = row.params.prompt_logprobs
+            if num_top is None:
+                result.append(None)
+                continue
             targets = s.new_token_ids[1:] + ([] if s.next_token_id is None
                                              else [s.next_token_id])
-            if num_top is None or not targets:
-                result.append(None if num_top is None else [])
+            if not targets:
+                result.append([])
                 continue
             logits = self.model.compute_logits(hidden[starts[i]:starts[i] + len(targets)])
             result.append(token_logprobs(logits, torch.tensor(targets, device=logits.device),

@@ -232,8 +232,9 @@ class Scheduler:
         new = self._new_sequence_data(seq) if is_new else None
         next_token_id = seq.token_ids[end] if end < len(seq.token_ids) else None
         # A token still on the device goes as a placeholder: the worker has it.
-        token_ids = seq.token_ids + [PENDING_TOKEN] * seq.num_pending_tokens
-        return ScheduledSequence(seq.name, token_ids[start:end], start,
+        known = seq.token_ids[start:end]
+        new_token_ids = known + [PENDING_TOKEN] * (end - start - len(known))
+        return ScheduledSequence(seq.name, new_token_ids, start,
                                  self.kv_cache_manager.block_table(seq, seen), is_new, new,
                                  next_token_id)
 
