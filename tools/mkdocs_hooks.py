@@ -659,6 +659,8 @@ def _profile_stage(row: dict, weights: bool = False) -> str:
     elif launches is None and row.get("setting") in ("graphs", "eager"):
         # a row that failed: what it was asked to run
         notes.append("CUDA graphs" if row["setting"] == "graphs" else "eager")
+    if row.get("setting") == "async":
+        notes.append("async scheduling")
     return name + (f" ({', '.join(notes)})" if notes else "")
 
 
@@ -673,6 +675,10 @@ def _profile_table(options: dict[str, str], where: str) -> str:
     headers = ["stage", "batch", "wall ms/step", "CPU ms", "GPU ms", "GPU busy", "kernels/step"]
     if mixed:
         headers[3:3] = ["profiled wall ms"]
+    # back to back (the host's work may overlap the GPU's): where rows compare async scheduling
+    steady = any(row.get("setting") == "async" for row in results["rows"])
+    if steady:
+        headers[3:3] = ["back to back ms/step"]
     body, events = [], False
     for row in results["rows"]:
         name = _profile_stage(row, weights)
@@ -684,11 +690,17 @@ def _profile_table(options: dict[str, str], where: str) -> str:
                 not str(row.get("gpu_time_source", "profiler")).startswith("profiler"):
             gpu, events = gpu + "*", True
         cells = [name, str(row.get("batch")), _num(row.get("wall_ms"))]
+        if steady:
+            cells.append(_num(row.get("steady_ms")))
         if mixed:
             profiled = row.get("wall_ms_profiled")
             busy = (row["gpu_ms"] / profiled if profiled and row.get("gpu_ms") is not None
                     else None)
             cells += [_num(profiled), _num(row.get("cpu_ms_profiled")), gpu, _share(busy)]
+        elif steady:  # busy back to back: the steps' GPU time over their time in a row
+            busy = (row["gpu_ms"] / row["steady_ms"] if row.get("steady_ms")
+                    and row.get("gpu_ms") is not None else None)
+            cells += [_num(row.get("cpu_ms")), gpu, _share(busy)]
         else:
             cells += [_num(row.get("cpu_ms")), gpu, _share(row.get("gpu_busy"))]
         body.append(cells + [_num(row.get("kernels_per_step"), ".0f")])
@@ -713,9 +725,13 @@ def _profile_table(options: dict[str, str], where: str) -> str:
             "busy: the GPU ms over the profiled wall time of the same steps.</small>\n")
     else:
         lines.append(
-            "<small>Wall ms/step: the host's time around a step, without the profiler; CPU "
+            "<small>Wall ms/step: the host's time around a step, without the profiler"
+            + (", the GPU idle before it; back to back: the same steps run one after the "
+               "other, over their count (async scheduling overlaps them here)" if steady
+               else "") + "; CPU "
             "ms: that less the time a profiled step waited for the GPU; GPU ms: the "
-            "kernels' summed time; GPU busy: GPU ms over wall ms.</small>\n")
+            "kernels' summed time; GPU busy: GPU ms over "
+            + ("back-to-back ms" if steady else "wall ms") + ".</small>\n")
     if events:
         lines.append("<small>* GPU ms from CUDA events around the step (the profiler did not "
                      "see the kernels inside the graph): it includes idle gaps.</small>\n")
