@@ -221,3 +221,25 @@ def test_merged_layers_keep_the_dummy_weights_of_m3(stage, model):
     want, got = _dummy_checkpoint("m3_paged_kv", model), _dummy_checkpoint(stage, model)
     assert list(got) == list(want)
     assert all(torch.equal(got[name], want[name]) for name in want)
+
+
+@pytest.mark.parametrize("stage", stages_with("forward"))
+def test_the_8b_dummy_model_has_llama_3_1_8b_shapes(stage):
+    """`dummy:llama-3.1-8b` resolves to Llama-3.1-8B's public config (GQA 32/8 heads,
+    untied embeddings, llama3 RoPE scaling) without building a weight; its parameter
+    count, from the shapes, is the model's 8.03e9."""
+    loader = load_stage(f"{stage}.model_executor.model_loader")
+    assert loader.resolve_model_path("dummy:llama-3.1-8b") is None  # no folder, no hub
+    mc = loader.load_model_config("dummy:llama-3.1-8b")
+    shapes = (mc.hidden_size, mc.intermediate_size, mc.num_hidden_layers,
+              mc.num_attention_heads, mc.num_key_value_heads, mc.head_dim, mc.vocab_size)
+    assert shapes == (4096, 14336, 32, 32, 8, 128, 128256)
+    assert mc.rope_theta == 500000.0 and mc.max_position_embeddings == 131072
+    assert mc.rope_scaling == dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
+                                   high_freq_factor=4.0, original_max_position_embeddings=8192)
+    assert mc.rms_norm_eps == 1e-5 and not mc.tie_word_embeddings
+    assert not (mc.attention_bias or mc.o_proj_bias or mc.mlp_bias or mc.qk_norm)
+    assert (mc.bos_token_id, mc.eos_token_ids) == (128000, [128009])
+    h, kv = 4096, 8 * 128
+    layer = 2 * h * h + 2 * h * kv + 3 * h * 14336 + 2 * h  # q, o; k, v; MLP; two norms
+    assert mc.num_parameters() == 32 * layer + 2 * 128256 * h + h == 8_030_261_248
