@@ -9,6 +9,8 @@ greedy, `ignore_eos` so every request produces exactly its output length.
     python bench/compare.py --milestones m1,m2,m3 --workload throughput \\
         --model dummy:qwen2.5-0.5b --device cuda --num-prompts 64 --publish
     python bench/compare.py --milestones m5,m6,hf --workload chat --turns 4 --turn-len 64
+    python bench/compare.py --milestones m7,m7:quantization=gptq --workload throughput \\
+        --model dummy:llama-3.1-8b --device cuda --num-prompts 128 --gpu-memory-gib 24
 
 The default workload, `concurrent`, is 16 requests arriving at once (bench/workloads.py):
 where the stages differ (M1 serves them one after another, M2 and M3 batch them).
@@ -28,8 +30,9 @@ FOLOVLLM_BENCH_SCRATCH and FOLOVLLM_BENCH_RESULTS move the two folders, for test
 A file holds: command (the exact argv), git_commit and git_dirty (FOLOVLLM_GIT_COMMIT and
 FOLOVLLM_GIT_DIRTY=0/1 name them for a copy of the tree whose .git is stale, e.g. on the
 GPU machine), published, workload, model, device, date (UTC), machine (gpu, cpu,
-cpu_count, hostname), versions (python, torch, transformers, triton, numpy), config
-(workload and engine settings, repeat; num_prompts counts requests, for chat conversations
+cpu_count, hostname; gpu_memory_bytes, the card's total, on CUDA), versions (python, torch,
+transformers, triton, numpy), config (workload and engine settings, repeat, gpu_memory_gib
+(the --gpu-memory-gib budget or null); num_prompts counts requests, for chat conversations
 x turns; chat also sets conversations, turns, turn_len ([low, high] of a later turn's user
 message), turn_prompt_lens and turn_output_lens (per conversation, each turn's whole
 prompt and output length), null for the other workloads), roofline (null off CUDA), and
@@ -53,6 +56,12 @@ requests: itl_mean_ms, itl_p50_ms, itl_p99_ms, itl_max_ms, itl_quantiles_ms (the
 and itl_gaps (how many gaps). The gaps themselves are not stored. They are null for a row
 that could not time each token. Over repeated runs: the median of each, element by
 element for the quantiles.
+
+`--gpu-memory-gib G` (CUDA) gives every stage row the same memory budget: its
+gpu_memory_utilization is G GiB over the card's total memory (measured in a worker, with
+the roofline), so the KV cache gets what that row's weights, activations and CUDA graphs
+leave of G GiB: bf16 and GPTQ rows then hold different numbers of KV tokens, and the
+table adds the KV cache's size, tokens and the most sequences each row ran at once.
 
 Milestones: m1..m7 are the stage packages present in this checkout (m0 cannot generate);
 `hf` is transformers `generate` on the same weights (for dummy models, the stage's dummy
@@ -94,6 +103,7 @@ from bench.workloads import WORKLOADS, build_workload  # noqa: E402
 STAGES = {s.short: s.package for s in stages.ALL_STAGES}  # "m1" -> "m1_basic" (bench/stages.py)
 PEERS = ("hf",)
 LOUD_ESTIMATE_S = 600  # an estimate above this is printed as a warning
+BUDGET_KEYS = ("gpu_memory_utilization", "kv_cache_memory")  # what --gpu-memory-gib sets
 _UNITS = {"": 1, "b": 1, "k": 10 ** 3, "kb": 10 ** 3, "m": 10 ** 6, "mb": 10 ** 6,
           "g": 10 ** 9, "gb": 10 ** 9, "kib": 2 ** 10, "mib": 2 ** 20, "gib": 2 ** 30,
           "t": 10 ** 12, "tb": 10 ** 12, "tib": 2 ** 40}
@@ -121,6 +131,17 @@ def parse_bytes(text: str) -> int:
             f"{text!r} is not a size: give bytes or a number with KiB/MiB/GiB/KB/MB/GB")
     value = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
     if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be > 0")
+    return value
+
+
+def parse_gib(text: str) -> float:
+    """'24' or '7.5' -> GiB, > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of GiB") from None
+    if not 0 < value < float("inf"):
         raise argparse.ArgumentTypeError(f"{text!r}: must be > 0")
     return value
 
@@ -215,6 +236,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-cache-memory", type=parse_bytes,
                    help="engine kv_cache_memory budget (stages that have it): bytes or "
                         "e.g. 2GiB")
+    p.add_argument("--gpu-memory-gib", type=parse_gib, metavar="G",
+                   help="CUDA only: a memory budget of G GiB for every stage row "
+                        "(gpu_memory_utilization = G GiB / the card's total memory), so "
+                        "each row's KV cache is what its weights leave of the same G GiB; "
+                        "not with --kv-cache-memory or a gpu_memory_utilization or "
+                        "kv_cache_memory setting")
     p.add_argument("--engine-arg", type=parse_engine_arg, action="append", default=[],
                    metavar="KEY=VALUE",
                    help="any other EngineConfig field, e.g. block_size=16 (repeatable); "
@@ -753,8 +780,33 @@ def _check_args(args: argparse.Namespace) -> None:
         if value is not None and args.workload != "chat":
             raise BenchError(f"{flag} applies to the chat workload only (multi-turn "
                              "conversations: --workload chat)")
+    if args.gpu_memory_gib is not None:
+        taken = (["--kv-cache-memory"] if args.kv_cache_memory is not None else []) + [
+            f"--engine-arg {key}" for key, _ in args.engine_arg if key in BUDGET_KEYS]
+        if taken:
+            raise BenchError(f"--gpu-memory-gib sets each row's gpu_memory_utilization from "
+                             f"the budget; leave out {' and '.join(taken)}")
     if args.publish:
         check_publishable()
+
+
+def check_budget_rows(gib: float | None, milestones: list["Milestone"]) -> None:
+    """BenchError for a row that sets its own memory while --gpu-memory-gib is given."""
+    if gib is None:
+        return
+    for m in milestones:
+        own = [key for key in m.overrides if key in BUDGET_KEYS]
+        if own:
+            raise BenchError(f"milestone {m.name!r} sets {', '.join(own)}, but "
+                             f"--gpu-memory-gib {gib:g} gives every row the same budget")
+
+
+def budget_utilization(gib: float, total_bytes: int) -> float:
+    """gpu_memory_utilization for a budget of `gib` GiB on a card of `total_bytes`."""
+    if gib * 2**30 > total_bytes:
+        raise BenchError(f"--gpu-memory-gib {gib:g}: the card has {total_bytes / 2**30:.1f} "
+                         "GiB in all")
+    return gib * 2**30 / total_bytes
 
 
 def check_publishable() -> None:
@@ -780,7 +832,8 @@ def out_dir_of(args: argparse.Namespace) -> Path:
 
 
 def measure_roofline(scratch: Path, device: str, dtype: str, mc, wl, max_batch_size):
-    """The GPU's name and the workload's roofline (bench/roofline.py)."""
+    """The GPU's name, the workload's roofline (bench/roofline.py) and the card's total
+    memory in bytes."""
     import torch
     from bench.roofline import model_cost, simulate
 
@@ -798,7 +851,7 @@ def measure_roofline(scratch: Path, device: str, dtype: str, mc, wl, max_batch_s
     return machine["gpu"], {"bandwidth_gbps": machine["bandwidth_gbps"],
                             "matmul_tflops": machine["matmul_tflops"],
                             "time_s": sim["time_s"], "bytes": sim["bytes"],
-                            "flops": sim["flops"]}
+                            "flops": sim["flops"]}, machine.get("total_memory_bytes")
 
 
 def build_row(milestone: Milestone, runs: list[tuple[dict, float]]) -> dict:
@@ -829,17 +882,33 @@ def build_row(milestone: Milestone, runs: list[tuple[dict, float]]) -> dict:
     return row
 
 
+class RowsRun(NamedTuple):
+    """What run_rows gives back: the rows, the GPU (name, total bytes), the roofline and
+    the engine settings the stage rows ran with (--gpu-memory-gib's utilization in)."""
+    rows: list[dict]
+    gpu: str | None
+    gpu_memory_bytes: int | None
+    roofline: dict | None
+    engine: dict
+
+
 def run_rows(args, milestones, wl, engine: dict, device: str, dtype: str, mc, model_path,
-             loader_pkg: str) -> tuple[list[dict], str | None, dict | None]:
-    """Every row, --repeat times, rounds interleaved; also the GPU name and roofline."""
+             loader_pkg: str) -> RowsRun:
+    """Every row, --repeat times, rounds interleaved; also the GPU and the roofline."""
     runs: dict[str, list[tuple[dict, float]]] = {m.name: [] for m in milestones}
-    gpu, roofline = None, None
+    gpu, roofline, card_bytes = None, None, None
     total = len(milestones) * args.repeat
     with tempfile.TemporaryDirectory(prefix="folovllm-bench-") as tmp:
         scratch = Path(tmp)
         if device == "cuda":
-            gpu, roofline = measure_roofline(scratch, device, dtype, mc, wl,
-                                             args.max_batch_size)
+            gpu, roofline, card_bytes = measure_roofline(scratch, device, dtype, mc, wl,
+                                                         args.max_batch_size)
+        if args.gpu_memory_gib is not None:
+            engine = dict(engine, gpu_memory_utilization=budget_utilization(
+                args.gpu_memory_gib, card_bytes))
+            _say(f"bench: a budget of {args.gpu_memory_gib:g} GiB of "
+                 f"{card_bytes / 2**30:.1f} GiB: gpu_memory_utilization "
+                 f"{engine['gpu_memory_utilization']:.4f} for every stage row")
         hf_path = str(model_path) if model_path is not None else None
         for index in range(total):
             milestone = milestones[index % len(milestones)]
@@ -867,12 +936,14 @@ def run_rows(args, milestones, wl, engine: dict, device: str, dtype: str, mc, mo
                 _say(f"error: row {name} failed: {result['error']}")
             else:
                 gpu = gpu or result.get("gpu")
-    return [build_row(m, runs[m.name]) for m in milestones], gpu, roofline
+    return RowsRun([build_row(m, runs[m.name]) for m in milestones], gpu, card_bytes,
+                   roofline, engine)
 
 
 def _run(args: argparse.Namespace, argv: list[str]) -> int:
     _check_args(args)
     milestones = resolve_milestones(args.milestones)
+    check_budget_rows(args.gpu_memory_gib, milestones)
     model = args.model
     if not (model == "default" or model.startswith("dummy:")):
         model = str(Path(model).expanduser().resolve())  # workers run from the repo root
@@ -885,6 +956,9 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     elif device == "cuda" and not torch.cuda.is_available():
         raise BenchError("--device cuda was asked for, but torch sees no GPU")
+    if args.gpu_memory_gib is not None and device != "cuda":
+        raise BenchError("--gpu-memory-gib is a budget of the GPU's memory (CUDA only); on "
+                         "the CPU give the KV cache its bytes with --kv-cache-memory")
     dtype = args.dtype if args.dtype != "auto" else (
         "bfloat16" if device == "cuda" else "float32")
     stage_pkgs = [m.package for m in milestones if m.package is not None]
@@ -928,8 +1002,8 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
                                earlier, alone):
         _say(f"bench: {line}" if not line.startswith("WARNING") else line)
 
-    rows, gpu, roofline = run_rows(args, milestones, wl, engine, device, dtype, mc,
-                                   model_path, loader_pkg)
+    done = run_rows(args, milestones, wl, engine, device, dtype, mc, model_path, loader_pkg)
+    rows, gpu, roofline, engine = done.rows, done.gpu, done.roofline, done.engine
     first = rows[0]["summary"]["output_tokens_per_s"]
     for row in rows:
         s = row["summary"]
@@ -944,7 +1018,8 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
         "workload": args.workload, "model": args.model, "device": device,
         "date": start.strftime("%Y-%m-%dT%H:%M:%SZ"),
         "machine": {"gpu": gpu, "cpu": cpu_name(), "cpu_count": os.cpu_count(),
-                    "hostname": socket.gethostname()},
+                    "hostname": socket.gethostname(),
+                    "gpu_memory_bytes": done.gpu_memory_bytes},
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "transformers": _version("transformers"), "triton": _version("triton"),
                      "numpy": _version("numpy")},
@@ -953,6 +1028,7 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
                    "request_rate": wl.request_rate,
                    "prefix_len": wl.prefix_len or None, **chat_config(wl),
                    "threads": args.threads, "repeat": args.repeat,
+                   "gpu_memory_gib": args.gpu_memory_gib,
                    "engine": {k: v for k, v in engine.items() if k not in ("model", "device")}},
         "roofline": roofline,
         "rows": rows,

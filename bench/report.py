@@ -15,7 +15,10 @@ When a row has a prefix cache (M6), a small table follows: per row, the prompt t
 looked up in the cache, those found there and the hit rate ("-" for a row without a
 prefix cache; older files have none: no table). Another small table gives the
 inter-token latency (ITL: mean, p50, p99, max and the number of gaps), when the file has
-it (older files do not: no ITL table).
+it (older files do not: no ITL table). A run under a memory budget (`--gpu-memory-gib`)
+adds a KV table: per row, its weights, the KV cache it got (MiB and tokens), how many of
+the workload's longest sequences that holds, the most sequences it ran at once and its
+preemptions.
 Below the tables, `why_lines` says for each row how many sequences it ran at once and
 why, from the run's own facts (the KV-cache stats, the stage registry in
 bench/stages.py), so a new stage gets a line with no change here. Everything else (means,
@@ -304,6 +307,48 @@ def weights_table_rows(results: dict) -> tuple[list[str], list[list[str]]]:
     return headers, rows
 
 
+def has_memory_budget(results: dict) -> bool:
+    """Whether the rows ran under one memory budget (compare.py --gpu-memory-gib)."""
+    return bool((results.get("config") or {}).get("gpu_memory_gib"))
+
+
+def _longest_sequence(row: dict) -> int | None:
+    """The longest prompt + output of a row's requests (None without samples)."""
+    lens = [s["prompt_len"] + s["output_len"] for s in row.get("samples") or []
+            if s.get("prompt_len") is not None and s.get("output_len") is not None]
+    return max(lens) if lens else None
+
+
+def kv_table_rows(results: dict) -> tuple[list[str], list[list[str]]]:
+    """Header and one row per milestone: its weights and the KV cache the budget left it
+    (MiB, tokens, and how many sequences of the workload's longest length fit), the most
+    sequences it ran at once and its preemptions."""
+    headers = ["milestone", "weights MiB", "KV MiB", "KV tokens", "longest fit",
+               "max at once", "preemptions"]
+    rows = []
+    mib = (lambda b: "-" if b is None else f"{b / 2**20:.0f}")
+    for row in results["rows"]:
+        s = row.get("summary") or {}
+        kv, weights = s.get("kv_cache") or {}, s.get("weights") or {}
+        tokens, longest = kv.get("capacity_token_slots"), _longest_sequence(row)
+        rows.append([row["milestone"], mib(weights.get("total")),
+                     mib(kv.get("kv_cache_bytes")), "-" if tokens is None else str(tokens),
+                     str(tokens // longest) if tokens is not None and longest else "-",
+                     at_once_text(at_once(results, row)).split()[0],
+                     str(kv["num_preemptions"]) if "num_preemptions" in kv else "-"])
+    return headers, rows
+
+
+def budget_kv_text(results: dict) -> str:
+    """The line over the KV table: what its columns mean under this file's budget."""
+    gib = (results.get("config") or {}).get("gpu_memory_gib")
+    return (f"KV cache under a memory budget of {gib:g} GiB per row: what each row's "
+            "weights, activations and CUDA graphs left for its KV cache, in MiB and in "
+            "tokens; how many sequences of the workload's longest length (prompt + "
+            "output) those tokens hold; the most sequences the row ran at once; and how "
+            "often it preempted one because the cache was full.")
+
+
 WEIGHTS_TEXT = ("Weights: the whole model's bytes on the device (tied tensors once), and "
                 "for GPTQ rows the quantized linear layers (packed codes, zeros, scales, "
                 "g_idx) against the same layers unquantized.")
@@ -331,8 +376,10 @@ def caption(results: dict) -> str:
     what = f"{n} prompts"
     if cfg.get("turns"):
         what = f"{cfg.get('conversations')} conversations x {cfg['turns']} turns ({n} requests)"
+    budget = (f"; a memory budget of {cfg['gpu_memory_gib']:g} GiB per row"
+              if has_memory_budget(results) else "")
     return (f"`{results.get('workload')}` workload, {what}, model "
-            f"`{results.get('model')}` on {where}, {date}{median}")
+            f"`{results.get('model')}` on {where}, {date}{median}{budget}")
 
 
 def roofline_text(results: dict) -> str | None:
@@ -484,6 +531,8 @@ def markdown_table(results: dict) -> str:
         lines += ["", ITL_TEXT, "", *_markdown_rows(*itl_table_rows(results))]
     if has_quantized_weights(results):
         lines += ["", WEIGHTS_TEXT, "", *_markdown_rows(*weights_table_rows(results))]
+    if has_memory_budget(results):
+        lines += ["", budget_kv_text(results), "", *_markdown_rows(*kv_table_rows(results))]
     header, *per_row = why_lines(results)
     lines += ["", header, ""]
     for row, why in zip(results["rows"], per_row):
@@ -526,6 +575,8 @@ def plain_table(results: dict) -> str:
         out += [""] + _wrap(ITL_TEXT) + _plain_rows(*itl_table_rows(results))
     if has_quantized_weights(results):
         out += [""] + _wrap(WEIGHTS_TEXT) + _plain_rows(*weights_table_rows(results))
+    if has_memory_budget(results):
+        out += [""] + _wrap(budget_kv_text(results)) + _plain_rows(*kv_table_rows(results))
     out.append("")
     for text in why_lines(results):
         out += _wrap(text, "    ")

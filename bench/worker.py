@@ -14,7 +14,8 @@ keeps one row's memory and warm caches from leaking into the next.
   `engine.add_request` / `step` / `has_unfinished_requests` itself, adding each request at
   its arrival time;
 - the `hf` row runs transformers `generate` on the same weights, in left-padded batches;
-- the `roofline` job measures the GPU's copy bandwidth and matmul rate.
+- the `roofline` job measures the GPU's copy bandwidth and matmul rate, and reads its
+  total memory (for compare.py's --gpu-memory-gib).
 
 The `chat` workload's later turns are built here: when a turn finishes, the next turn of
 its conversation is sent (after its delay in `arrival_times`, 0), its prompt the finished
@@ -445,6 +446,7 @@ def run_roofline(spec: dict) -> dict:
     device = torch.device(spec["device"])
     result = measure(spec["device"])
     result["gpu"] = _gpu_name(device)
+    result["total_memory_bytes"] = torch.cuda.mem_get_info(device)[1]  # --gpu-memory-gib
     return result
 
 

@@ -1197,3 +1197,80 @@ def test_a_latency_run_reports_one_sequence_at_once_after_a_wide_warm_up(monkeyp
     assert result["kv_cache"]["max_concurrent_seqs"] == 1
     assert result["kv_cache"]["used_token_slots_peak"] <= 8 + 3
     assert result["kv_cache"].get("num_preemptions", 0) == 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--device", "cpu"], "--gpu-memory-gib is a budget of the GPU's memory (CUDA only)"),
+    (["--kv-cache-memory", "1GiB"], "leave out --kv-cache-memory"),
+    (["--engine-arg", "gpu_memory_utilization=0.5"],
+     "leave out --engine-arg gpu_memory_utilization"),
+    (["--milestones", "m7,m7:kv_cache_memory=1000000"],
+     "'m7:kv_cache_memory=1000000' sets kv_cache_memory, but --gpu-memory-gib 24"),
+])
+def test_a_memory_budget_is_for_cuda_and_sets_the_memory_alone(args, message):
+    argv = ["--milestones", "m7", "--model", "dummy:tiny-llama", "--gpu-memory-gib", "24",
+            *args]
+    with pytest.raises(compare.BenchError, match=re.escape(message)):
+        compare._run(compare.build_parser().parse_args(argv), argv)
+
+
+def test_a_memory_budget_is_a_share_of_the_card():
+    assert compare.budget_utilization(24, 80 * 2**30) == pytest.approx(0.3)
+    with pytest.raises(compare.BenchError, match="the card has 16.0 GiB in all"):
+        compare.budget_utilization(24, 16 * 2**30)
+    for bad in ("0", "-1", "nan", "lots"):
+        with pytest.raises(compare.argparse.ArgumentTypeError):
+            compare.parse_gib(bad)
+    assert compare.build_parser().parse_args(
+        ["--milestones", "m7", "--gpu-memory-gib", "7.5"]).gpu_memory_gib == 7.5
+
+
+def test_a_memory_budget_reaches_every_stage_row_and_the_kv_table(tmp_path, monkeypatch):
+    """On a (faked) 80 GiB card, --gpu-memory-gib 24 gives each stage row
+    gpu_memory_utilization 0.3; the file records the budget and the card; the summary
+    shows each row's KV tokens, how many longest sequences fit and the most at once."""
+    import torch
+
+    specs = []
+
+    def fake_worker(spec, scratch, label):
+        specs.append(spec)
+        quant = spec["overrides"].get("quantization") == "gptq"
+        tokens = 4096 if quant else 1024
+        return {"samples": [_sample(100, 28), _sample(60, 20)], "total_time_s": 1.0,
+                "peak_memory_mib": 1.0, "max_concurrent_seqs": 2 if quant else 1,
+                "note": "", "gpu": "Fake GPU",
+                "weights": {"total": (1 if quant else 4) * 2**30},
+                "kv_cache": {"kind": "paged", "block_size": 16, "num_preemptions": 0,
+                             "capacity_token_slots": tokens,
+                             "kv_cache_bytes": tokens * 2**18}}
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(compare, "measure_roofline", lambda *a: (
+        "Fake GPU", {"bandwidth_gbps": 1.0, "matmul_tflops": 1.0, "time_s": 0.1,
+                     "bytes": 1, "flops": 1}, 80 * 2**30))
+    monkeypatch.setattr(compare, "run_worker", fake_worker)
+    argv = ["--milestones", "m7,m7:quantization=gptq", "--model", "dummy:tiny-llama",
+            "--device", "cuda", "--gpu-memory-gib", "24", "--num-prompts", "2",
+            "--out-dir", str(tmp_path), "--no-plot", "--no-progress"]
+    assert compare._run(compare.build_parser().parse_args(argv), argv) == 0
+    assert [s["engine"]["gpu_memory_utilization"] for s in specs] == [pytest.approx(0.3)] * 2
+    results = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert results["config"]["gpu_memory_gib"] == 24
+    assert results["config"]["engine"]["gpu_memory_utilization"] == pytest.approx(0.3)
+    assert results["machine"]["gpu_memory_bytes"] == 80 * 2**30
+    assert "a memory budget of 24 GiB per row" in report.caption(results)
+    headers, rows = report.kv_table_rows(results)
+    assert headers == ["milestone", "weights MiB", "KV MiB", "KV tokens", "longest fit",
+                       "max at once", "preemptions"]
+    assert rows == [["m7", "4096", "256", "1024", "8", "1", "0"],  # 1024 // (100 + 28)
+                    ["m7:quantization=gptq", "1024", "1024", "4096", "32", "2", "0"]]
+    plain = report.plain_table(results)
+    assert "KV cache under a memory budget of 24 GiB per row" in plain
+    assert re.search(r"^m7:quantization=gptq +1024 +1024 +4096 +32 +2 +0$", plain, re.M)
+    assert "KV tokens" not in report.plain_table(dict(results, config={}))  # no budget
+
+
+def _sample(prompt_len: int, output_len: int) -> dict:
+    return {"prompt_len": prompt_len, "output_len": output_len, "ttft_s": 0.01,
+            "tpot_s": 0.001, "e2e_s": 0.05}
