@@ -1,13 +1,15 @@
-"""`python -m serve.load`: drive a running server with Poisson arrivals, over HTTP.
+"""`python -m serve.load`: drive a running server over HTTP as the bench drives an engine.
 
-The requests are the bench's `online` workload (`bench/workloads.py`: random token-id
-prompts from a seed, greedy, `ignore_eos`, each its own output length), sent at their
-arrival times, each streamed on a connection of its own. For each request it records
-the time to the first streamed token (TTFT), the gaps between later ones (ITL) and the
-end-to-end latency, and it reports their percentiles with the request and token
-throughput, the way the bench does. `--out FILE.json` keeps the samples.
+The requests are the bench's workloads (`bench/workloads.py`: random token-id prompts
+from a seed, greedy, `ignore_eos`): `online` (Poisson arrivals at `--request-rate`), or
+with `--request-rate inf` `throughput` (all at once: the prompts of `bench/compare.py
+--workload throughput` with the same seed, counts and lengths). `--max-concurrency N`
+keeps at most N in flight (N = 1: one at a time, like the `latency` workload). Each
+request streams on its own connection; the report gives TTFT, ITL and end-to-end
+percentiles and the request and token throughput; `--out FILE.json` keeps the samples.
 
     python -m serve.load --url http://127.0.0.1:8000 --num-prompts 64 --request-rate 4
+    python -m serve.load --num-prompts 256 --request-rate inf   # 256 concurrent streams
 
 Introduced after M7 (issue 25).
 """
@@ -17,12 +19,14 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import math
 import statistics
 import sys
 import threading
 import time
 from urllib.parse import urlparse
 
+from bench.compare import parse_length
 from bench.workloads import build_workload
 
 
@@ -77,18 +81,29 @@ def stream_one(url: str, model: str, prompt: list[int], max_tokens: int) -> dict
                 e2e_s=time.perf_counter() - start)
 
 
-def run(url: str, model: str, workload) -> tuple[list[dict], float]:
-    """Send every request at its arrival time; (their results, the wall time)."""
+def run(url: str, model: str, workload,
+        max_concurrency: int | None = None) -> tuple[list[dict], float]:
+    """Send every request at its arrival time, or once fewer than `max_concurrency` are in
+    flight if that is later; (their results, each with `sent_s`, the wall time)."""
     results: list[dict | None] = [None] * len(workload.prompts)
+    slots = threading.Semaphore(max_concurrency) if max_concurrency else None
 
     def send(i: int) -> None:
-        results[i] = stream_one(url, model, workload.prompts[i], workload.output_lens[i])
+        sent = time.perf_counter() - start  # when it went out, after the run's start
+        try:
+            results[i] = dict(stream_one(url, model, workload.prompts[i],
+                                         workload.output_lens[i]), sent_s=sent)
+        finally:
+            if slots is not None:
+                slots.release()
 
     threads, start = [], time.perf_counter()
     for i, arrival in enumerate(workload.arrival_times):
         delay = start + arrival - time.perf_counter()
         if delay > 0:
             time.sleep(delay)
+        if slots is not None:
+            slots.acquire()  # a request in flight must end first
         thread = threading.Thread(target=send, args=(i,), daemon=True)
         thread.start()
         threads.append(thread)
@@ -139,32 +154,55 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m serve.load", description=__doc__.split("\n")[0])
     p.add_argument("--url", default="http://127.0.0.1:8000", help="the server")
     p.add_argument("--num-prompts", type=int, default=64)
-    p.add_argument("--request-rate", type=float, default=4.0, help="requests per second")
-    p.add_argument("--input-len", type=int, default=128, help="prompt tokens")
-    p.add_argument("--output-len", type=int, default=128, help="tokens to generate")
+    p.add_argument("--request-rate", type=float, default=4.0,
+                   help="requests per second (Poisson arrivals); inf: all at once")
+    p.add_argument("--max-concurrency", type=int, default=None, metavar="N",
+                   help="at most N requests in flight; the next one waits for one to end "
+                        "(default: no limit)")
+    p.add_argument("--input-len", type=parse_length, default=128, metavar="N|LO:HI",
+                   help="prompt tokens, fixed or uniform in [LO, HI]")
+    p.add_argument("--output-len", type=parse_length, default=128, metavar="N|LO:HI",
+                   help="tokens to generate, fixed or uniform in [LO, HI]")
     p.add_argument("--seed", type=int, default=0, help="the workload's seed")
     p.add_argument("--out", default=None, help="write the summary and samples as JSON")
     return p.parse_args(argv)
 
 
+def _high(length: int | tuple[int, int]) -> int:
+    return length if isinstance(length, int) else length[1]
+
+
+def build_requests(args: argparse.Namespace, vocab_size: int):
+    """The workload: `online` at a finite rate, else `throughput` (all at t=0), whose
+    prompts and lengths are those of the bench's workloads of the same seed and sizes."""
+    if math.isinf(args.request_rate):
+        return build_workload("throughput", vocab_size, args.seed, args.num_prompts,
+                              args.input_len, args.output_len)
+    return build_workload("online", vocab_size, args.seed, args.num_prompts, args.input_len,
+                          args.output_len, args.request_rate)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.max_concurrency is not None and args.max_concurrency < 1:
+        raise SystemExit("error: --max-concurrency must be >= 1")
+    if not args.request_rate > 0:  # nan too
+        raise SystemExit("error: --request-rate must be > 0 (inf: all at once)")
     card = model_card(args.url)
-    if args.input_len + args.output_len > card["max_model_len"]:
+    if _high(args.input_len) + _high(args.output_len) > card["max_model_len"]:
         raise SystemExit(f"error: --input-len + --output-len exceed the server's "
                          f"max_model_len ({card['max_model_len']})")
     try:
-        workload = build_workload("online", card["vocab_size"], args.seed, args.num_prompts,
-                                  args.input_len, args.output_len, args.request_rate)
+        workload = build_requests(args, card["vocab_size"])
     except ValueError as exc:
         raise SystemExit(f"error: {exc}") from None
-    results, wall = run(args.url, card["id"], workload)
+    results, wall = run(args.url, card["id"], workload, args.max_concurrency)
     summary = summarize(results, wall)
     print(report(summary))
     if args.out:
         with open(args.out, "w") as f:
-            json.dump(dict(url=args.url, model=card["id"], args=vars(args),
-                           summary=summary, samples=results), f, indent=1)
+            json.dump(dict(url=args.url, model=card["id"], workload=workload.name,
+                           args=vars(args), summary=summary, samples=results), f, indent=1)
     return 0 if summary["completed"] == summary["requests"] else 1
 
 

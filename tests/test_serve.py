@@ -365,6 +365,36 @@ def test_the_load_generator_drives_the_server(server, tmp_path):
     assert server.idle()
 
 
+def test_the_load_generator_sends_all_at_once_or_a_few_at_a_time(server, tmp_path):
+    """`--request-rate inf` sends every request at once, with the prompts of the bench's
+    `throughput` workload; `--max-concurrency 1` sends the next only when one has ended."""
+    from bench.workloads import build_workload
+    from serve import load
+
+    url = f"http://127.0.0.1:{server.port}"
+    args = load.parse_args(["--num-prompts", "6", "--request-rate", "inf", "--input-len",
+                            "8:16", "--output-len", "4"])
+    wl = load.build_requests(args, 512)
+    assert wl.name == "throughput" and set(wl.arrival_times) == {0.0}
+    assert wl.prompts == build_workload("throughput", 512, 0, 6, (8, 16), 4).prompts
+    for limit, out in ((None, tmp_path / "burst.json"), (1, tmp_path / "one.json")):
+        extra = [] if limit is None else ["--max-concurrency", str(limit)]
+        assert load.main(["--url", url, "--num-prompts", "6", "--request-rate", "inf",
+                          "--input-len", "8:16", "--output-len", "8", "--out", str(out),
+                          *extra]) == 0
+        data = json.loads(out.read_text())
+        assert data["workload"] == "throughput" and data["summary"]["completed"] == 6
+        spans = sorted((s["sent_s"], s["sent_s"] + s["e2e_s"]) for s in data["samples"])
+        overlaps = sum(b[0] < a[1] for a, b in zip(spans, spans[1:]))
+        if limit is None:  # all sent before the first could end: every one overlaps
+            assert overlaps == 5 and spans[-1][0] < spans[0][1]
+        else:
+            assert overlaps == 0
+    assert server.idle()
+    with pytest.raises(SystemExit, match="--max-concurrency must be >= 1"):
+        load.main(["--url", url, "--max-concurrency", "0"])
+
+
 def test_sigterm_ends_the_server_cleanly_with_a_stream_in_flight(tmp_path):
     """`python -m serve` as a newcomer runs it: it says where it serves, and SIGTERM ends
     it (exit status 0) while a client is still reading a stream."""
