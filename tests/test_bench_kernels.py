@@ -1,6 +1,7 @@
-"""The kernel benchmark (bench/attention_kernels.py) and the step profiler (tools/profile_step.py)
-on the CPU: their smoke runs end to end in a subprocess, the JSON they write, the table
-printer, the goal summary, and the profiler-event bookkeeping on made-up events.
+"""The kernel benchmark (bench/attention_kernels.py), the step profiler (tools/profile_step.py)
+and the host-time tool (tools/host_step.py) on the CPU: their smoke runs end to end, the
+JSON they write, the table printer, the goal summary, and the profiler-event bookkeeping
+on made-up events.
 
 Introduced with M4. The real numbers come from a GPU; these check that the scripts work.
 """
@@ -24,15 +25,15 @@ from bench.provenance import format_table  # noqa: E402
 PROVENANCE_KEYS = {"command", "git_commit", "git_dirty", "date", "machine", "versions"}
 
 
-def _load_profile_step():
-    spec = importlib.util.spec_from_file_location("profile_step",
-                                                  REPO / "tools" / "profile_step.py")
+def _load_tool(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-profile_step = _load_profile_step()
+profile_step = _load_tool("profile_step")
+host_step = _load_tool("host_step")
 
 
 def _run(script: str, *args: str, timeout: int = 120) -> subprocess.CompletedProcess:
@@ -225,3 +226,32 @@ def test_split_steps_counts_kernels_and_blocked_time():
     assert (second["kernels"], second["kernel_ns"], second["blocked_ns"]) == (1, 200, 500)
     assert second["graph_launches"] == 1 and first["graph_launches"] == 0
     assert parsed["by_name"] == {"gemm": [500, 2], "triton_attn": [100, 1]}
+
+
+def test_host_step_times_the_host_with_the_model_left_out(monkeypatch, capsys):
+    """The stand-in replaces every forward pass (prefills too), the steps still sample
+    and apply tokens, and the host's time is part of the step's."""
+    built = []
+
+    def never_forward(*args):
+        raise AssertionError("the model's forward pass ran")
+
+    def build(*args):
+        engine = real_build(*args)
+        engine.model_runner.model.register_forward_pre_hook(never_forward)
+        built.append(engine)
+        return engine
+
+    real_build = host_step.build_engine
+    monkeypatch.setattr(host_step, "build_engine", build)
+    args = host_step.parse_args(["--stages", "m4", "--batch", "3", "--steps", "2",
+                                 "--repeats", "1", "--prompt-len", "8"])
+    result = host_step.one_run("m4_flash_attn", args)
+    assert 0 < result["host_ms"] <= result["step_ms"]
+    (engine,) = built
+    # prefill's token, three warm-up steps' and the two timed ones: six tokens each
+    assert [s.num_output_tokens for s in engine.sequences.values()] == [6, 6, 6]
+    for bad in (["--stages", "m3"], ["--batch", "0"], ["--stages", "m9"]):
+        with pytest.raises(SystemExit):
+            host_step.parse_args(bad)
+    assert "m3" in capsys.readouterr().err
