@@ -6,14 +6,17 @@ multiples of the tiles), 4 and 8 bits, groups of 32 and 64 rows and one group pe
 column, each through the four paths (gemv for one row: K split, the last program of a
 column tile adding the splits, or a second kernel; decode: tensor-core tiles with K
 split and summed by a second kernel; prefill: one program per output tile; dequant: the
-weight written out, then a dense matmul) and both ways of unpacking the words. The reference itself is checked against the checkpoint format's own
-dequantization (`gptq.rtn_layer` + `dequantize`), and `GPTQLinear` through the kernel
-against its CPU path (act-order too). The benchmark tool (tools/bench_gptq_kernels.py)
-runs end to end on small shapes (--interpret-smoke), and its tables on made-up timings.
+weight written out, then a dense matmul) and both ways of unpacking the words; zero
+points of format v1 and v2. The kernels' conversion (a code ORed into the bits of the
+fp32 2^23, minus 2^23 + z) is checked exactly for every code against every zero. The
+reference itself is checked against the checkpoint format's own dequantization
+(`gptq.rtn_layer` + `dequantize`), and `GPTQLinear` through the kernel against its CPU
+path (act-order too), after `.to()` casts and a state_dict round trip. The benchmark tool (tools/bench_gptq_kernels.py) runs end to end on small shapes
+(--interpret-smoke), and its tables on made-up timings.
 
 The `gpu` tests (skipped without CUDA) run the compiled kernels in bf16 at the linear
-shapes of qwen2.5-0.5b, through every path, and replayed from a CUDA graph:
-`python3 -m pytest -q -m gpu tests/test_gptq_kernels.py`.
+shapes of qwen2.5-0.5b, through every path, and replayed from a CUDA graph, and at
+llama-3.1-8b's: `python3 -m pytest -q -m gpu tests/test_gptq_kernels.py`.
 """
 
 import importlib
@@ -132,25 +135,60 @@ def test_kernel_matches_the_reference(stage, path, m, k, n, bits, group_size):
 
 
 @pytest.mark.parametrize("stage", STAGES)
-@pytest.mark.parametrize("path", ["gemv", "decode", "prefill", "dequant"])
-def test_v2_zero_points_are_read_as_stored(stage, path):
-    """zero_offset=0 (format gptq_v2): the stored zero points are z itself, 0 included
-    (which v1 cannot store); every path agrees with the reference and with W written out."""
+@pytest.mark.parametrize("path, bits", [("gemv", 8), ("decode", 8), ("prefill", 4),
+                                        ("dequant", 4)])
+def test_v2_zero_points_are_read_as_stored(stage, path, bits):
+    """zero_offset=0 (format gptq_v2): the stored zero points are z itself, 0 (which v1
+    cannot store) and 2^bits - 1 included; every path agrees with the reference and
+    with W written out, with a bias; gemv and decode with K not split (fill 0: the cases
+    above split)."""
     ops, gptq = _modules(stage)
     m = 1 if path == "gemv" else 3
-    k, n, bits, group_size = 128, 64, 4, 32
+    k, n, group_size = 128, 64, 32
     x, qweight, scales, _, (codes, _) = _random_layer(gptq, k, n, bits, group_size, m=m,
-                                                      seed=7)
+                                                      seed=7 + bits)
     zeros = torch.randint(0, 2 ** bits, (k // group_size, n),
                           generator=torch.Generator().manual_seed(8))
     zeros[0, :8] = 0  # a group with no negative weights
+    zeros[1, :8] = 2 ** bits - 1  # and one with no positive weights
     qzeros = gptq.pack(zeros, bits, dim=1).to(qweight.device)
-    want = x.cpu() @ _dense_weight((codes, zeros.float()), scales, group_size)
+    bias = 0.1 * x[0, :n]
+    want = x.cpu() @ _dense_weight((codes, zeros.float()), scales, group_size) + bias.cpu()
     _assert_close_fp32(ops.gptq_matmul_ref(x, qweight, scales, qzeros, group_size, bits,
-                                           zero_offset=0), want)
-    got = ops.gptq_matmul(x, qweight, scales, qzeros, group_size, bits, zero_offset=0,
-                          **CONFIGS[path])
+                                           bias, zero_offset=0), want)
+    config = dict(CONFIGS[path], **({"fill": 0} if "fill" in CONFIGS[path] else {}))
+    assert ops.launch_plan(m, n, k, group_size, ops.num_sms(x.device), bits,
+                           **config)["splits"] == 1
+    got = ops.gptq_matmul(x, qweight, scales, qzeros, group_size, bits, bias, zero_offset=0,
+                          **config)
     _assert_close_fp32(got, want)
+
+
+@pytest.mark.parametrize("stage", STAGES)
+@pytest.mark.parametrize("bits", [4, 8])
+def test_every_code_minus_every_zero_is_exact(stage, bits):
+    """The kernels turn a code q into the fp32 2^23 + q (q ORed into the bits of 2^23) and
+    subtract 2^23 + z made the same way from the stored zero plus the format's offset:
+    q - z, exactly. One group of 2^bits rows (every code) by 2^bits columns (every
+    storable zero), v1 (z = stored + 1) and v2, written out by the dequant kernel with
+    scales of 1 and with random ones: equal to the torch dequantization, bit for bit."""
+    ops, gptq = _modules(stage)
+    top = 2 ** bits
+    codes = torch.arange(top)[:, None].expand(top, top)  # row k holds code k
+    stored = torch.arange(top).flip(0)[None, :]  # column j stores top - 1 - j
+    qweight = gptq.pack(codes, bits, dim=0).to(DEVICE)
+    qzeros = gptq.pack(stored, bits, dim=1).to(DEVICE)
+    g_idx = torch.zeros(top, dtype=torch.int32, device=DEVICE)
+    for scales in (torch.ones(1, top), torch.rand(1, top, generator=torch.Generator()
+                                                  .manual_seed(bits))):
+        scales = scales.to(DEVICE)
+        for offset in (1, 0):
+            got = ops.dequantize_weight(qweight, scales, qzeros, top, bits,
+                                        zero_offset=offset)
+            want = gptq.dequantize(qweight, qzeros, scales, g_idx, bits, offset)
+            assert torch.equal(got, want)
+            if bool((scales == 1).all()):
+                assert torch.equal(got.cpu(), (codes - stored - offset).float())
 
 
 @pytest.mark.parametrize("stage", STAGES)
@@ -254,11 +292,26 @@ def _act_order_checkpoint(gptq, weight, config, seed=0):
     return ckpt
 
 
+def _filled_layer(gptq, ckpt, config, bias, k, n):
+    layer = gptq.GPTQLinear(k, n, bias=True, config=config, dtype=torch.float32)
+    for name in ("qweight", "qzeros", "g_idx"):
+        getattr(layer, name).data = ckpt[name].clone()
+    layer.scales.data = ckpt["scales"].float()
+    layer.bias.data = bias.clone()
+    return layer
+
+
 @pytest.mark.parametrize("stage", STAGES)
 @pytest.mark.parametrize("desc_act", [False, True])
-def test_gptq_linear_through_the_kernel_matches_its_cpu_path(stage, desc_act):
-    """GPTQLinear.forward with the dequantized weight (the CPU path) and through
-    gptq_matmul (the CUDA path, here under the interpreter): the same numbers."""
+def test_gptq_linear_kernel_path_after_to_and_a_state_dict_round_trip(stage, desc_act):
+    """GPTQLinear's CPU path (the dequantized weight) and its kernel path (on the GPU, or
+    here under the interpreter; one row: gemv, four: decode) both equal x @ the
+    checkpoint's dequantized weight + bias, act-order too. So does the kernel path after
+    `.half().float()` (the packed tensors are int32: not cast), and in a new layer that
+    loads the layer's state_dict, which holds the
+    checkpoint's tensors as they were loaded (act-order rows back in the checkpoint's
+    order). load_state_dict drops what prepare() made of the old tensors: a forward
+    before the next prepare() fails."""
     _, gptq = _modules(stage)
     config = gptq.GPTQConfig(bits=4, group_size=32, desc_act=desc_act)
     k, n = 128, 64
@@ -266,23 +319,45 @@ def test_gptq_linear_through_the_kernel_matches_its_cpu_path(stage, desc_act):
     weight = 0.05 * torch.randn(n, k, generator=g)
     ckpt = (_act_order_checkpoint(gptq, weight, config) if desc_act
             else gptq.rtn_layer(weight, config))
-    layer = gptq.GPTQLinear(k, n, bias=True, config=config, dtype=torch.float32)
-    for name in ("qweight", "qzeros", "g_idx"):
-        getattr(layer, name).data = ckpt[name]
-    layer.scales.data = ckpt["scales"].float()
-    layer.bias.data = 0.1 * torch.randn(n, generator=g)
+    bias = (0.1 * torch.randn(n, generator=g)).half().float()  # exact in fp16, as scales
+    x = torch.randn(2, 2, k, generator=g)  # 4 rows
+    want = x @ gptq.dequantize(ckpt["qweight"], ckpt["qzeros"], ckpt["scales"].float(),
+                               ckpt["g_idx"], 4) + bias
+    layer = _filled_layer(gptq, ckpt, config, bias, k, n)
     layer.prepare()
     assert (layer.input_perm is not None) == desc_act
-    x = torch.randn(2, 3, k, generator=g)
     cpu_path = layer(x)
-    rel = ((cpu_path - (x @ weight.t() + layer.bias)).norm() / cpu_path.norm()).item()
+    _assert_close_fp32(cpu_path, want)
+    rel = ((cpu_path - (x @ weight.t() + bias)).norm() / cpu_path.norm()).item()
     assert rel < 0.2, rel  # quantization error, not garbage
-    layer.weight = None  # now forward calls the kernel (on the GPU, where the layer goes)
-    layer.to(DEVICE)
-    if layer.input_perm is not None:
-        layer.input_perm = layer.input_perm.to(DEVICE)
-    kernel_path = layer(x.to(DEVICE))
-    _assert_close_fp32(kernel_path, cpu_path)
+
+    def kernel_path(layer, *inputs):
+        layer.weight = None  # forward now calls the kernel (on the GPU, where it goes)
+        layer.to(DEVICE)
+        for rows, expected in inputs:
+            _assert_close_fp32(layer(rows.to(DEVICE)), expected)
+
+    one_row = (x[0, :1], want[0, :1])
+    kernel_path(layer, one_row, (x, want))
+    zeros = layer.qzeros.clone()
+    layer.half()
+    assert layer.scales.dtype == torch.float16 and torch.equal(layer.qzeros, zeros)
+    kernel_path(layer.float(), (x, want))
+    state = layer.state_dict()
+    assert set(state) == {"qweight", "qzeros", "scales", "g_idx", "bias"}
+    for name in ("qweight", "qzeros", "g_idx"):
+        assert torch.equal(state[name].cpu(), ckpt[name])
+    empty = {name: torch.zeros_like(t) for name, t in ckpt.items()}
+    again = _filled_layer(gptq, empty, config, torch.zeros(n), k, n)
+    again.load_state_dict(state)
+    again.prepare()
+    kernel_path(again, one_row)
+    layer.load_state_dict(state)
+    assert not layer.prepared and layer.input_perm is None
+    with pytest.raises(RuntimeError, match="call prepare"):
+        layer(x.to(DEVICE))
+    layer.prepare()
+    kernel_path(layer, (x, want))
 
 
 @pytest.mark.parametrize("stage", STAGES)
@@ -316,6 +391,9 @@ def test_bad_inputs_are_refused(stage):
             call(*args)
     no_rows = torch.zeros(0, 128, dtype=x.dtype, device=x.device)
     assert call(no_rows, *ok[1:]).shape == (0, 32)
+    for bias in (torch.zeros(31).to(x), torch.zeros(32, dtype=torch.float64)):
+        with pytest.raises(ValueError, match="^gptq_matmul: bias"):
+            call(*ok, bias)
 
 
 # -- the benchmark tool, on made-up numbers -------------------------------------------
@@ -336,9 +414,12 @@ def _run_bench_tool(*args: str) -> subprocess.CompletedProcess:
 def test_bench_tool_help_and_refusal(tmp_path):
     proc = _run_bench_tool("--help")
     assert proc.returncode == 0, proc.stderr
-    for word in ("--out", "--sweep", "--stage", "--interpret-smoke"):
+    for word in ("--out", "--sweep", "--stage", "--interpret-smoke", "--shapes",
+                 "llama-3.1-8b"):
         assert word in proc.stdout
     assert _run_bench_tool("--rows", "0,x").returncode == 2
+    proc = _run_bench_tool("--shapes", "qwen2.5-0.5b,llama-9b", "--interpret-smoke")
+    assert proc.returncode == 2 and "--shapes: choose from" in proc.stderr
     if not torch.cuda.is_available():
         out = tmp_path / "g.json"
         proc = _run_bench_tool("--out", str(out))
@@ -347,19 +428,25 @@ def test_bench_tool_help_and_refusal(tmp_path):
 
 
 def test_bench_tool_interpret_smoke_writes_the_json(tmp_path):
-    """The whole tool on small shapes under the interpreter: checks, (meaningless)
-    timings, sweep, tables, JSON with its provenance."""
+    """The whole tool on small shapes under the interpreter, both models' shape sets:
+    checks, (meaningless) timings, sweep, tables, JSON with its provenance."""
     out = tmp_path / "g.json"
     proc = _run_bench_tool("--interpret-smoke", "--sweep", "--out", str(out))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "meaningless" in proc.stdout and "| layer (7 linears)" in proc.stdout
+    assert "| layer (4 linears)" in proc.stdout and "| llama-3.1-8b | 1 |" in proc.stdout
     data = json.loads(out.read_text())
     assert data["git_commit"] == "abc123" and data["git_dirty"] is False
     assert "--interpret-smoke" in data["command"] and data["timings_meaningful"] is False
+    assert list(data["shape_sets"]) == ["qwen2.5-0.5b", "llama-3.1-8b"]
     shapes = [r for r in data["rows"] if r["kind"] == "shape"]
     assert {r["plan"]["path"] for r in shapes} == {"gemv", "dequant"}
+    assert {r["model"] for r in shapes} == {"qwen2.5-0.5b", "llama-3.1-8b"}
     assert all(r["ok"] and r["max_abs_err"] < 1e-4 and r["gptq_us"] > 0 for r in shapes)
-    assert len([r for r in data["rows"] if r["kind"] == "layer"]) == 2
+    layers = [r for r in data["rows"] if r["kind"] == "layer"]
+    assert [(r["model"], r["linears"]) for r in layers if r["m"] == 1] == [
+        ("qwen2.5-0.5b", 7), ("llama-3.1-8b", 4)]
+    assert len(layers) == 4 and all(r["gptq_gbps"] > 0 for r in layers)
     sweep = [r for r in data["rows"] if r["kind"] == "sweep"]
     assert sweep and all(r["error"] is None and r["us"] > 0 for r in sweep)
 
@@ -367,34 +454,56 @@ def test_bench_tool_interpret_smoke_writes_the_json(tmp_path):
 def test_bench_tool_writes_the_table_and_json(tmp_path):
     tool = _load_bench_tool()
     rows = []
-    for m in (1, 64):
-        for name, k, n, count in tool.SHAPES:
-            torch_us, gptq_us = 10.0 + k * n / 1e5, 4.0 + k * n / 4e5
-            rows.append(tool.shape_row(m, name, k, n, count, torch_us, gptq_us,
-                                       max_abs_err=1e-3, tolerance=2e-2,
-                                       plan={"path": "decode", "grid": (1, 1, 2)}))
+    for model, (_, shapes) in tool.SHAPE_SETS.items():
+        for m in (1, 64):
+            for name, k, n, count in shapes:
+                torch_us, gptq_us = 10.0 + k * n / 1e5, 4.0 + k * n / 4e5
+                rows.append(tool.shape_row(model, m, name, k, n, count, torch_us, gptq_us,
+                                           max_abs_err=1e-3, tolerance=2e-2,
+                                           plan={"path": "decode", "grid": (1, 1, 2)}))
     layers = tool.layer_rows(rows)
-    assert [r["m"] for r in layers] == [1, 64]
-    want = sum(r["count"] * r["torch_us"] for r in rows if r["m"] == 1)
-    assert layers[0]["torch_us"] == pytest.approx(want)
-    assert layers[0]["ratio"] == pytest.approx(layers[0]["torch_us"] / layers[0]["gptq_us"])
-    sweep = [tool.sweep_row(1, "q_proj", 896, 896, 1, {"block_n": 64}, 3.0, {"grid": (1,)}),
-             tool.sweep_row(1, "q_proj", 896, 896, 1, {"fill": 0}, None, {}, error="boom")]
+    assert [(r["model"], r["m"]) for r in layers] == [
+        ("qwen2.5-0.5b", 1), ("qwen2.5-0.5b", 64), ("llama-3.1-8b", 1), ("llama-3.1-8b", 64)]
+    mine = [r for r in rows if r["m"] == 1 and r["model"] == "llama-3.1-8b"]
+    want = sum(r["count"] * r["torch_us"] for r in mine)
+    assert layers[2]["torch_us"] == pytest.approx(want)
+    assert layers[2]["ratio"] == pytest.approx(layers[2]["torch_us"] / layers[2]["gptq_us"])
+    # the layer's bytes over its time: 2 bytes a weight in bf16; 4 bits + per group of 64
+    # a bf16 scale and a 4-bit zero point
+    weights = sum(r["k"] * r["n"] for r in mine)
+    assert layers[2]["torch_gbps"] == pytest.approx(2 * weights / want / 1e3)
+    assert layers[2]["gptq_gbps"] == pytest.approx(
+        (weights / 2 + weights / 64 * 2.5) / layers[2]["gptq_us"] / 1e3)
+    sweep = [tool.sweep_row("llama-3.1-8b", 1, "o_proj", 4096, 4096, 1, {"block_n": 64},
+                            3.0, {"grid": (1,)}),
+             tool.sweep_row("llama-3.1-8b", 1, "o_proj", 4096, 4096, 1, {"fill": 0}, None,
+                            {}, error="boom")]
     out = tmp_path / "r.json"
     text = tool.write_results(out, {"command": "x", "git_commit": "abc"}, rows + layers + sweep)
     data = json.loads(out.read_text())
-    assert data["git_commit"] == "abc" and len(data["rows"]) == len(rows) + 4
+    assert data["git_commit"] == "abc" and len(data["rows"]) == len(rows) + 6
     lines = text.splitlines()
-    assert lines[0].startswith("| M ") and set(lines[1]) <= set("|-: ")
+    assert lines[0] == "qwen2.5-0.5b:" and lines[2].startswith("| M ")
+    assert set(lines[3]) <= set("|-: ") and "llama-3.1-8b:" in lines
     assert sum(line.count("| layer (7 linears)") for line in lines) == 2
+    assert sum(line.count("| layer (4 linears)") for line in lines) == 2
+    sums = lines[lines.index("layer sums:") + 4:]  # after the blank line and the header
+    assert [line.split(" | ")[:2] for line in sums[:4]] == [
+        ["| qwen2.5-0.5b", "1"], ["| llama-3.1-8b", "1"], ["| qwen2.5-0.5b", "64"],
+        ["| llama-3.1-8b", "64"]]
     assert all(r["ok"] for r in rows) and not tool.shape_row(
-        1, "q", 8, 8, 1, 1.0, 1.0, max_abs_err=1.0, tolerance=0.1, plan={})["ok"]
+        "m", 1, "q", 8, 8, 1, 1.0, 1.0, max_abs_err=1.0, tolerance=0.1, plan={})["ok"]
     assert "boom" in tool.sweep_table(sweep)
+    assert tool.parse_shapes("llama-3.1-8b, qwen2.5-0.5b") == ["llama-3.1-8b", "qwen2.5-0.5b"]
+    with pytest.raises(ValueError, match="--shapes"):
+        tool.parse_shapes("")
     assert tool.default_out_path("NVIDIA H100 80GB HBM3").name.startswith("gptq-kernels-h100-")
 
 
 # -- on the GPU ------------------------------------------------------------------------
 QWEN_SHAPES = [(896, 896), (896, 128), (896, 4864), (4864, 896)]  # (K, N) of its linears
+# llama-3.1-8b's linears as the engine runs them: q/k/v merged, o, gate/up merged, down
+LLAMA_SHAPES = [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096)]
 
 
 def _assert_close_bf16(got, want):
@@ -456,3 +565,20 @@ def test_gpu_cuda_graph_replay(stage, m):
         want = ops.gptq_matmul(x, qweight, scales, zeros, 64, 4)
         assert torch.equal(out, want)
         _assert_close_bf16(out, ops.gptq_matmul_ref(x, qweight, scales, zeros, 64, 4))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("stage", STAGES)
+@pytest.mark.parametrize("k, n", LLAMA_SHAPES)
+def test_gpu_bf16_at_llama_8b_shapes(stage, k, n):
+    """The kernels at the shapes the benchmark's 8B table times: one row (gemv), 16
+    (decode) and 64 (dequant), groups of 64 and 128."""
+    ops, gptq = _modules(stage)
+    for group_size in (64, 128):
+        x, qweight, scales, zeros, _ = _random_layer(gptq, k, n, 4, group_size,
+                                                     dtype=torch.bfloat16, device="cuda",
+                                                     m=64, seed=group_size)
+        for m in (1, 16, 64):
+            want = ops.gptq_matmul_ref(x[:m], qweight, scales, zeros, group_size, 4)
+            got = ops.gptq_matmul(x[:m], qweight, scales, zeros, group_size, 4)
+            _assert_close_bf16(got, want)

@@ -1,12 +1,13 @@
 """W4A16 / W8A16 matmul: activations in bf16/fp16/fp32 times GPTQ-packed integer weights.
 
-`gptq_matmul(x, qweight, scales, qzeros, group_size, bits)` computes x @ W with W[k, n]
-= (q[k, n] - z[g, n]) * scales[g, n], g = k // group_size, the weight dequantized in
-registers (the layer has put its rows in group order). The path depends on the number of
-rows M: a split-K GEMV for M = 1, the tensor-core kernel with split K up to M = 16, and
-for more rows the weight written out once for cuBLAS (`path="prefill"`: fused tiles
-instead). Split counts depend on the shapes alone, so every path fits in a CUDA graph.
-`gptq_matmul_ref` is the torch reference.
+`gptq_matmul(x, qweight, scales, qzeros, group_size, bits)`: x @ W, W[k, n] = (q[k, n] -
+z[g, n]) * scales[g, n], g = k // group_size, on the checkpoint's tensors as they are
+(the layer has put its rows in group order). W is dequantized in registers with no
+int-to-float instruction: a code ORed into the bits of the fp32 2^23 reads as 2^23 + q,
+and minus 2^23 + z (made the same way, once per group) it is q - z exactly. By rows M:
+split-K GEMV for M = 1 (scales once per K-step), tensor-core tiles with split K up to
+16, then the weight written out for cuBLAS (`path="prefill"`: fused tiles). Splits
+depend on the shapes alone (CUDA graphs fit). `gptq_matmul_ref`: the torch reference.
 
 Introduced in M7.
 """
@@ -55,6 +56,29 @@ SUM_BLOCK = 256  # outputs per program of the kernel that adds the splits
 
 # -- the kernels ----------------------------------------------------------------------
 @triton.jit
+def _plus_two_pow_23(codes):
+    """Integer codes in [0, 2^23) -> the fp32 2^23 + code, exactly: the code ORed into the
+    mantissa of 2^23 (its bits 0x4B000000) and the word read as a float. One bitwise
+    instruction (or none: the GPU's three-input bitwise op does the mask before it too),
+    where an int-to-float conversion runs at a quarter of the fp32 rate on Hopper."""
+    return (codes | 0x4B000000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _biased_zeros(qzeros_ptr, groups, cols, col_ok, N, BITS: tl.constexpr,
+                  ZERO_OFFSET: tl.constexpr):
+    """The zero points of `groups` x `cols` (broadcast against each other) as the fp32
+    2^23 + z: unpacked from qzeros (packed along the columns), plus the format's offset
+    (1: v1 stores z - 1; 0: v2), made a float like the codes. Once per group and column:
+    their cost is spread over the group's rows."""
+    PER_WORD: tl.constexpr = 32 // BITS
+    MASK: tl.constexpr = (1 << BITS) - 1
+    words = tl.load(qzeros_ptr + groups * (N // PER_WORD) + cols // PER_WORD, mask=col_ok,
+                    other=0)
+    return _plus_two_pow_23(((words >> ((cols % PER_WORD) * BITS)) & MASK) + ZERO_OFFSET)
+
+
+@triton.jit
 def _unpacked_codes(qweight_ptr, k0, cols, col_ok, N, BITS: tl.constexpr,
                     BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, WORDS_ONCE: tl.constexpr):
     """The codes of rows [k0, k0 + BLOCK_K) x columns `cols`, int32 [BLOCK_K, BLOCK_N].
@@ -87,26 +111,26 @@ def _dequantized_tile(qweight_ptr, scales_ptr, qzeros_ptr, k0, cols, col_ok, N,
                       BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, BLOCK_K: tl.constexpr,
                       BLOCK_N: tl.constexpr, WORDS_ONCE: tl.constexpr,
                       ZERO_OFFSET: tl.constexpr):
-    """Rows [k0, k0 + BLOCK_K) x columns `cols` of W in fp32: (q - z) * scale with each
-    row's group's zero points and scales. The tile lies inside one group (BLOCK_K <=
-    GROUP_SIZE), or covers whole groups (BLOCK_K a multiple of GROUP_SIZE): then it is
-    seen as [groups, GROUP_SIZE, BLOCK_N] and each group's row of scales and zeros is
-    broadcast over its rows, with no per-element gather."""
-    PER_WORD: tl.constexpr = 32 // BITS
-    MASK: tl.constexpr = (1 << BITS) - 1
+    """Rows [k0, k0 + BLOCK_K) x columns `cols` of W in the scales' dtype (x's): (q - z) *
+    scale with each row's group's zero points and scales. q - z, (2^23 + q) - (2^23 + z)
+    in fp32, is an integer that bf16 and fp16 hold exactly, so the product is taken in
+    the scales' dtype (two per instruction on a GPU) and rounds as the fp32 one would.
+    The tile lies inside one group (BLOCK_K <= GROUP_SIZE), or covers whole groups
+    (BLOCK_K a multiple of GROUP_SIZE): then it is seen as [groups, GROUP_SIZE, BLOCK_N]
+    and each group's row of scales and zeros is broadcast over its rows, with no
+    per-element gather."""
     GROUPS: tl.constexpr = BLOCK_K // GROUP_SIZE if BLOCK_K > GROUP_SIZE else 1
-    codes = _unpacked_codes(qweight_ptr, k0, cols, col_ok, N, BITS, BLOCK_K, BLOCK_N,
-                            WORDS_ONCE)
+    codes = _plus_two_pow_23(_unpacked_codes(qweight_ptr, k0, cols, col_ok, N, BITS,
+                                             BLOCK_K, BLOCK_N, WORDS_ONCE))
     groups = k0 // GROUP_SIZE + tl.arange(0, GROUPS)
     scale = tl.load(scales_ptr + groups[:, None] * N + cols[None, :], mask=col_ok[None, :],
-                    other=0.0).to(tl.float32)
-    zero_words = tl.load(qzeros_ptr + groups[:, None] * (N // PER_WORD)
-                         + (cols // PER_WORD)[None, :], mask=col_ok[None, :], other=0)
-    zero = ((zero_words >> ((cols % PER_WORD) * BITS)[None, :]) & MASK) + ZERO_OFFSET
+                    other=0.0)
+    zero = _biased_zeros(qzeros_ptr, groups[:, None], cols[None, :], col_ok[None, :], N,
+                         BITS, ZERO_OFFSET)
     if GROUPS == 1:
-        return (codes - zero).to(tl.float32) * scale
+        return (codes - zero).to(scale.dtype) * scale
     codes = tl.reshape(codes, [GROUPS, BLOCK_K // GROUPS, BLOCK_N])
-    w = (codes - zero[:, None, :]).to(tl.float32) * scale[:, None, :]
+    w = (codes - zero[:, None, :]).to(scale.dtype) * scale[:, None, :]
     return tl.reshape(w, [BLOCK_K, BLOCK_N])
 
 
@@ -134,7 +158,7 @@ def _gptq_gemm_kernel(x_ptr, qweight_ptr, scales_ptr, qzeros_ptr, bias_ptr, out_
                     mask=row_ok[:, None], other=0.0)
         w = _dequantized_tile(qweight_ptr, scales_ptr, qzeros_ptr, k0, cols, col_ok, N,
                               BITS, GROUP_SIZE, BLOCK_K, BLOCK_N, WORDS_ONCE, ZERO_OFFSET)
-        acc += tl.dot(x, w.to(x.dtype), input_precision=PRECISION)
+        acc += tl.dot(x, w, input_precision=PRECISION)
     if HAS_BIAS:  # only when K is not split (else the kernel adding the splits adds it)
         acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     out = out_ptr + split * split_stride + rows[:, None] * N + cols[None, :]
@@ -158,26 +182,28 @@ def _sum_splits_kernel(partial_ptr, bias_ptr, out_ptr, size, N, num_splits,
 
 @triton.jit
 def _gptq_gemv_kernel(x_ptr, qweight_ptr, scales_ptr, qzeros_ptr, bias_ptr, out_ptr,
-                      partial_ptr, counters_ptr, N, K, k_per_split, HAS_BIAS: tl.constexpr,
-                      BITS: tl.constexpr,
+                      partial_ptr, counters_ptr, N, K, k_per_split, code_mask,
+                      HAS_BIAS: tl.constexpr, BITS: tl.constexpr,
                       GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
                       WORD_ROWS: tl.constexpr, NUM_SPLITS: tl.constexpr,
                       LAST_ADDS: tl.constexpr, ZERO_OFFSET: tl.constexpr):
     """One row of x (M = 1) times the packed weight, without tensor cores: program
-    (n, s) reads WORD_ROWS rows of words x BLOCK_N columns per step (all in one group),
-    takes each word's PER_WORD codes apart with a shift and a mask, and multiplies them
-    by their x in fp32, element by element. The sum over K happens once, at the end.
+    (n, s) reads WORD_ROWS rows of words x BLOCK_N columns per step (all in one group).
+    Per weight, four instructions: a shift; one bitwise op that masks the code and makes
+    it the float 2^23 + q; the subtraction of 2^23 + z; the multiply-add with its x, in
+    fp32. The step's sums are multiplied by the columns' scales once, at the end of the
+    step (a step lies inside one group); the sum over K happens once, at the end.
+    `code_mask` is 2^BITS - 1, passed at run time: as a constant the compiler turns the
+    shift and mask into a bit-field extract (two instructions on Hopper, plus the OR).
     With K split, each program writes its fp32 partial sum; with LAST_ADDS the program
     that finishes last for its column tile (an atomic counter per tile says which) adds
     the partial sums in split order and writes the output, so there is no second launch
     (else `_sum_splits_kernel` does it)."""
     PER_WORD: tl.constexpr = 32 // BITS
-    MASK: tl.constexpr = (1 << BITS) - 1
     pid_n, split = tl.program_id(0), tl.program_id(1)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
     word_rows = tl.arange(0, WORD_ROWS)
-    zero_shift = (cols % PER_WORD) * BITS
     acc = tl.zeros([WORD_ROWS, BLOCK_N], dtype=tl.float32)
     k_start = split * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
@@ -186,12 +212,13 @@ def _gptq_gemv_kernel(x_ptr, qweight_ptr, scales_ptr, qzeros_ptr, bias_ptr, out_
                         + cols[None, :], mask=col_ok[None, :], other=0)
         group = k0 // GROUP_SIZE
         scale = tl.load(scales_ptr + group * N + cols, mask=col_ok, other=0.0).to(tl.float32)
-        zero = ((tl.load(qzeros_ptr + group * (N // PER_WORD) + cols // PER_WORD,
-                         mask=col_ok, other=0) >> zero_shift) & MASK) + ZERO_OFFSET
+        zero = _biased_zeros(qzeros_ptr, group, cols, col_ok, N, BITS, ZERO_OFFSET)
+        step = tl.zeros([WORD_ROWS, BLOCK_N], dtype=tl.float32)  # sum of x * (q - z)
         for j in tl.static_range(PER_WORD):  # code j of every word: rows k0 + PER_WORD*r + j
             x = tl.load(x_ptr + k0 + word_rows * PER_WORD + j).to(tl.float32)
-            codes = (words >> (j * BITS)) & MASK
-            acc += x[:, None] * ((codes - zero[None, :]).to(tl.float32) * scale[None, :])
+            codes = _plus_two_pow_23((words >> (j * BITS)) & code_mask)
+            step += x[:, None] * (codes - zero[None, :])
+        acc += step * scale[None, :]
     total = tl.sum(acc, axis=0)
     if NUM_SPLITS == 1:
         if HAS_BIAS:
@@ -226,11 +253,10 @@ def _dequantize_kernel(qweight_ptr, scales_ptr, qzeros_ptr, w_ptr, N,
     col_ok = cols < N
     words = tl.load(qweight_ptr + r * N + cols, mask=col_ok, other=0)
     group = (r * PER_WORD) // GROUP_SIZE
-    scale = tl.load(scales_ptr + group * N + cols, mask=col_ok, other=0.0).to(tl.float32)
-    zero = ((tl.load(qzeros_ptr + group * (N // PER_WORD) + cols // PER_WORD, mask=col_ok,
-                     other=0) >> ((cols % PER_WORD) * BITS)) & MASK) + ZERO_OFFSET
-    for j in tl.static_range(PER_WORD):
-        w = (((words >> (j * BITS)) & MASK) - zero).to(tl.float32) * scale
+    scale = tl.load(scales_ptr + group * N + cols, mask=col_ok, other=0.0)
+    zero = _biased_zeros(qzeros_ptr, group, cols, col_ok, N, BITS, ZERO_OFFSET)
+    for j in tl.static_range(PER_WORD):  # q - z exact in fp32, times the scale in its dtype
+        w = (_plus_two_pow_23((words >> (j * BITS)) & MASK) - zero).to(scale.dtype) * scale
         tl.store(w_ptr + (r * PER_WORD + j) * N + cols, w.to(w_ptr.dtype.element_ty),
                  mask=col_ok)
 
@@ -342,7 +368,7 @@ def split_counters(device: torch.device) -> torch.Tensor:
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
-def _check(x, qweight, scales, qzeros, group_size, bits) -> None:
+def _check(x, qweight, scales, qzeros, group_size, bits, bias) -> None:
     """A few comparisons (this runs for every layer of every step): a clear error for a
     call the kernel would get wrong, rather than wrong numbers."""
     if bits not in (4, 8):
@@ -368,6 +394,9 @@ def _check(x, qweight, scales, qzeros, group_size, bits) -> None:
     if group_size % MIN_BLOCK or groups * group_size != k:
         raise ValueError(f"gptq_matmul: group_size {group_size} must be a multiple of "
                          f"{MIN_BLOCK} and cut K = {k} into the {groups} groups of scales")
+    if bias is not None and (bias.shape != (n,) or bias.dtype != x.dtype):
+        raise ValueError(f"gptq_matmul: bias must be [{n}] in x's dtype {x.dtype}; got "
+                         f"{bias.dtype} {tuple(bias.shape)}")
 
 
 def gptq_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
@@ -381,11 +410,8 @@ def gptq_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     step (one launch less than `y + bias`).
     `config` overrides the path's launch settings (block_m, block_n, block_k, num_warps,
     num_stages, fill, words_once; see `launch_plan`), for tests and tuning."""
-    _check(x, qweight, scales, qzeros, group_size, bits)
+    _check(x, qweight, scales, qzeros, group_size, bits, bias)
     (m, k), n = x.shape, qweight.shape[1]
-    if bias is not None and (bias.shape != (n,) or bias.dtype != x.dtype):
-        raise ValueError(f"gptq_matmul: bias must be [{n}] in x's dtype {x.dtype}; got "
-                         f"{bias.dtype} {tuple(bias.shape)}")
     if m == 0 or n == 0:
         return torch.empty((m, n), dtype=x.dtype, device=x.device)
     plan = _cached_plan(m, n, k, group_size, num_sms(x.device), bits, tuple(config.items()))
@@ -402,8 +428,8 @@ def gptq_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
         _gptq_gemv_kernel[plan["grid"]](
             x, qweight, scales, qzeros, x if bias is None else bias, out, partial,
             split_counters(x.device) if last_adds else partial, n, k, plan["k_per_split"],
-            HAS_BIAS=bias is not None and (splits == 1 or last_adds), BITS=bits,
-            GROUP_SIZE=group_size, BLOCK_N=plan["block_n"],
+            (1 << bits) - 1, HAS_BIAS=bias is not None and (splits == 1 or last_adds),
+            BITS=bits, GROUP_SIZE=group_size, BLOCK_N=plan["block_n"],
             WORD_ROWS=plan["block_k"] * bits // 32, NUM_SPLITS=splits, LAST_ADDS=last_adds,
             ZERO_OFFSET=zero_offset, num_warps=plan["num_warps"],
             num_stages=plan["num_stages"])

@@ -221,6 +221,11 @@ class GPTQLinear(nn.Module):
         # Set by prepare(), what the kernels and the CPU path read; not saved.
         self.register_buffer("input_perm", None, persistent=False)  # act-order: x[:, perm]
         self.register_buffer("weight", None, persistent=False)  # CPU: dequantized [out, in]
+        self.prepared = False  # rows in group order: the kernels may run
+        # state_dict() gives the checkpoint's row order back; load_state_dict() drops what
+        # prepare() made of the old tensors
+        self.register_state_dict_post_hook(_rows_in_checkpoint_order)
+        self.register_load_state_dict_post_hook(_unprepare)
 
     def shard_tensors(self, shard: str) -> dict[str, torch.Tensor]:
         """What the checkpoint's tensors of part `shard` fill: its columns of the codes,
@@ -266,6 +271,7 @@ class GPTQLinear(nn.Module):
         else:  # the kernels' scratch counters, made now rather than in a graph capture
             from ....ops.gptq_gemm import split_counters
             split_counters(self.scales.device)
+        self.prepared = True
 
     def _check_zeros_match_the_format(self) -> None:
         """A symmetric layer's zero points are all 2^(bits - 1): v1 stores them minus one.
@@ -281,6 +287,9 @@ class GPTQLinear(nn.Module):
                 "(set checkpoint_format to 'gptq_v2' in its quantization config if it is)")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.prepared:  # rows not in group order: the kernels would be wrong
+            raise RuntimeError(f"GPTQLinear ({self.extra_repr()}): call prepare() after "
+                               "loading its tensors, before running it")
         if self.input_perm is not None:
             x = x[..., self.input_perm]
         if self.weight is not None:  # the CPU reference
@@ -292,6 +301,29 @@ class GPTQLinear(nn.Module):
                         self.qzeros, self.config.rows_per_group(self.in_features),
                         self.config.bits, self.bias, self.config.zero_offset)
         return y.reshape(*x.shape[:-1], self.out_features)
+
+
+def _rows_in_checkpoint_order(layer: GPTQLinear, state_dict: dict, prefix: str,
+                              local_metadata) -> None:
+    """state_dict() of an act-order layer after prepare(): its rows put back in the
+    checkpoint's order (qweight and g_idx as loaded), since the permutation that prepare()
+    applied is not saved. Before prepare() (when a loader fills the tensors that
+    state_dict(keep_vars=True) gives) there is nothing to undo."""
+    if layer.input_perm is None:
+        return
+    back = torch.argsort(layer.input_perm)  # checkpoint row r is prepared row back[r]
+    codes = unpack(layer.qweight, layer.config.bits, dim=0)[back]
+    state_dict[prefix + "qweight"] = pack(codes.cpu(), layer.config.bits, dim=0).to(
+        layer.qweight.device)
+    state_dict[prefix + "g_idx"] = layer.g_idx[back].contiguous()
+
+
+def _unprepare(layer: GPTQLinear, incompatible_keys) -> None:
+    """After load_state_dict: what prepare() made of the old tensors is dropped (prepare()
+    makes it again from the new ones), so a forward before that fails loudly instead of
+    computing with a stale permutation or a stale dequantized weight."""
+    layer.input_perm = layer.weight = None
+    layer.prepared = False
 
 
 def checkpoint_tensors(layer: GPTQLinear) -> dict[str, torch.Tensor]:
