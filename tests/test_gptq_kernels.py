@@ -170,8 +170,9 @@ def test_every_code_minus_every_zero_is_exact(stage, bits):
     """The kernels turn a code q into the fp32 2^23 + q (q ORed into the bits of 2^23) and
     subtract 2^23 + z made the same way from the stored zero plus the format's offset:
     q - z, exactly. One group of 2^bits rows (every code) by 2^bits columns (every
-    storable zero), v1 (z = stored + 1) and v2, written out by the dequant kernel with
-    scales of 1 and with random ones: equal to the torch dequantization, bit for bit."""
+    storable zero), written out by the dequant kernel: v1 (z = stored + 1) with scales of
+    1, which is q - z itself, and v2 with random scales; both equal to the torch
+    dequantization, bit for bit."""
     ops, gptq = _modules(stage)
     top = 2 ** bits
     codes = torch.arange(top)[:, None].expand(top, top)  # row k holds code k
@@ -179,16 +180,17 @@ def test_every_code_minus_every_zero_is_exact(stage, bits):
     qweight = gptq.pack(codes, bits, dim=0).to(DEVICE)
     qzeros = gptq.pack(stored, bits, dim=1).to(DEVICE)
     g_idx = torch.zeros(top, dtype=torch.int32, device=DEVICE)
-    for scales in (torch.ones(1, top), torch.rand(1, top, generator=torch.Generator()
-                                                  .manual_seed(bits))):
+    # all columns in one tile: few programs under the interpreter
+    plan = ops.launch_plan(top, top, top, top, ops.num_sms(qweight.device), bits,
+                           path="dequant", block_n=top)
+    random_scales = torch.rand(1, top, generator=torch.Generator().manual_seed(bits))
+    for scales, offset in ((torch.ones(1, top), 1), (random_scales, 0)):
         scales = scales.to(DEVICE)
-        for offset in (1, 0):
-            got = ops.dequantize_weight(qweight, scales, qzeros, top, bits,
-                                        zero_offset=offset)
-            want = gptq.dequantize(qweight, qzeros, scales, g_idx, bits, offset)
-            assert torch.equal(got, want)
-            if bool((scales == 1).all()):
-                assert torch.equal(got.cpu(), (codes - stored - offset).float())
+        got = ops.dequantize_weight(qweight, scales, qzeros, top, bits, plan,
+                                    zero_offset=offset)
+        assert torch.equal(got, gptq.dequantize(qweight, qzeros, scales, g_idx, bits, offset))
+        if offset == 1:  # scales of 1: q - z itself
+            assert torch.equal(got.cpu(), (codes - stored - offset).float())
 
 
 @pytest.mark.parametrize("stage", STAGES)
