@@ -597,6 +597,63 @@ def test_gptq_kernel_table_shows_shapes_and_layer_sums(tmp_path, monkeypatch):
         render(f"<!-- gptq-kernel-table: file={_fake_kernels(tmp_path).name} -->")
 
 
+def _fake_gptq_batch(folder: Path) -> Path:
+    """A two-model kernels file: llama-3.1-8b's layer sums at M = 1 .. 256 (4-bit 3x faster
+    at one row, slower at 256) with the card's roofline, and one qwen row."""
+    results = _provenance_fields("python3 tools/bench_gptq_kernels.py --shapes "
+                                 "llama-3.1-8b --rows 1,2,4,8,16,32,64,128,256")
+    linears = [{"linears": "qkv_proj", "k": 4096, "n": 6144, "count": 1},
+               {"linears": "down_proj", "k": 14336, "n": 4096, "count": 1}]
+    ms = [1, 2, 4, 8, 16, 32, 64, 128, 256]
+    rows = [{"kind": "layer", "model": "llama-3.1-8b", "m": m, "linears": 2,
+             "torch_us": 70.0 + 0.2 * m, "gptq_us": 23.0 + 0.5 * m, "ratio": None,
+             "ok": True} for m in ms]
+    rows.append({"kind": "layer", "model": "qwen2.5-0.5b", "m": 1, "linears": 7,
+                 "torch_us": 40.0, "gptq_us": 30.0, "ratio": 1.33, "ok": True})
+    results.update(stage="m7_gptq", bits=4, group_size=64, dtype="bfloat16", rows=rows,
+                   roofline={"bandwidth_gbps": 3000.0, "matmul_tflops": 700.0},
+                   shape_sets={"llama-3.1-8b": {"decoder_layers": 32, "linears": linears}})
+    path = folder / "gptq-batch-test.json"
+    path.write_text(json.dumps(results))
+    return path
+
+
+def test_gptq_batch_figure_draws_both_formats_against_m(tmp_path, monkeypatch):
+    """A gptq-batch-figure marker shows the picture gptq_batch_plots draws at build time
+    (bf16 and 4-bit against M, with the roofline the file measured) and says what the
+    regions mean; a file of several models needs model= in the kernel table too."""
+    pytest.importorskip("matplotlib")
+    render = _render_in(tmp_path, monkeypatch)
+    hooks = _load_tool("mkdocs_hooks")
+    path = _fake_gptq_batch(tmp_path)
+    marker = f"<!-- gptq-batch-figure: file={path.name} model=llama-3.1-8b -->"
+    out = render(marker)
+    image = hooks._gptq_batch_name(path.name, "llama-3.1-8b")
+    assert f"](bench-results/{image})" in out
+    assert "2 linears of `llama-3.1-8b`" in out and "roofline of the card" in out
+    assert "Test GPU 80GB" in out and "--rows 1,2,4,8,16,32,64,128,256" in out
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "m7_gptq.md").write_text(marker)
+    assert hooks.gptq_batch_plots(docs)[image].startswith(b"\x89PNG")
+    # the ridges: where the matmul time equals the time to read the weight (bytes/BW)
+    weights = 4096 * 6144 + 14336 * 4096
+    ridge = hooks._ridge(2 * weights, weights, {"bandwidth_gbps": 3000.0,
+                                                "matmul_tflops": 700.0})
+    assert ridge == pytest.approx(700e12 / 3000e9)
+    with pytest.raises(ValueError, match="model= is required"):
+        render(f"<!-- gptq-batch-figure: file={path.name} -->")
+    with pytest.raises(ValueError, match="no layer rows of model llama-9b"):
+        render(f"<!-- gptq-batch-figure: file={path.name} model=llama-9b -->")
+    with pytest.raises(ValueError, match="say which with model="):
+        render(f"<!-- gptq-kernel-table: file={path.name} -->")
+    no_roofline = json.loads(path.read_text())
+    del no_roofline["roofline"]
+    path.write_text(json.dumps(no_roofline))
+    assert "has no roofline of its card" in render(marker)
+    assert hooks.gptq_batch_plots(docs)[image].startswith(b"\x89PNG")
+
+
 def test_stage_tests_marker_lists_test_files_with_what_they_check():
     hooks = _load_tool("mkdocs_hooks")
     page = SimpleNamespace(file=SimpleNamespace(src_uri="m3_paged_kv.md"))

@@ -37,7 +37,8 @@ the CPU under the Triton interpreter, to check that the script works (its timing
 nothing and the JSON says so: `timings_meaningful`: false). The JSON (default
 bench/results/gptq-kernels-<gpu>-<date>-<time>.json) holds the provenance of the other
 results files (command, git commit from FOLOVLLM_GIT_COMMIT or `git rev-parse`,
-machine, versions) and the rows, each naming its `model`: kind "shape" (one shape at
+machine, versions), on a GPU the card's `roofline` (copy GB/s and bf16 matmul TFLOP/s,
+`bench/roofline.py`), and the rows, each naming its `model`: kind "shape" (one shape at
 one M), "layer" (the sum over a decoder layer per M), "sweep" (one launch setting at
 one shape and M).
 """
@@ -493,6 +494,9 @@ def main(argv: list[str] | None = None) -> int:
         print("INTERPRET SMOKE: tiny shapes on the CPU under the Triton interpreter; the "
               "timings are meaningless", flush=True)
     began = time.perf_counter()
+    if not smoke:  # the card's copy bandwidth and bf16 matmul rate: the roofline of a plot
+        from bench.roofline import measure
+        header["roofline"] = measure("cuda")
     with torch.inference_mode():
         rows = bench.run(rows_m, args.sweep)
     header.update(stage=stage, bits=BITS, group_size=GROUP_SIZE, dtype=dtype,

@@ -4,6 +4,8 @@
 #            reference at qwen2.5-0.5b's and llama-3.1-8b's shapes, every path, CUDA graphs
 #   kernels  tools/bench_gptq_kernels.py, both shape sets (qwen2.5-0.5b, llama-3.1-8b), at
 #            M = 1, 16, 64, 256: the 4-bit kernel against bf16 torch.matmul, layer sums, TB/s
+#   batch    llama-3.1-8b at M = 1, 2, 4, ..., 256 (bf16 and 4-bit against batch size, with
+#            the card's roofline: the M7 page's picture of where 4 bits pay)
 #   sweep    (not in the default list: a call of its own) --sweep on llama-3.1-8b at M = 1
 #            and 16: which launch settings the kernels should keep
 # Every file is written straight into $OUT as it goes (the log line by line, a part's JSON
@@ -18,7 +20,7 @@ PART_TIMEOUT=${PART_TIMEOUT:-240}
 KERNEL_ARGS=${KERNEL_ARGS:-}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-parts=${*:-"tests kernels"}
+parts=${*:-"tests kernels batch"}
 stamp=$(date -u +%Y%m%d-%H%M%S)
 gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 \
   | grep -o 'H[0-9][0-9]*' | head -1 | tr 'H' 'h')
@@ -33,9 +35,11 @@ for part in $parts; do
     tests) timeout "$PART_TIMEOUT" python3 -m pytest -q -m gpu tests/test_gptq_kernels.py \
         -p no:cacheprovider -rfE --junitxml "$OUT/gptq-gpu-tests-$gpu-$stamp.xml";;
     kernels) bench --shapes qwen2.5-0.5b,llama-3.1-8b --out "$OUT/gptq-kernels-$gpu-$stamp.json";;
+    batch) bench --shapes llama-3.1-8b --rows 1,2,4,8,16,32,64,128,256 \
+        --out "$OUT/gptq-batch-$gpu-$stamp.json";;
     sweep) bench --shapes llama-3.1-8b --rows 1,16 --sweep \
         --out "$OUT/gptq-kernels-sweep-$gpu-$stamp.json";;
-    *) echo "unknown part $part: choose from tests kernels sweep"; false;;
+    *) echo "unknown part $part: choose from tests kernels batch sweep"; false;;
   esac
   echo "== $part exit $? $(date -u +%H:%M:%S)"
 done 2>&1 | grep --line-buffered -v Warn

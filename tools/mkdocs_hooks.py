@@ -50,11 +50,16 @@ holds markers (HTML comments) that this hook replaces when the site is built:
   layers (the mean of the layer's seven linears), a table of the mean per kind of
   linear, and each log's commit and command. A file that is not such a log, or one
   without its commit or command, stops the build and names it.
-- `<!-- gptq-kernel-table: file=NAME.json -->`: M7's W4A16 matmul against bf16
-  `torch.matmul`, as `tools/bench_gptq_kernels.py` measured it (a file of
+- `<!-- gptq-kernel-table: file=NAME.json [model=NAME] -->`: M7's W4A16 matmul against
+  bf16 `torch.matmul`, as `tools/bench_gptq_kernels.py` measured it (a file of
   `bench/results/`): per number of rows M, each linear shape's microseconds, the weight
-  bytes read per second and the speed-up, and the sum over a decoder layer's seven
-  linears; with the machine and the file's provenance.
+  bytes read per second and the speed-up, and the sum over a decoder layer's linears;
+  with the machine and the file's provenance. A file of several models' shapes needs
+  `model=` (one table per model).
+- `<!-- gptq-batch-figure: file=NAME.json model=NAME -->`: from the same tool's file, a
+  decoder layer's linears against the number of rows M, bf16 and 4-bit, log-log, with
+  the card's roofline (its measured copy bandwidth and matmul rate): where each is
+  bound by reading its weight and where by computing.
 - `<!-- notebook-figure: m2_batching timeline Caption text -->`: the plot that the cell
   tagged `figure:timeline` of `notebooks/m2_batching.ipynb` drew, from the outputs
   committed in the notebook (`tools/run_notebooks.py` saves them).
@@ -104,7 +109,8 @@ FIGURE_TAG = "figure:"  # a notebook cell tagged figure:NAME is a figure of the 
 
 _MARKER = re.compile(r"<!--\s*(stage-diff|stage-tree|stage-map|stage-tests|bench-table|"
                      r"bench-all|notebook-figure|profile-table|kernel-table|itl-cdf|memory-table|"
-                     r"step-timeline|ppl-table|quant-error|gptq-kernel-table|exercises)"
+                     r"step-timeline|ppl-table|quant-error|gptq-kernel-table|gptq-batch-figure|"
+                     r"exercises)"
                      r"\s*:?\s*(.*?)\s*-->")
 _HTML_SLOT = "FOLOVLLM-HTML-{}"  # a paragraph the rendered HTML replaces (on_page_content)
 
@@ -123,6 +129,8 @@ def on_files(files, config):
     for name, data in sorted(step_timelines(Path(config.docs_dir)).items()):
         files.append(File.generated(config, f"{PLOTS_URI}/{name}", content=data))
     for name, data in sorted(quant_error_plots(Path(config.docs_dir)).items()):
+        files.append(File.generated(config, f"{PLOTS_URI}/{name}", content=data))
+    for name, data in sorted(gptq_batch_plots(Path(config.docs_dir)).items()):
         files.append(File.generated(config, f"{PLOTS_URI}/{name}", content=data))
     for (stem, name), data in sorted(notebook_figures().items()):
         files.append(File.generated(config, f"{FIGURES_URI}/{stem}-{name}.png", content=data))
@@ -174,7 +182,11 @@ def on_page_markdown(markdown, page, config, files):
             if kind == "exercises":
                 return _exercises(args, where)
             if kind == "gptq-kernel-table":
-                return _gptq_kernel_table(_options(args, where, allowed=("file",)), where)
+                return _gptq_kernel_table(_options(args, where, allowed=("file", "model")),
+                                          where)
+            if kind == "gptq-batch-figure":
+                return _gptq_batch_figure(_options(args, where, allowed=("file", "model")),
+                                          page, where)
             return _bench_all(page)
         except FileNotFoundError as exc:
             raise ValueError(f"{where}: {exc}") from exc
@@ -1160,12 +1172,165 @@ def _quant_error(files: list[str], page, where: str) -> str:
     return "\n".join(out) + "\n"
 
 
+_BATCH = "-batch.png"  # a gptq-batch-figure's file name ends so
+
+
+def _gptq_batch_name(file: str, model: str) -> str:
+    return f"{Path(file).stem}-{model}{_BATCH}"
+
+
+def _layer_costs(results: dict, model: str) -> tuple[int, int, int] | None:
+    """(weights, bf16 bytes, 4-bit bytes) of one decoder layer's linears of `model`, from
+    the file's shape sets (None where the file has none): what the roofline reads."""
+    linears = ((results.get("shape_sets") or {}).get(model) or {}).get("linears")
+    if not linears:
+        return None
+    bits, group = results.get("bits", 4), results.get("group_size", 64)
+    weights = sum(s["k"] * s["n"] * s["count"] for s in linears)
+    # codes, and per group and column a 16-bit scale and a packed zero point
+    quantized = weights * bits // 8 + weights // group * 2 + weights // group * bits // 8
+    return weights, 2 * weights, quantized
+
+
+def _ridge(nbytes: int, weights: int, roofline: dict) -> float:
+    """The M where a layer's matmul time (2 M weights flops at the matmul rate) equals
+    the time to read its bytes: below it, reading the weight bounds the time."""
+    return nbytes * roofline["matmul_tflops"] * 1e12 / (
+        2 * weights * roofline["bandwidth_gbps"] * 1e9)
+
+
+def gptq_batch_plots(docs_dir: Path) -> dict[str, bytes]:
+    """File name -> PNG of every gptq-batch-figure the pages ask for: a decoder layer's
+    linears in bf16 and in 4 bits against M (left: microseconds; right: the speed-up),
+    measured, with the roofline's bound and its regions where the file has the card's."""
+    wanted = {}
+    for page in docs_dir.rglob("*.md"):
+        for match in _MARKER.finditer(page.read_text(encoding="utf-8")):
+            if match.group(1) == "gptq-batch-figure":
+                where = f"{page.name}: {match.group(0)}"
+                options = _options(match.group(2), where, allowed=("file", "model"))
+                if "file" in options and "model" in options:  # else the marker says so
+                    wanted[_gptq_batch_name(options["file"], options["model"])] = (
+                        options, where)
+    plots = {}
+    if not wanted:
+        return plots
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, (options, where) in sorted(wanted.items()):
+            if not (results_dir() / options["file"]).is_file():
+                continue  # the marker itself reports the missing file
+            results, _ = _tool_results(options, where, "tools/bench_gptq_kernels.py", "kind")
+            rows = [r for r in _gptq_model_rows(results, options, where, ("layer",))
+                    if r.get("ok") and r.get("torch_us") and r.get("gptq_us")]
+            fig = _draw_gptq_batch(plt, rows, results, options["model"])
+            png = Path(tmp) / "batch.png"
+            fig.savefig(png, dpi=110)
+            plt.close(fig)
+            plots[name] = png.read_bytes()
+    return plots
+
+
+def _draw_gptq_batch(plt, rows: list[dict], results: dict, model: str):
+    """The figure of gptq_batch_plots: measured points, and with the card's roofline its
+    bound for each weight format and the three regions between their ridges."""
+    import numpy as np
+
+    ms = [r["m"] for r in rows]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    bits = results.get("bits", 4)
+    left.plot(ms, [r["torch_us"] for r in rows], "o-", color="tab:blue", label="bf16")
+    left.plot(ms, [r["gptq_us"] for r in rows], "s-", color="tab:orange",
+              label=f"{bits}-bit")
+    right.plot(ms, [r["torch_us"] / r["gptq_us"] for r in rows], "s-", color="tab:orange",
+               label="measured")
+    roofline, costs = results.get("roofline"), _layer_costs(results, model)
+    if roofline and costs and ms:
+        weights, dense, quantized = costs
+        grid = np.geomspace(min(ms), max(ms), 200)
+        bound = {kind: np.maximum(nbytes / (roofline["bandwidth_gbps"] * 1e3),
+                                  2 * grid * weights / (roofline["matmul_tflops"] * 1e6))
+                 for kind, nbytes in (("bf16", dense), ("q", quantized))}  # µs
+        left.plot(grid, bound["bf16"], "--", color="tab:blue", alpha=0.6,
+                  label="bf16 roofline")
+        left.plot(grid, bound["q"], "--", color="tab:orange", alpha=0.6,
+                  label=f"{bits}-bit roofline")
+        right.plot(grid, bound["bf16"] / bound["q"], "--", color="grey", label="roofline")
+        ridges = [_ridge(quantized, weights, roofline), _ridge(dense, weights, roofline)]
+        edges = [min(ms)] + [min(max(r, min(ms)), max(ms)) for r in ridges] + [max(ms)]
+        shades = ("#e8f4e8", "#fdf3e1", "#f3e6f3")
+        names = ("both read-bound", f"{bits}-bit compute-, bf16 read-bound",
+                 "both compute-bound")
+        for (lo, hi), shade, label in zip(zip(edges, edges[1:]), shades, names):
+            if hi > lo:
+                left.axvspan(lo, hi, color=shade, zorder=0)
+                right.axvspan(lo, hi, color=shade, zorder=0, label=label)
+    for ax in (left, right):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("rows M (tokens in the step)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    left.set_yscale("log")
+    left.set_ylabel("µs per decoder layer's linears")
+    right.set_ylabel(f"speed-up of {bits}-bit over bf16")
+    right.axhline(1.0, color="black", linewidth=0.8)
+    fig.suptitle(f"{model}: a decoder layer's linears, bf16 and {bits}-bit", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def _gptq_batch_figure(options: dict[str, str], page, where: str) -> str:
+    """The picture that gptq_batch_plots draws, with its caption and the file's
+    provenance."""
+    if "model" not in options:
+        raise ValueError(f"{where}: model= is required: the model whose shapes to draw")
+    results, path = _tool_results(options, where, "tools/bench_gptq_kernels.py", "kind")
+    rows = _gptq_model_rows(results, options, where, ("layer",))
+    bits, model = results.get("bits", 4), options["model"]
+    prefix = "../" * page.file.src_uri.count("/")
+    alt = (f"{model}: a decoder layer's linears in bf16 and in {bits} bits against the "
+           "number of rows M, with the roofline")
+    roofline = ("The dashed lines are the roofline of the card as measured in the same run "
+                "(copy bandwidth, bf16 matmul rate): the longer of reading the weight and "
+                "computing the product. In the green region both are bound by reading "
+                f"their weight, and {bits} bits read a fraction of bf16's bytes; in the "
+                f"orange one the {bits}-bit product is bound by computing while bf16 still "
+                f"reads; in the purple one both compute, and {bits} bits buy nothing. "
+                if results.get("roofline") and _layer_costs(results, model) else
+                "The file has no roofline of its card, so none is drawn. ")
+    return (f"\n![{alt}]({prefix}{PLOTS_URI}/{_gptq_batch_name(options['file'], model)})\n\n"
+            f"<small>The sum over a decoder layer's {rows[0].get('linears')} linears of "
+            f"`{model}`, x [M, K] in bf16 times the weight in bf16 (`torch.matmul`) or in "
+            f"{bits} bits (M7's `gptq_matmul`), on {_machine_text(results)}. {roofline}"
+            "</small>\n\n" + provenance(results, path))
+
+
+def _gptq_model_rows(results: dict, options: dict[str, str], where: str,
+                     kinds: tuple[str, ...]) -> list[dict]:
+    """The rows of `kinds` of the model that `model=` names; a file of one model's shapes
+    (older ones name none) needs no `model=`."""
+    rows = [r for r in results["rows"] if r["kind"] in kinds]
+    models = list(dict.fromkeys(r.get("model") for r in rows))
+    wanted = options.get("model")
+    if wanted is None and len(models) > 1:
+        raise ValueError(f"{where}: {options['file']} has the shapes of "
+                         f"{', '.join(map(str, models))}: say which with model=")
+    if wanted is not None:
+        rows = [r for r in rows if r.get("model") == wanted]
+    if not any(r["kind"] == kinds[0] for r in rows):
+        raise ValueError(f"{where}: {options['file']} has no {kinds[0]} rows"
+                         + (f" of model {wanted}" if wanted else ""))
+    return rows
+
+
 def _gptq_kernel_table(options: dict[str, str], where: str) -> str:
     """tools/bench_gptq_kernels.py's shape and layer rows, M by M."""
     results, path = _tool_results(options, where, "tools/bench_gptq_kernels.py", "kind")
-    rows = [r for r in results["rows"] if r["kind"] in ("shape", "layer")]
-    if not any(r["kind"] == "shape" for r in rows):
-        raise ValueError(f"{where}: {options['file']} has no shape rows")
+    rows = _gptq_model_rows(results, options, where, ("shape", "layer"))
     bits, group = results.get("bits", 4), results.get("group_size", 64)
     dtype = str(results.get("dtype") or "bfloat16")
     dense = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}.get(dtype, dtype)
@@ -1191,8 +1356,8 @@ def _gptq_kernel_table(options: dict[str, str], where: str) -> str:
                f"with it in {bits} bits (groups of {group}), on {_machine_text(results)}. "
                f"GB/s: the weight's bytes read per second ({dense}: the whole weight; "
                f"{bits}-bit: the packed codes, scales and zeros); speed-up: the {dense} "
-               f"time over the {bits}-bit one; **layer**: the seven linears of a decoder "
-               "layer summed.")
+               f"time over the {bits}-bit one; **layer**: a decoder layer's linears "
+               "summed.")
     lines = [caption, ""]
     if not results.get("timings_meaningful", True):
         lines += [("<small>These timings mean nothing: the kernels ran under the Triton "
