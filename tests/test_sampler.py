@@ -235,6 +235,39 @@ def test_greedy_rows_unaffected_by_sampling_rows(stage):
     assert alone == [tokens[0], tokens[2], tokens[4]]
 
 
+@pytest.mark.parametrize("stage", stages_with("flash_attn"))
+def test_bf16_logits_sample_as_their_fp32_copy(stage):
+    """M4 on: the model's logits come in its dtype (bf16 on a GPU) and the sampler goes to
+    fp32 only where it computes. Greedy, penalized, min_tokens, seeded and unseeded rows
+    give the tokens of the same logits copied to fp32 first (bf16 -> fp32 is exact), and
+    an all-greedy batch takes its argmax on the bf16 table itself."""
+    mod = sampler_module(stage)
+    g = torch.Generator().manual_seed(11)
+    logits = (3 * torch.randn(6, 40, generator=g)).bfloat16()
+
+    def rows():
+        return [row(stage, temperature=0),
+                row(stage, prompt=[1, 2], output=[3, 3], temperature=0,
+                    repetition_penalty=1.3, frequency_penalty=0.5),
+                row(stage, output=[4], blocked=[int(logits[2].float().argmax())],
+                    temperature=0, min_tokens=3),
+                row(stage, temperature=0.8, top_p=0.9, seed=5,
+                    generator=torch.Generator().manual_seed(5)),
+                row(stage, temperature=1.1, top_k=7, min_p=0.05),
+                row(stage, output=[7, 8], temperature=0.7, presence_penalty=0.4)]
+
+    got = mod.Sampler(seed=3)(logits.clone(), rows())
+    want = mod.Sampler(seed=3)(logits.float(), rows())
+    assert torch.equal(got, want)
+    greedy = [row(stage, temperature=0) for _ in range(6)]
+    assert torch.equal(mod.Sampler()(logits.clone(), greedy), logits.float().argmax(-1))
+    # a penalty smaller than bf16's step at 1.0: 1.0078125 - 0.005 is still the larger in
+    # fp32, but would round to a tie with 1.0 (and lose it) in bf16
+    close = torch.tensor([[1.0, 1.0078125, -4.0]]).bfloat16()
+    penalized = row(stage, output=[1], temperature=0, frequency_penalty=0.005)
+    assert mod.Sampler()(close, [penalized]).tolist() == [1]
+
+
 @pytest.mark.parametrize("stage", GENERATE_STAGES)
 def test_seeded_row_ignores_its_batch_neighbours(stage):
     mod = sampler_module(stage)

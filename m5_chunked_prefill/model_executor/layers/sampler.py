@@ -7,7 +7,8 @@ exponential race (argmax of p / E, E ~ Exp(1)) picks token i with probability p_
 lets seeded and unseeded rows share one batched argmax. `token_logprobs` gives vLLM's
 `logprobs` / `prompt_logprobs`: log-probabilities of the model's raw distribution.
 
-Introduced in M1; changed in M4 (per-row parameters come as kept `SamplingTensors`).
+Introduced in M1; changed in M4 (per-row parameters come as kept `SamplingTensors`;
+logits in the model's dtype, fp32 only where sampling computes).
 """
 
 from dataclasses import dataclass
@@ -59,8 +60,11 @@ def reads_history(params: SamplingParams) -> bool:
 
 
 def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """The rows' penalties, in fp32 (the logits come in the model's dtype)."""
     for i, row in enumerate(rows):
         p = row.params
+        if p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty:
+            logits = logits.float()  # a copy from bf16, itself once fp32
         if p.repetition_penalty != 1.0:
             seen = torch.tensor(sorted(set(row.prompt_token_ids + row.output_token_ids)),
                                 device=logits.device, dtype=torch.long)
@@ -136,14 +140,16 @@ class Sampler(nn.Module):
 
     def forward(self, logits: torch.Tensor, rows: list[SamplingRow],
                 tensors: SamplingTensors | None = None) -> torch.Tensor:
-        """logits: [B, vocab] float32 -> next token ids [B]."""
+        """logits: [B, vocab] in the model's dtype -> next token ids [B]. The greedy
+        argmax reads them as they are (bf16 -> fp32 is exact: no order changes); penalties
+        and sampling work in fp32."""
         if tensors is None:
             tensors = SamplingTensors.from_params([row.params for row in rows], logits.device)
         logits = apply_min_tokens(apply_penalties(logits, rows), rows)
         greedy = logits.argmax(dim=-1)
         if tensors.all_greedy:
             return greedy
-        logits = logits / tensors.temperature.unsqueeze(-1)
+        logits = logits.float() / tensors.temperature.unsqueeze(-1)
         logits = top_k_mask(logits, tensors.top_k)
         logits = top_p_mask(logits, tensors.top_p)
         logits = min_p_mask(logits, tensors.min_p)

@@ -8,7 +8,8 @@ and the step's attention metadata. On CUDA the small operations are fused Triton
 (`ops/`): each RMSNorm takes the residual add before it, so a layer passes its residual
 on; the attention layer norms (Qwen3) and rotates q, k and writes the cache in one.
 
-Introduced in M0; changed in M1 (the KV cache), M4 (merged projections, fused kernels).
+Introduced in M0; changed in M1 (the KV cache), M4 (merged projections, fused kernels;
+logits in the model's dtype).
 """
 
 import torch
@@ -121,4 +122,6 @@ class LlamaForCausalLM(nn.Module):
         return self.model(input_ids, positions, kv_caches, attn_metadata)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+        """In the model's dtype: the sampler goes to fp32 only where it computes (a greedy
+        argmax needs no fp32 copy of a [batch, vocab] table)."""
+        return self.lm_head(hidden)
