@@ -398,6 +398,24 @@ def _plot_link(path: Path, rows: str | None, page, kind: str = "") -> str:
 _CDF = "-itl-cdf"  # the plot-name suffix of an ITL CDF
 
 
+def _pyplot():
+    """matplotlib's pyplot drawing to files (imported only when a plot is drawn)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def page_markers(docs_dir: Path, *kinds: str):
+    """(kind, its arguments, where: the page and the marker, for errors) of every marker
+    of these kinds on the docs pages: what the plots drawn at build time are asked for."""
+    for page in docs_dir.rglob("*.md"):
+        for match in _MARKER.finditer(page.read_text(encoding="utf-8")):
+            if match.group(1) in kinds:
+                yield match.group(1), match.group(2), f"{page.name}: {match.group(0)}"
+
+
 def bench_plots(docs_dir: Path) -> dict[str, bytes]:
     """File name -> PNG of every plot the pages show, drawn from the results files when
     the site is built (`bench/compare.py`'s plot): one per committed file, one for each
@@ -409,12 +427,10 @@ def bench_plots(docs_dir: Path) -> dict[str, bytes]:
     from bench.compare import plot  # matplotlib, only when the site is built
 
     wanted = {(Path(p), None, "") for p in report.latest_results(results_dir=results_dir())}
-    for page in docs_dir.rglob("*.md"):
-        for match in _MARKER.finditer(page.read_text(encoding="utf-8")):
-            if match.group(1) in ("bench-table", "itl-cdf"):
-                options = _options(match.group(2), f"{page.name}: {match.group(0)}")
-                kind = _CDF if match.group(1) == "itl-cdf" else ""
-                wanted.add((results_dir() / options["file"], options.get("rows"), kind))
+    for marker, args, where in page_markers(docs_dir, "bench-table", "itl-cdf"):
+        options = _options(args, where)
+        kind = _CDF if marker == "itl-cdf" else ""
+        wanted.add((results_dir() / options["file"], options.get("rows"), kind))
     plots = {}
     with tempfile.TemporaryDirectory() as tmp:
         for path, rows, kind in sorted(wanted, key=lambda w: (w[0].name, w[1] or "", w[2])):
@@ -910,12 +926,9 @@ def step_timelines(docs_dir: Path) -> dict[str, bytes]:
     """File name -> PNG of every step timeline the pages ask for, drawn from the trace
     files when the site is built (`tools/trace_steps.py`'s plot_timeline)."""
     wanted = set()
-    for page in docs_dir.rglob("*.md"):
-        for match in _MARKER.finditer(page.read_text(encoding="utf-8")):
-            if match.group(1) == "step-timeline":
-                where = f"{page.name}: {match.group(0)}"
-                options = _trace_options(_options(match.group(2), where), where)
-                wanted.add((results_dir() / options["file"], options.get("rows"), where))
+    for _, args, where in page_markers(docs_dir, "step-timeline"):
+        options = _trace_options(_options(args, where), where)
+        wanted.add((results_dir() / options["file"], options.get("rows"), where))
     plots = {}
     with tempfile.TemporaryDirectory() as tmp:
         for path, rows, where in sorted(wanted, key=lambda w: (w[0].name, w[1] or "", w[2])):
@@ -1098,19 +1111,13 @@ def quant_error_plots(docs_dir: Path) -> dict[str, bytes]:
     when the site is built: the mean relative output error of each decoder layer's
     linears, one line per log."""
     wanted = {}
-    for page in docs_dir.rglob("*.md"):
-        for match in _MARKER.finditer(page.read_text(encoding="utf-8")):
-            if match.group(1) == "quant-error":
-                where = f"{page.name}: {match.group(0)}"
-                files = _files_option(match.group(2), where)
-                wanted[_quant_error_name(files)] = (files, where)
+    for _, args, where in page_markers(docs_dir, "quant-error"):
+        files = _files_option(args, where)
+        wanted[_quant_error_name(files)] = (files, where)
     plots = {}
     if not wanted:
         return plots
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     with tempfile.TemporaryDirectory() as tmp:
         for name, (files, where) in sorted(wanted.items()):
@@ -1204,21 +1211,14 @@ def gptq_batch_plots(docs_dir: Path) -> dict[str, bytes]:
     linears in bf16 and in 4 bits against M (left: microseconds; right: the speed-up),
     measured, with the roofline's bound and its regions where the file has the card's."""
     wanted = {}
-    for page in docs_dir.rglob("*.md"):
-        for match in _MARKER.finditer(page.read_text(encoding="utf-8")):
-            if match.group(1) == "gptq-batch-figure":
-                where = f"{page.name}: {match.group(0)}"
-                options = _options(match.group(2), where, allowed=("file", "model"))
-                if "file" in options and "model" in options:  # else the marker says so
-                    wanted[_gptq_batch_name(options["file"], options["model"])] = (
-                        options, where)
+    for _, args, where in page_markers(docs_dir, "gptq-batch-figure"):
+        options = _options(args, where, allowed=("file", "model"))
+        if "file" in options and "model" in options:  # else the marker says so
+            wanted[_gptq_batch_name(options["file"], options["model"])] = (options, where)
     plots = {}
     if not wanted:
         return plots
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     with tempfile.TemporaryDirectory() as tmp:
         for name, (options, where) in sorted(wanted.items()):
