@@ -63,15 +63,15 @@ def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tens
     """The rows' penalties, in fp32 (the logits come in the model's dtype)."""
     for i, row in enumerate(rows):
         p = row.params
-        if p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty:
-            logits = logits.float()  # a copy from bf16, itself once fp32
         if p.repetition_penalty != 1.0:
+            logits = logits.float()  # a copy from bf16, itself once fp32
             seen = torch.tensor(sorted(set(row.prompt_token_ids + row.output_token_ids)),
                                 device=logits.device, dtype=torch.long)
             values = logits[i, seen]
             logits[i, seen] = torch.where(values > 0, values / p.repetition_penalty,
                                           values * p.repetition_penalty)
         if (p.presence_penalty or p.frequency_penalty) and row.output_token_ids:
+            logits = logits.float()
             out = torch.tensor(row.output_token_ids, device=logits.device, dtype=torch.long)
             counts = torch.zeros_like(logits[i]).scatter_add_(0, out, torch.ones_like(out, dtype=logits.dtype))
             logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0)
